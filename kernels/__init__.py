@@ -1,0 +1,1 @@
+"""Triton kernels of cca_fast (installed as ``cca_fast.kernels``), each with a PyTorch reference."""
