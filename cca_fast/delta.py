@@ -1,0 +1,434 @@
+"""The result of a CCA run as a small, verifiable, revertible sparse delta (a peft-like adapter).
+
+A :class:`SparseDelta` holds, per changed parameter, the row indices along one dimension, the
+new rows and (optionally) the base rows, plus SHA-256 hashes of both, so that applying it can
+check it was made for this model and reverting restores the base bit for bit.
+
+Rows are stored in the parameter's own layout: ``param.index_select(dim, index)``, i.e. ``[R, in]``
+for the output rows of an ``nn.Linear`` weight (``dim = 0``), ``[in, R]`` for output columns of a
+GPT-2 ``Conv1D`` weight (``dim = 1``), ``[R]`` for bias entries.
+
+On disk (a directory, written file by file atomically):
+
+* ``delta.safetensors``: tensors ``"<param>::index"`` (int64 ``[R]``), ``"<param>::new"`` and, when
+  base rows are stored, ``"<param>::base"``;
+* ``delta_config.json``: ``format``, ``format_version``, ``base_model`` (name or path, revision,
+  source and file hash when known), ``model_type``, ``dtype``, per parameter ``{dim, shape, dtype,
+  rows, base_sha256, new_sha256}``, ``components``, ``hyperparameters``, ``metrics``, and the
+  SHA-256 of ``delta.safetensors`` (a config never pairs with the wrong tensors file).
+
+Functions: :func:`apply_delta` -> :class:`DeltaHandle`, :func:`revert_delta`, :func:`merge_delta`
+(apply + ``save_pretrained``). A delta refuses, with a :class:`~cca_fast.errors.CCAError` saying
+why, to apply to a model missing one of its parameters, with another shape or dtype, or whose
+current rows do not hash to the recorded base rows.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CCAError
+from .io import atomic_write_bytes, atomic_write_json
+
+FORMAT = "cca_fast.sparse_delta"
+FORMAT_VERSION = 1
+CONFIG_NAME = "delta_config.json"
+WEIGHTS_NAME = "delta.safetensors"
+_SEP = "::"
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CCAError(f"unknown dtype {name!r} in delta config")
+    return dt
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (bit-exact identity)."""
+    c = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{dtype_name(c.dtype)}{tuple(c.shape)}".encode())
+    h.update(c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+    return h.hexdigest()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor reinterpreted as integers of the same width (bitwise comparison, NaN-safe)."""
+    return t.view(_INT_VIEW[t.element_size()]) if t.is_floating_point() else t
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (``-0.0 != 0.0``, equal NaNs are equal)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a.detach()), _bits(b.detach()))
+
+
+@dataclass
+class ParamDelta:
+    """Rows ``index`` along ``dim`` of one parameter: ``new`` (and ``base``) in parameter layout."""
+
+    name: str
+    dim: int
+    index: torch.Tensor  # int64 [R], CPU, sorted unique
+    new: torch.Tensor  # param.index_select(dim, index) after the update, CPU
+    base: torch.Tensor | None  # the same before the update (None: not stored)
+    shape: tuple[int, ...]  # the full parameter's shape
+    dtype: torch.dtype
+    base_sha256: str
+    new_sha256: str
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.index.numel())
+
+    def meta(self) -> dict[str, Any]:
+        return {"dim": self.dim, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "rows": self.n_rows,
+                "base_sha256": self.base_sha256, "new_sha256": self.new_sha256, "has_base": self.base is not None}
+
+
+@dataclass
+class SparseDelta:
+    """Changed rows of a model (see module docstring).
+
+    Attributes:
+        params: ``{parameter name: ParamDelta}``.
+        meta: everything else written to ``delta_config.json`` (``base_model``, ``model_type``,
+            ``components``, ``hyperparameters``, ``metrics``, ...).
+    """
+
+    params: dict[str, ParamDelta]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_rows(cls, model: nn.Module, selections: Mapping[str, Any], base_rows: Mapping[str, torch.Tensor],
+                  new_rows: Mapping[str, torch.Tensor] | None = None, *, meta: Mapping[str, Any] | None = None,
+                  store_base: bool = True) -> "SparseDelta":
+        """A delta from known rows.
+
+        Args:
+            model: the model the rows belong to (for shapes, dtypes and identity).
+            selections: ``{name: RowSelection}`` (anything with ``.dim`` and ``.index``).
+            base_rows: ``{name: param.index_select(dim, index)}`` before the update.
+            new_rows: the same after; default: read from ``model`` now.
+            meta: extra config entries (``components``, ``hyperparameters``, ``metrics``...).
+            store_base: keep the base rows in the delta (so it can be reverted without a handle);
+                their hash is always kept.
+        """
+        params = dict(model.named_parameters())
+        out: dict[str, ParamDelta] = {}
+        for name, sel in selections.items():
+            if name not in params:
+                raise CCAError(f"parameter {name!r} is not in the model")
+            p = params[name]
+            idx = sel.index.detach().to("cpu", torch.long)
+            new = (new_rows[name] if new_rows is not None else p.detach().index_select(sel.dim, idx.to(p.device)))
+            base = base_rows[name]
+            new, base = new.detach().cpu().clone(), base.detach().cpu().clone()
+            expect = list(p.shape)
+            expect[sel.dim] = idx.numel()
+            for what, t in (("base", base), ("new", new)):
+                if list(t.shape) != expect or t.dtype != p.dtype:
+                    raise ValueError(f"{name}: {what} rows have shape {tuple(t.shape)} {t.dtype}, expected {tuple(expect)} {p.dtype}")
+            out[name] = ParamDelta(name, int(sel.dim), idx, new, base if store_base else None, tuple(p.shape), p.dtype,
+                                   tensor_sha256(base), tensor_sha256(new))
+        return cls(out, _default_meta(model, meta))
+
+    @classmethod
+    def from_models(cls, base_model: nn.Module, new_model: nn.Module, *, meta: Mapping[str, Any] | None = None,
+                    store_base: bool = True, dims: Mapping[str, int] | None = None) -> "SparseDelta":
+        """The delta between two models of identical structure: every parameter that differs
+        (bitwise), with the rows (``dims[name]``, default: whichever of dim 0 / dim 1 needs fewer
+        stored elements) that differ."""
+        base_params = dict(base_model.named_parameters())
+        new_params = dict(new_model.named_parameters())
+        if base_params.keys() != new_params.keys():
+            missing = sorted(base_params.keys() ^ new_params.keys())[:5]
+            raise CCAError(f"the two models have different parameters (e.g. {missing}); a delta needs the same architecture")
+        selections, base_rows, new_rows = {}, {}, {}
+        for name, b in base_params.items():
+            n = new_params[name]
+            if b.shape != n.shape or b.dtype != n.dtype:
+                raise CCAError(f"{name}: {tuple(b.shape)} {b.dtype} in the base model but {tuple(n.shape)} {n.dtype} in the new one")
+            diff = _bits(b.detach().cpu()) != _bits(n.detach().cpu())
+            if not bool(diff.any()):
+                continue
+            dim = dims.get(name) if dims else None
+            if dim is None:
+                dim = _compact_dim(diff)
+            other = tuple(d for d in range(diff.dim()) if d != dim)
+            rows = diff.any(dim=other).nonzero().flatten() if other else diff.nonzero().flatten()
+            selections[name] = _Sel(dim, rows)
+            base_rows[name] = b.detach().cpu().index_select(dim, rows)
+            new_rows[name] = n.detach().cpu().index_select(dim, rows)
+        return cls.from_rows(new_model, selections, base_rows, new_rows, meta=meta, store_base=store_base)
+
+    # ---- summaries ---------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports: parameters, rows, stored elements, largest absolute change."""
+        max_change = 0.0
+        for pd in self.params.values():
+            if pd.base is not None and pd.new.numel():
+                max_change = max(max_change, float((pd.new.double() - pd.base.double()).abs().max()))
+        return {
+            "params": len(self.params),
+            "rows": sum(pd.n_rows for pd in self.params.values()),
+            "elements": sum(pd.new.numel() for pd in self.params.values()),
+            "has_base_rows": all(pd.base is not None for pd in self.params.values()),
+            "max_abs_change": max_change if all(pd.base is not None for pd in self.params.values()) else None,
+        }
+
+    # ---- files -------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``delta.safetensors`` then ``delta_config.json`` into ``directory`` (each atomically)."""
+        from safetensors.torch import save as st_save
+
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise CCAError(f"cannot save a delta to {d}: it exists and is not a directory")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, pd in self.params.items():
+            tensors[f"{name}{_SEP}index"] = pd.index.contiguous()
+            tensors[f"{name}{_SEP}new"] = pd.new.contiguous()
+            if pd.base is not None:
+                tensors[f"{name}{_SEP}base"] = pd.base.contiguous()
+        blob = st_save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        atomic_write_bytes(d / WEIGHTS_NAME, blob)
+        config = dict(self.meta)
+        config.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                       "params": {n: pd.meta() for n, pd in self.params.items()},
+                       "summary": self.summary(),
+                       "weights_sha256": hashlib.sha256(blob).hexdigest()})
+        atomic_write_json(d / CONFIG_NAME, config)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "SparseDelta":
+        """Read a delta written by :meth:`save` (checks format, version and file pairing)."""
+        from safetensors.torch import load as st_load
+
+        d = Path(directory)
+        cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise CCAError(f"{d} is not a sparse delta directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                           "(written by SparseDelta.save / `cca run`)")
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CCAError(f"{cfg_path} is not valid JSON ({e})") from None
+        if config.get("format") != FORMAT:
+            raise CCAError(f"{cfg_path}: format {config.get('format')!r} is not {FORMAT!r}")
+        if int(config.get("format_version", -1)) > FORMAT_VERSION:
+            raise CCAError(f"{cfg_path}: format version {config.get('format_version')} is newer than this "
+                           f"cca_fast supports ({FORMAT_VERSION}); upgrade cca_fast")
+        blob = w_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != config.get("weights_sha256"):
+            raise CCAError(f"{w_path} does not match {cfg_path} (its SHA-256 differs): the files come from "
+                           "different saves or one is corrupt")
+        try:
+            tensors = st_load(blob)
+        except Exception as e:  # safetensors raises its own error types
+            raise CCAError(f"{w_path} could not be read: {e}") from None
+        params: dict[str, ParamDelta] = {}
+        for name, m in config.get("params", {}).items():
+            try:
+                idx, new = tensors[f"{name}{_SEP}index"], tensors[f"{name}{_SEP}new"]
+            except KeyError:
+                raise CCAError(f"{w_path} lacks the rows of {name}") from None
+            base = tensors.get(f"{name}{_SEP}base")
+            pd = ParamDelta(name, int(m["dim"]), idx.long(), new, base, tuple(m["shape"]), _dtype_from_name(m["dtype"]),
+                            m["base_sha256"], m["new_sha256"])
+            if tensor_sha256(new) != pd.new_sha256 or (base is not None and tensor_sha256(base) != pd.base_sha256):
+                raise CCAError(f"{w_path}: rows of {name} do not match their recorded hashes")
+            params[name] = pd
+        meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "params", "summary", "weights_sha256")}
+        return cls(params, meta)
+
+
+@dataclass
+class _Sel:
+    dim: int
+    index: torch.Tensor
+
+
+def _compact_dim(diff: torch.Tensor) -> int:
+    """The dimension along which storing changed slices takes the fewest elements."""
+    if diff.dim() < 2:
+        return 0
+    best, best_cost = 0, None
+    for dim in range(2):
+        other = tuple(d for d in range(diff.dim()) if d != dim)
+        n = int(diff.any(dim=other).sum())
+        cost = n * (diff.numel() // diff.shape[dim])
+        if best_cost is None or cost < best_cost:
+            best, best_cost = dim, cost
+    return best
+
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """What is known about where ``model`` came from: name or path, revision, the loader's
+    ``cca_source`` (with the GGUF file hash when there is one), ``model_type`` and dtype."""
+    cfg = getattr(model, "config", None)
+    src = getattr(model, "cca_source", None)
+    source = src.to_dict() if hasattr(src, "to_dict") else None
+    revision = (source or {}).get("revision") or getattr(cfg, "_commit_hash", None) or ""
+    try:
+        dtype = dtype_name(next(model.parameters()).dtype)
+    except StopIteration:
+        dtype = ""
+    return {"name_or_path": (source or {}).get("name") or getattr(cfg, "_name_or_path", "") or "",
+            "revision": revision, "file_sha256": (source or {}).get("sha256", ""), "source": source,
+            "model_type": getattr(cfg, "model_type", ""), "dtype": dtype}
+
+
+def _default_meta(model: nn.Module, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    ident = model_identity(model)
+    out: dict[str, Any] = {"base_model": ident, "model_type": ident["model_type"], "dtype": ident["dtype"],
+                           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        from . import __version__
+        out["cca_fast_version"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    out.update(meta or {})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / revert / merge
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DeltaHandle:
+    """What :func:`apply_delta` changed: the rows it overwrote (to revert bit-exactly)."""
+
+    delta: SparseDelta
+    base_rows: dict[str, torch.Tensor]  # name -> rows before applying, on the parameter's device
+    model_id: int
+    active: bool = True
+
+
+def _check_rows(model: nn.Module, delta: SparseDelta) -> dict[str, torch.Tensor]:
+    """Every parameter of ``delta`` exists with the right shape/dtype; returns current rows."""
+    params = dict(model.named_parameters())
+    current: dict[str, torch.Tensor] = {}
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    want = delta.meta.get("model_type")
+    for name, pd in delta.params.items():
+        if name not in params:
+            raise CCAError(f"this delta does not fit the model: it changes parameter {name!r}, which the model lacks "
+                           f"(delta made for a {want or 'different'} model, this is {mt}); load the base model "
+                           f"{delta.meta.get('base_model', {}).get('name_or_path', '')!r}")
+        p = params[name]
+        if tuple(p.shape) != pd.shape:
+            raise CCAError(f"this delta does not fit the model: {name} has shape {tuple(p.shape)} here but "
+                           f"{pd.shape} in the delta's base model")
+        if p.dtype != pd.dtype:
+            raise CCAError(f"this delta was made for {dtype_name(pd.dtype)} weights but {name} is {dtype_name(p.dtype)}; "
+                           f"load the model with dtype={dtype_name(pd.dtype)}")
+        if pd.n_rows and (int(pd.index.min()) < 0 or int(pd.index.max()) >= p.shape[pd.dim]):
+            raise CCAError(f"delta rows of {name} are out of range for shape {tuple(p.shape)}")
+        current[name] = p.detach().index_select(pd.dim, pd.index.to(p.device))
+    return current
+
+
+@torch.no_grad()
+def apply_delta(model: nn.Module, delta: SparseDelta, *, verify: bool = True) -> DeltaHandle:
+    """Write the delta's new rows into ``model`` (in place) and return a handle to revert it.
+
+    Every check (parameters present, shapes, dtypes and, with ``verify``, the base rows' hashes)
+    happens before the first write: a refused delta leaves the model untouched.
+    """
+    current = _check_rows(model, delta)
+    if verify:
+        for name, pd in delta.params.items():
+            h = tensor_sha256(current[name])
+            if h != pd.base_sha256:
+                hint = (" (the delta is already applied to this model)" if h == pd.new_sha256 else
+                        f" (it was made for {delta.meta.get('base_model', {}).get('name_or_path') or 'another model'})")
+                raise CCAError(f"this delta was not made for this model: the current rows of {name} differ from "
+                               f"the delta's base rows{hint}")
+    params = dict(model.named_parameters())
+    for name, pd in delta.params.items():
+        p = params[name]
+        p.index_copy_(pd.dim, pd.index.to(p.device), pd.new.to(p.device))
+    return DeltaHandle(delta, current, id(model))
+
+
+@torch.no_grad()
+def revert_delta(model: nn.Module, handle_or_delta: DeltaHandle | SparseDelta, *, verify: bool = True) -> None:
+    """Restore the rows a delta changed, bit-exactly.
+
+    With a :class:`DeltaHandle` the rows saved at apply time are written back; with a
+    :class:`SparseDelta` its stored base rows are (a delta saved without base rows cannot be
+    reverted this way: keep the handle). With ``verify`` the model's rows must currently be the
+    delta's new rows.
+    """
+    if isinstance(handle_or_delta, DeltaHandle):
+        if not handle_or_delta.active:
+            raise CCAError("this delta handle was already reverted")
+        if handle_or_delta.model_id != id(model):
+            raise CCAError("this handle belongs to another model object")
+        delta, rows = handle_or_delta.delta, handle_or_delta.base_rows
+    else:
+        delta = handle_or_delta
+        missing = [n for n, pd in delta.params.items() if pd.base is None]
+        if missing:
+            raise CCAError(f"this delta was saved without base rows (e.g. {missing[0]}), so it cannot restore the base "
+                           "by itself: revert with the handle apply_delta returned, or reload the base model")
+        rows = {n: pd.base for n, pd in delta.params.items()}
+    current = _check_rows(model, delta)
+    if verify:
+        for name, pd in delta.params.items():
+            if tensor_sha256(current[name]) != pd.new_sha256:
+                raise CCAError(f"cannot revert: the rows of {name} are not the delta's new rows (was the delta "
+                               "applied to this model, or were the weights changed since?)")
+    params = dict(model.named_parameters())
+    for name, pd in delta.params.items():
+        p = params[name]
+        p.index_copy_(pd.dim, pd.index.to(p.device), rows[name].to(p.device))
+    if isinstance(handle_or_delta, DeltaHandle):
+        handle_or_delta.active = False
+
+
+def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike, *, tokenizer: Any = None,
+                verify: bool = True, overwrite: bool = False) -> Path:
+    """Apply ``delta`` to ``model`` and ``save_pretrained`` the merged model (and ``tokenizer``)
+    to ``out_dir``. The directory appears complete or not at all (written to a temporary
+    sibling, then renamed). The model keeps the delta applied."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise CCAError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
+    apply_delta(model, delta, verify=verify)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "cca_delta.json").write_text(json.dumps(
+            {"merged_from": delta.meta.get("base_model"), "summary": delta.summary(),
+             "components": delta.meta.get("components")}, indent=1, default=str), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
