@@ -1,0 +1,507 @@
+"""Gradient x activation attribution of every component, fused into one backward pass.
+
+The score of a component is ``sum over its channels and the scored positions of
+activation * d(metric)/d(activation)``: the derivative of the metric with respect to a scale on
+the component at those positions, at scale 1 (METHOD section 2, attribution patching).
+
+How one forward + one backward pass scores every head and neuron without storing a full
+activation gradient (``AttributionSession``):
+
+* all weights are frozen for the duration (``requires_grad=False``, restored afterwards), so no
+  weight ``.grad`` is ever allocated; the graph comes from making the input-embedding output a
+  leaf that requires grad (nothing is detached at the sites, every gradient path stays intact);
+* at each :class:`~cca_fast.models.adapters.Site` module an identity
+  :class:`cca_fast.kernels.attribution.AttributionTap` keeps the activation at the scored
+  positions only; in backward it reduces ``activation x gradient`` per component (Triton on
+  CUDA, PyTorch elsewhere) into an fp32 score buffer as soon as the gradient exists, then lets
+  the gradient flow on and be freed;
+* after backward, every site must have received its gradient, otherwise :class:`CCAError`.
+
+Public entry point: :func:`attribute`. ``positions`` follows :mod:`cca_fast.hooks` (``None``,
+an ``int``, ``LongTensor [B]``, ``BoolTensor [B, T]``) plus float weights ``[B, T]``; ``None``
+means every real (non-padding) token.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Union
+
+import torch
+from torch import nn
+
+from .errors import CCAError
+from .examples import PivotBatch, logit_diff
+from .hooks import position_mask
+from .kernels.attribution import Segment, TapSpec, acc_dtype, tap
+from .models.adapters import KINDS
+from .models.components import Component, ComponentSpace
+
+Metric = Callable[[torch.Tensor, Any], torch.Tensor]
+Positions = Union[None, int, torch.Tensor]
+BatchLike = Union[PivotBatch, Mapping[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Attribution:
+    """Scores of every component.
+
+    Attributes:
+        space: the :class:`ComponentSpace` indexing the scores.
+        scores: ``[space.total]`` fp32 (fp64 for fp64 models), summed over scored positions and
+            over every batch; 0 for kinds not scored.
+        per_position: ``[B, T, space.total]`` per-position scores (``per_position=True``, one
+            batch), 0 at unscored positions; else ``None``.
+        kinds: the kinds scored.
+        absolute: whether ``|score|`` was taken per position before summing.
+        metric_value: sum of the metric over the batches.
+        n_batches: number of forward/backward passes accumulated.
+    """
+
+    space: ComponentSpace
+    scores: torch.Tensor
+    per_position: torch.Tensor | None = None
+    kinds: tuple[str, ...] = KINDS
+    absolute: bool = False
+    metric_value: float = 0.0
+    n_batches: int = 0
+
+    def site(self, layer: int, kind: str) -> torch.Tensor:
+        """Scores of the ``kind`` components of ``layer``: ``[counts[kind]]`` (a view)."""
+        off = self.space.offset(layer, kind)
+        return self.scores[off : off + self.space.counts[kind]]
+
+    def by_site(self) -> dict[tuple[int, str], torch.Tensor]:
+        """``{(layer, kind): [n]}`` views of :attr:`scores`."""
+        return self.space.split(self.scores)
+
+    def by_component(self) -> dict[Component, float]:
+        """``{Component: score}`` for every component of the scored kinds."""
+        values = self.scores.tolist()
+        return {c: values[i] for i, c in enumerate(self.space) if c.kind in self.kinds}
+
+    def top(self, k: int, by: str = "signed") -> list[tuple[Component, float]]:
+        """The ``k`` highest components: ``by="signed"`` (largest scores: components whose
+        amplification raises the metric most) or ``"abs"`` (largest ``|score|``)."""
+        order = self.order(by)[: max(0, int(k))]
+        return [(self.space.component(i), float(self.scores[i])) for i in order.tolist()]
+
+    def order(self, by: str = "signed") -> torch.Tensor:
+        """Flat indices of the scored kinds, best first (``LongTensor``); ties by index."""
+        if by not in ("signed", "abs"):
+            raise CCAError(f"by must be 'signed' or 'abs', got {by!r}")
+        key = self.scores.abs() if by == "abs" else self.scores
+        eligible = self.eligible()
+        idx = torch.nonzero(eligible).flatten()
+        vals = key[idx].to(torch.float64).cpu()
+        perm = torch.sort(vals, descending=True, stable=True).indices
+        return idx.cpu()[perm]
+
+    def eligible(self) -> torch.Tensor:
+        """``BoolTensor [total]``: components of the scored kinds."""
+        out = torch.zeros(self.space.total, dtype=torch.bool, device=self.scores.device)
+        for (layer, kind), view in self.space.split(out).items():
+            if kind in self.kinds:
+                view.fill_(True)
+        return out
+
+
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` inside the block; the flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class _Rows:
+    """Scored positions of one forward: ``rows`` ``(b, t)`` index tensors or ``None`` (all),
+    and ``weights`` per scored row or ``None``."""
+
+    batch: int
+    seq: int
+    rows: tuple[torch.Tensor, torch.Tensor] | None
+    weights: torch.Tensor | None
+
+
+def resolve_positions(positions: Positions, batch: int, seq: int, device: torch.device,
+                      attention_mask: torch.Tensor | None = None) -> _Rows:
+    """Turn ``positions`` into scored rows (see the module docstring)."""
+    try:
+        if positions is None:
+            if attention_mask is None or bool(attention_mask.bool().all()):
+                return _Rows(batch, seq, None, None)
+            mask = attention_mask.to(device).bool()
+        elif isinstance(positions, torch.Tensor) and positions.is_floating_point():
+            if tuple(positions.shape) != (batch, seq):
+                raise CCAError(f"position weights have shape {tuple(positions.shape)}, expected {(batch, seq)}")
+            w = positions.to(device)
+            b, t = torch.nonzero(w != 0, as_tuple=True)
+            return _Rows(batch, seq, (b, t), w[b, t])
+        else:
+            mask = position_mask(positions, batch, seq, device)
+    except (IndexError, ValueError, TypeError) as e:
+        raise CCAError(f"bad positions: {e}") from None
+    b, t = torch.nonzero(mask, as_tuple=True)
+    return _Rows(batch, seq, (b, t), None)
+
+
+@dataclass
+class _Group:
+    """Sites sharing one hooked tensor (e.g. q, k, v of a fused qkv projection)."""
+
+    module_name: str
+    io: str
+    keys: list[tuple[int, str]]
+    segments: list[Segment]
+
+
+class AttributionSession:
+    """Hooks that score components during backward; accumulate over any number of batches.
+
+    Usage::
+
+        with AttributionSession(model, positions=-1) as s:
+            for batch in batches:
+                logits = s.forward(batch.model_inputs()).logits
+                s.backward(metric(logits))
+        result = s.result()
+
+    Args:
+        model: a causal LM of a supported family (any device and dtype).
+        space: its :class:`ComponentSpace` (built if omitted).
+        kinds: which kinds to score.
+        absolute: ``|score|`` per position before summing.
+        per_position: also keep ``[B, T, total]`` scores (one batch only).
+        backend: kernel backend (``None``/``"auto"``, ``"torch"``, ``"triton"``).
+    """
+
+    def __init__(self, model: nn.Module, space: ComponentSpace | None = None, *,
+                 kinds: tuple[str, ...] = KINDS, absolute: bool = False, per_position: bool = False,
+                 backend: str | None = None):
+        bad = [k for k in kinds if k not in KINDS]
+        if bad or not kinds:
+            raise CCAError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+        self.model = model
+        self.space = space if space is not None else ComponentSpace(model)
+        self.kinds = tuple(kinds)
+        self.absolute = absolute
+        self.per_position = per_position
+        self.backend = backend
+        self.groups = self._groups()
+        self.scores: torch.Tensor | None = None
+        self.per_position_scores: torch.Tensor | None = None
+        self.metric_value = 0.0
+        self.n_batches = 0
+        self._rows: _Rows | None = None
+        self._leaves: list[torch.Tensor] = []
+        self._pending: dict[tuple[int, str], int] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._freeze = None
+        self._active = False
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _groups(self) -> list[_Group]:
+        groups: dict[tuple[str, str], _Group] = {}
+        for layer in range(self.space.n_layers):
+            for kind in self.kinds:
+                site = self.space.adapter.site(layer, kind)
+                g = groups.setdefault((site.module_name, site.io), _Group(site.module_name, site.io, [], []))
+                g.keys.append((layer, kind))
+                g.segments.append(Segment(site.start, site.n, site.width))
+        return list(groups.values())
+
+    def __enter__(self) -> "AttributionSession":
+        self._pending.clear()
+        self._freeze = frozen_weights(self.model)
+        self._freeze.__enter__()
+        try:
+            emb = self.model.get_input_embeddings()
+            self._handles.append(emb.register_forward_hook(self._embedding_hook))
+            for group in self.groups:
+                module = self.model.get_submodule(group.module_name)
+                if group.io == "output":
+                    self._handles.append(module.register_forward_hook(
+                        lambda _m, _i, out, g=group: self._tap(g, out)))
+                else:
+                    self._handles.append(module.register_forward_pre_hook(
+                        lambda _m, args, g=group: (self._tap(g, args[0]),) + tuple(args[1:])))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._leaves.clear()
+        if self._freeze is not None:
+            self._freeze.__exit__(None, None, None)
+            self._freeze = None
+        self._active = False
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _embedding_hook(self, _module, _inputs, out):
+        if isinstance(out, torch.Tensor) and not out.requires_grad and out.is_floating_point():
+            out = out.detach().requires_grad_(True)
+            self._leaves.append(out)
+        return out
+
+    def _tap(self, group: _Group, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows
+        if rows is None:
+            raise CCAError("run the model through AttributionSession.forward(...) so the scored "
+                           "positions are known")
+        if x.dim() != 3 or tuple(x.shape[:2]) != (rows.batch, rows.seq):
+            raise CCAError(f"{group.module_name}: activation of shape {tuple(x.shape)} does not match the "
+                           f"batch [{rows.batch}, {rows.seq}] (attribution needs [B, T, C] activations)")
+        for key in group.keys:
+            self._pending[key] = self._pending.get(key, 0) + 1
+        spec = TapSpec(rows.rows, rows.weights, group.segments, lambda i, s, g=group: self._sink(g, i, s),
+                       absolute=self.absolute, per_row=self.per_position, backend=self.backend)
+        return tap(x, spec)
+
+    def _sink(self, group: _Group, i: int, scores: torch.Tensor) -> None:
+        key = group.keys[i]
+        self._pending[key] -= 1
+        off, n = self.space.offset(*key), self.space.counts[key[1]]
+        if not self.per_position:
+            if self.scores is None:
+                self.scores = torch.zeros(self.space.total, dtype=scores.dtype, device=scores.device)
+            self.scores[off : off + n] += scores
+            return
+        rows = self._rows
+        if self.per_position_scores is None:
+            self.per_position_scores = torch.zeros(rows.batch, rows.seq, self.space.total,
+                                                   dtype=scores.dtype, device=scores.device)
+        pp = self.per_position_scores
+        if rows.rows is None:
+            pp.view(rows.batch * rows.seq, -1)[:, off : off + n] += scores
+        else:
+            pp[rows.rows[0], rows.rows[1], off : off + n] += scores
+
+    # ---- running -------------------------------------------------------------------------
+    def forward(self, inputs: Mapping[str, torch.Tensor], positions: Positions = -1, **kwargs) -> Any:
+        """``model(**inputs, use_cache=False, **kwargs)`` with gradients on, scoring
+        ``positions`` (resolved against ``inputs["attention_mask"]``)."""
+        if not self._active:
+            raise CCAError("AttributionSession.forward must be called inside `with AttributionSession(...)`")
+        if self.per_position and self.n_batches > 0:
+            raise CCAError("per_position=True keeps scores of one batch only; start a new session per batch")
+        inputs = dict(inputs)
+        ids = inputs.get("input_ids")
+        ref = ids if ids is not None else inputs.get("inputs_embeds")
+        if ref is None:
+            raise CCAError("inputs need 'input_ids' (or 'inputs_embeds')")
+        if ids is None and not ref.requires_grad:
+            inputs["inputs_embeds"] = ref.detach().requires_grad_(True)
+            self._leaves.append(inputs["inputs_embeds"])
+        B, T = ref.shape[:2]
+        self._rows = resolve_positions(positions, B, T, ref.device, inputs.get("attention_mask"))
+        with torch.enable_grad():
+            return self.model(**inputs, use_cache=False, **kwargs)
+
+    def backward(self, metric_value: torch.Tensor) -> None:
+        """Backpropagate ``metric_value.sum()``; every site must get its gradient."""
+        if not isinstance(metric_value, torch.Tensor):
+            raise CCAError(f"the metric must return a tensor, got {type(metric_value).__name__}")
+        total = metric_value.sum()
+        if not total.requires_grad or not self._leaves:
+            self._leaves.clear()
+            raise CCAError("the metric does not depend on the model's activations (computed under "
+                           "torch.no_grad, detached, or not from this session's forward pass)")
+        torch.autograd.grad(total, self._leaves, allow_unused=True)
+        self._leaves.clear()
+        self.metric_value += float(total.detach())
+        self.n_batches += 1
+        expected = {(layer, k) for layer in range(self.space.n_layers) for k in self.kinds}
+        missing = sorted((k for k in expected if self._pending.get(k, 1) != 0), key=lambda k: (k[0], KINDS.index(k[1])))
+        self._pending.clear()
+        if missing:
+            names = ", ".join(f"L{layer}.{kind}" for layer, kind in missing[:8])
+            raise CCAError(
+                f"no gradient reached {len(missing)} component site(s) ({names}{', ...' if len(missing) > 8 else ''}): "
+                "the metric does not depend on them (or their module did not run). Attribution would "
+                "silently be zero there; use a metric that depends on every layer or restrict `kinds`."
+            )
+
+    def result(self) -> Attribution:
+        """Scores accumulated so far."""
+        dev = next(self.model.parameters()).device
+        if self.per_position:
+            pp = self.per_position_scores
+            scores = pp.sum((0, 1)) if pp is not None else None
+        else:
+            pp, scores = None, self.scores
+        if scores is None:
+            scores = torch.zeros(self.space.total, dtype=acc_dtype(next(self.model.parameters()).dtype), device=dev)
+        return Attribution(self.space, scores, pp, self.kinds, self.absolute, self.metric_value, self.n_batches)
+
+
+def default_pivot_metric(logits: torch.Tensor, batch: PivotBatch) -> torch.Tensor:
+    """Sum over examples of ``logit[desired] - logit[undesired]`` at the last position."""
+    return logit_diff(logits[:, -1], batch.desired.to(logits.device), batch.undesired.to(logits.device)).sum()
+
+
+def _model_inputs(batch: BatchLike, device: torch.device) -> dict[str, torch.Tensor]:
+    if isinstance(batch, PivotBatch):
+        inputs = batch.model_inputs()
+    elif isinstance(batch, torch.Tensor):
+        if batch.dtype not in (torch.long, torch.int, torch.int32):
+            raise CCAError(f"a tensor batch must hold token ids (integer dtype), got {batch.dtype}")
+        inputs = {"input_ids": batch if batch.dim() == 2 else batch.view(1, -1)}
+    elif isinstance(batch, Mapping):
+        inputs = dict(batch)
+    else:
+        raise CCAError(f"batch must be a PivotBatch, a dict of model inputs or a LongTensor of ids; "
+                       f"got {type(batch).__name__}")
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def model_accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes a keyword argument ``name`` (e.g. ``logits_to_keep``)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def attribute(
+    model: nn.Module,
+    batch: BatchLike,
+    metric: Metric | None = None,
+    positions: Positions = -1,
+    *,
+    kinds: tuple[str, ...] = KINDS,
+    absolute: bool = False,
+    per_position: bool = False,
+    backend: str | None = None,
+    space: ComponentSpace | None = None,
+    logits_to_keep: int | None = None,
+) -> Attribution:
+    """Gradient x activation score of every component from one forward and one backward pass.
+
+    Args:
+        model: a causal LM of a supported family (weights are frozen during the call and
+            restored after; any device, any dtype).
+        batch: a :class:`PivotBatch`, a dict of model inputs (``input_ids``, optional
+            ``attention_mask`` / ``position_ids``) or a ``LongTensor [B, T]`` of ids.
+        metric: ``metric(logits [B, T', V], batch) -> Tensor`` (summed if not a scalar).
+            ``None`` for a :class:`PivotBatch`: the summed logit difference at the last position.
+        positions: positions scored (``-1`` = last; ``None`` = every non-padding token; see the
+            module docstring).
+        kinds: kinds to score (others stay 0).
+        absolute: ``|score|`` per position before summing.
+        per_position: also return ``[B, T, total]`` per-position scores.
+        backend: kernel backend (``None`` = Triton on CUDA, PyTorch elsewhere).
+        logits_to_keep: passed to the model (``1`` = last position only, cheaper for large
+            vocabularies); default 1 for the built-in metric, all positions otherwise.
+    Returns:
+        :class:`Attribution` with ``scores [total]``.
+    """
+    metric, inputs, kwargs = _prepare(model, batch, metric, logits_to_keep)
+    with AttributionSession(model, space, kinds=kinds, absolute=absolute, per_position=per_position,
+                            backend=backend) as session:
+        out = session.forward(inputs, positions, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        session.backward(metric(logits, batch))
+        return session.result()
+
+
+def _prepare(model: nn.Module, batch: BatchLike, metric: Metric | None, logits_to_keep: int | None
+             ) -> tuple[Metric, dict[str, torch.Tensor], dict[str, Any]]:
+    """(metric, model inputs on the model's device, extra forward kwargs)."""
+    if metric is None:
+        if not isinstance(batch, PivotBatch):
+            raise CCAError("metric=None means the pivot logit difference and needs a PivotBatch; pass "
+                           "metric=lambda logits, batch: ... for other inputs")
+        metric = default_pivot_metric
+        if logits_to_keep is None:
+            logits_to_keep = 1
+    inputs = _model_inputs(batch, next(model.parameters()).device)
+    kwargs: dict[str, Any] = {}
+    if logits_to_keep and model_accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = int(logits_to_keep)
+    return metric, inputs, kwargs
+
+
+def attribute_by_caching(
+    model: nn.Module,
+    batch: BatchLike,
+    metric: Metric | None = None,
+    positions: Positions = -1,
+    *,
+    kinds: tuple[str, ...] = KINDS,
+    absolute: bool = False,
+    per_position: bool = False,
+    space: ComponentSpace | None = None,
+    logits_to_keep: int | None = None,
+) -> Attribution:
+    """The reference pipeline (and the benchmark's baseline): cache every site activation
+    ``[B, T, C]`` and, with ``retain_grad``, its full gradient, then reduce with ``einsum``.
+
+    Same arguments and result as :func:`attribute` (weights are frozen the same way); it
+    shares none of the tap/kernel code, and stores ``2 x`` every activation of every site.
+    """
+    space = space if space is not None else ComponentSpace(model)
+    metric, inputs, kwargs = _prepare(model, batch, metric, logits_to_keep)
+    store: dict[tuple[str, str], torch.Tensor] = {}
+    leaves: list[torch.Tensor] = []
+
+    def keep(key: tuple[str, str], x: torch.Tensor) -> torch.Tensor:
+        x.retain_grad()
+        store[key] = x
+        return x
+
+    def leaf(_m, _i, out):
+        out = out.detach().requires_grad_(True)
+        leaves.append(out)
+        return out
+
+    sites = [space.adapter.site(layer, k) for layer in range(space.n_layers) for k in kinds]
+    handles = [model.get_input_embeddings().register_forward_hook(leaf)]
+    for key in {(s.module_name, s.io) for s in sites}:
+        mod = model.get_submodule(key[0])
+        if key[1] == "output":
+            handles.append(mod.register_forward_hook(lambda _m, _i, out, key=key: keep(key, out)))
+        else:
+            handles.append(mod.register_forward_pre_hook(lambda _m, args, key=key: (keep(key, args[0]),) + tuple(args[1:])))
+    try:
+        with frozen_weights(model), torch.enable_grad():
+            out = model(**inputs, use_cache=False, **kwargs)
+            value = metric(out.logits, batch).sum()
+            torch.autograd.backward(value, inputs=leaves + list(store.values()))
+    finally:
+        for h in handles:
+            h.remove()
+    any_act = next(iter(store.values()))
+    B, T = any_act.shape[:2]
+    rows = resolve_positions(positions, B, T, any_act.device, inputs.get("attention_mask"))
+    acc = acc_dtype(any_act.dtype)
+    weight = torch.zeros(B, T, dtype=acc, device=any_act.device)
+    if rows.rows is None:
+        weight.fill_(1.0)
+    else:
+        weight[rows.rows[0], rows.rows[1]] = rows.weights.to(acc) if rows.weights is not None else 1.0
+    parts: dict[tuple[int, str], torch.Tensor] = {}
+    with torch.no_grad():
+        for s in sites:
+            x = store[(s.module_name, s.io)]
+            if x.grad is None:
+                raise CCAError(f"no gradient reached {s.module_name}")
+            a = x.detach()[..., s.start : s.stop].unflatten(-1, (s.n, s.width)).to(acc)
+            g = x.grad[..., s.start : s.stop].unflatten(-1, (s.n, s.width)).to(acc)
+            per = torch.einsum("btnw,btnw->btn", a, g)
+            parts[(s.layer, s.kind)] = (per.abs() if absolute else per) * weight[..., None]
+        pp = space.join(parts)  # [B, T, total]
+    return Attribution(space, pp.sum((0, 1)), pp if per_position else None, tuple(kinds), absolute,
+                       float(value.detach()), 1)

@@ -1,0 +1,98 @@
+"""Choosing between a Triton kernel and its PyTorch reference.
+
+Rules (:func:`resolve_backend`):
+
+* ``backend="torch"``: always the PyTorch reference (any device, any dtype).
+* ``backend="triton"``: the Triton kernel; needs ``triton`` importable and either a CUDA tensor
+  or ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests), else :class:`CCAError`.
+* ``backend=None`` / ``"auto"``: Triton under ``TRITON_INTERPRET=1`` (so the tests exercise the
+  kernels on CPU), Triton on CUDA when it is installed, PyTorch everywhere else.
+
+Triton reads ``TRITON_INTERPRET`` when it is imported (its own ``triton.language`` helpers are
+decorated then) and when a kernel is decorated, so the setting is pinned when this module is
+first imported (:data:`INTERPRET`): set it before importing ``cca_fast.kernels`` (the tests'
+``conftest.py`` does). Kernels are decorated on first use (:func:`jit_lazily`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Any, Callable, Literal
+
+import torch
+
+from cca_fast.errors import CCAError
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+INTERPRET: bool = _env_interpret()
+
+
+def interpret_mode() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET`` as it was when this
+    module was imported; changing the variable later cannot switch Triton over)."""
+    return INTERPRET
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None, *,
+                    interpret: bool | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` (see the module docstring).
+    ``interpret`` overrides :func:`interpret_mode` (for tests of these rules)."""
+    interp = interpret_mode() if interpret is None else interpret
+    choice = "auto" if backend is None else str(backend).lower()
+    if choice not in BACKENDS:
+        raise CCAError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    dev = torch.device(device)
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise CCAError("backend='triton' needs the triton package: pip install 'cca_fast[triton]' "
+                           "(or use backend='torch')")
+        if dev.type != "cuda" and not interp:
+            raise CCAError(f"backend='triton' needs CUDA tensors (got {dev.type}); on CPU start Python with "
+                           "TRITON_INTERPRET=1 to run the kernels in Triton's interpreter, or use backend='torch'")
+        return "triton"
+    if triton_available() and (interp or dev.type == "cuda"):
+        return "triton"
+    return "torch"
+
+
+def jit_lazily(fn: Callable[..., Any]) -> Callable[[], Any]:
+    """Return ``get()`` giving ``triton.jit(fn)``, decorated on first use."""
+    cache: list[Any] = []
+
+    def get() -> Any:
+        if not cache:
+            import triton  # noqa: PLC0415 (lazy on purpose)
+
+            cache.append(triton.jit(fn))
+        return cache[0]
+
+    return get
+
+
+def num_programs_hint(device: torch.device) -> int:
+    """Programs that keep ``device`` busy: 4 per streaming multiprocessor on CUDA; a small
+    constant under the interpreter (each program is a Python loop there)."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
