@@ -1,6 +1,44 @@
-"""cca_fast: Constructive Circuit Amplification on Hugging Face causal LMs."""
+"""cca_fast: Constructive Circuit Amplification (arXiv 2512.16914) on Hugging Face causal LMs.
+
+The stages as plain functions (see README for the data flow):
+
+* models: :func:`load_model`, :class:`ComponentSpace` (every q/k/v head and MLP neuron)
+* data: :func:`load_problems`, :func:`split_problems`; prompting and :func:`evaluate`
+* stage 1: :func:`collect_traces`, :func:`pivot_for_pair` (prefix / branching)
+* stage 2: :func:`attribute` (gradient x activation, any metric), :func:`run_atp`, :func:`run_dcm`, :func:`select`
+* stage 3: :func:`run_update` -> :class:`SparseDelta` (:func:`apply_delta`, :func:`revert_delta`, :func:`merge_delta`)
+* everything: :func:`run_cca` with a :class:`RunConfig` (the ``cca run`` command)
+"""
+from .attribution import Attribution, AttributionSession, attribute, attribute_by_caching
+from .data import load_problems, split_problems
+from .data.problem import Problem
+from .delta import SparseDelta, apply_delta, merge_delta, revert_delta
 from .errors import CCAError
+from .evaluate import EvalResult, evaluate
+from .examples import PivotBatch, PivotExample, collate, logit_diff
+from .generation import GenerationConfig, generate
+from .hooks import read_components, scale_components
+from .localize.atp import AtPConfig, run_atp
+from .localize.dcm import DCMConfig, DCMResult, run_dcm
+from .localize.select import Selection, select
 from .models import Component, ComponentSpace, get_adapter, supported_model_types
+from .models.loading import load_model
+from .pipeline import RunConfig, run_cca
+from .pivot_search import pivot_for_pair
+from .prompting import PromptConfig, build_prompt, extract_answer
+from .traces import TraceConfig, collect_traces
+from .update import UpdateConfig, UpdateResult, run_update
 
 __version__ = "0.1.0"
-__all__ = ["CCAError", "Component", "ComponentSpace", "get_adapter", "supported_model_types", "__version__"]
+__all__ = [
+    "Attribution", "AttributionSession", "attribute", "attribute_by_caching",
+    "load_problems", "split_problems", "Problem",
+    "SparseDelta", "apply_delta", "merge_delta", "revert_delta",
+    "CCAError", "EvalResult", "evaluate",
+    "PivotBatch", "PivotExample", "collate", "logit_diff",
+    "GenerationConfig", "generate", "read_components", "scale_components",
+    "AtPConfig", "run_atp", "DCMConfig", "DCMResult", "run_dcm", "Selection", "select",
+    "Component", "ComponentSpace", "get_adapter", "supported_model_types", "load_model",
+    "RunConfig", "run_cca", "pivot_for_pair", "PromptConfig", "build_prompt", "extract_answer",
+    "TraceConfig", "collect_traces", "UpdateConfig", "UpdateResult", "run_update", "__version__",
+]

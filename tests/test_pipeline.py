@@ -1,0 +1,136 @@
+"""End to end: ``cca run`` (every stage), interrupted and resumed, on a tiny local model.
+
+The tiny llama (char-level tokenizer, saved with ``save_pretrained``) has its LM head biased toward
+"0", "1" and space, and every gold answer is 0 or 1, so its greedy and sampled traces are sometimes
+right and sometimes wrong: stage 1 finds flipped pairs and pivots, and every later stage runs on
+real (if meaningless) data in seconds. The real default model runs the same code in ``cca run``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import cca_fast.traces as traces
+from cca_fast.cli import main
+from cca_fast.delta import SparseDelta, apply_delta, revert_delta
+from cca_fast.errors import CCAError
+from cca_fast.io import read_jsonl
+from cca_fast.models.components import ComponentSpace
+from cca_fast.models.loading import load_model
+from cca_fast.pipeline import RunConfig, run_cca
+from test_generation import char_tokenizer
+from tiny_models import make_tiny
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pipeline")
+    tok = char_tokenizer()
+    model = make_tiny("llama", dtype=torch.float32, seed=0, attn="sdpa")
+    model.config.max_position_embeddings = 2048
+    with torch.no_grad():  # bias the output toward "0", "1", " " (see module docstring)
+        h = model.model(torch.randint(4, 79, (8, 40), generator=torch.Generator().manual_seed(0))).last_hidden_state
+        h = h.reshape(-1, model.config.hidden_size)
+        v = h.mean(0) / h.mean(0).norm() * 12.0 / h.norm(dim=-1).mean()
+        g = torch.Generator().manual_seed(1)
+        for c in ("0", "1", " "):
+            model.lm_head.weight[tok.convert_tokens_to_ids(c)] = v + 0.3 * torch.randn(v.shape, generator=g)
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    rows = [{"id": f"t{t}-{i}", "question": f"What is {t} {i}?", "answer": f"#### {(i + t) % 2}",
+             "gold": (i + t) % 2, "template": f"t{t}"} for t in range(4) for i in range(10)]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "shots.json").write_text(json.dumps([{"question": "What is 1?", "target": "The final answer is 1."}]))
+    return d
+
+
+def config(d: Path, out: Path, **kw) -> RunConfig:
+    cfg = dict(output=str(out), model=str(d / "model"), dtype="float32", device="cpu", data=str(d / "data.jsonl"),
+               shots=str(d / "shots.json"), n_shots=1, weak_threshold=1.01, max_train_problems=None,
+               max_new_tokens=12, batch_size=8, dcm={"epochs": 4, "lambda_l1": 0.01},
+               update={"max_steps": 4, "lr": 1e-2})
+    cfg.update(kw)
+    return RunConfig(**cfg)
+
+
+def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = config(workdir, out)
+
+    # 1) interrupt stage 1 after its first group of problems (as a kill would)
+    real = traces._sample_rounds
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(traces, "_sample_rounds", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cca(cfg, progress=False)
+    monkeypatch.setattr(traces, "_sample_rounds", real)
+    first = (out / "traces.jsonl").read_text().splitlines()
+    assert first, "the first group's pairs must be on disk before the interruption"
+    base_eval = out / "eval_base_train.jsonl"
+    base_eval_state = (base_eval.stat().st_mtime_ns, base_eval.read_bytes())
+
+    # 2) a different configuration is refused; the same one resumes without recomputing
+    with pytest.raises(CCAError, match="different configuration"):
+        run_cca(config(workdir, out, seed=1), progress=False)
+    report = run_cca(cfg, progress=False)
+    assert (base_eval.stat().st_mtime_ns, base_eval.read_bytes()) == base_eval_state
+    assert (out / "traces.jsonl").read_text().splitlines()[: len(first)] == first
+
+    # the report has what issue 3 asks for, and consistent numbers
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    space = ComponentSpace(load_model(cfg.model, dtype="float32")[0])
+    assert report["components_total"] == space.total == 2 * (6 + 2 + 2 + 22)
+    assert 0 < report["components_selected"] <= space.total
+    assert report["fraction"] == pytest.approx(report["components_selected"] / space.total)
+    assert sum(report["per_kind"].values()) == report["components_selected"]
+    assert report["n_test"] == len(list(read_jsonl(out / "eval_cca_test.jsonl"))) == 16
+    assert report["n_examples"] > 0
+    assert {"base_eval", "traces", "pivots", "localize", "update", "cca_eval"} <= set(report["seconds"])
+    assert (out / "report.md").read_text().startswith("# CCA run report")
+    assert (out / "components.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # 3) the delta changes only rows owned by the selected components; revert is bit-exact
+    model, _ = load_model(cfg.model, dtype="float32")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    allowed = space.owned_rows(json.loads((out / "selection.json").read_text())["indices"])
+    handle = apply_delta(model, SparseDelta.load(out / "delta"))
+    changed = 0
+    for name, p in model.named_parameters():
+        if name not in allowed:
+            assert torch.equal(p.detach(), base[name]), name
+            continue
+        sel = allowed[name]
+        keep = torch.ones(p.shape[sel.dim], dtype=torch.bool)
+        keep[sel.index] = False
+        rest = keep.nonzero().flatten()
+        assert torch.equal(p.detach().index_select(sel.dim, rest), base[name].index_select(sel.dim, rest)), name
+        changed += int(not torch.equal(p.detach(), base[name]))
+    assert changed > 0  # the update did change some owned rows (lr 1e-2 on a tiny model)
+    revert_delta(model, handle)
+    assert all(torch.equal(p.detach(), base[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("selector,extra", [("random", ["--select-count", "7"]), ("none", []),
+                                            ("atp-topk", ["--select-k", "5"])])
+def test_controls_run_through_the_same_command(workdir, tmp_path, selector, extra, capsys):
+    out = tmp_path / selector
+    args = ["run", "--output", str(out), "--model", str(workdir / "model"), "--dtype", "float32",
+            "--device", "cpu", "--data", str(workdir / "data.jsonl"), "--shots", str(workdir / "shots.json"),
+            "--n-shots", "1", "--weak-threshold", "1.01", "--max-train-problems", "8", "--max-new-tokens", "12",
+            "--update-steps", "2", "--lr", "1e-2", "--selector", selector, "--quiet", *extra]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    expected = {"random": 7, "atp-topk": 5, "none": report["components_total"]}[selector]
+    assert report["components_selected"] == expected
+    assert report["selector"] == selector
