@@ -58,11 +58,11 @@ class RunConfig:
     device: str | None = None
     attn_implementation: str = "sdpa"
     data: str | None = None
-    n_per_template: int = 10
+    n_per_template: int = 8
     seed: int = 0
     weak_threshold: float = 0.8
-    max_train_problems: int | None = 24
-    max_val_problems: int | None = None
+    max_train_problems: int | None = 12
+    max_val_problems: int | None = 12
     max_test_problems: int | None = None
     prompt_mode: str = "plain"
     shots: str | None = None

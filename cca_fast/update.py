@@ -35,7 +35,7 @@ from torch import nn
 
 from .delta import SparseDelta
 from .errors import CCAError
-from .examples import PivotExample, collate, logit_diff
+from .examples import PivotExample, collate, logit_diff, pad_id_for
 from .kernels.row_grad import row_selective, zero_delta
 from .kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, compute_dtype,
                                    gather_rows, scatter_rows)
@@ -159,16 +159,7 @@ def eval_steps(max_steps: int, every: int = 5, early_every: int = 2, early_steps
 # loss over the training set
 # ---------------------------------------------------------------------------------------------
 def _pad_id(model: nn.Module, config: UpdateConfig) -> int:
-    if config.pad_id is not None:
-        return int(config.pad_id)
-    cfg = model.config
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, (list, tuple)):
-            v = v[0] if v else None
-        if v is not None:
-            return int(v)
-    return 0
+    return pad_id_for(model, config.pad_id)
 
 
 class _Batches:

@@ -25,7 +25,7 @@ The sparse delta is in OUTPUT/delta (apply it with `cca apply`).
 
 With no arguments: the embedded SmolLM2-135M-Instruct on the built-in templates, sized for a few
 minutes on 2 CPU cores. Paper-size configuration (GPU): --n-per-template 50 --max-train-problems 0
---max-new-tokens 1500 --update-steps 50 --shots gsm8k_cot_8shot.json (see README).
+--max-val-problems 0 --max-new-tokens 1500 --update-steps 50 --shots gsm8k_cot_8shot.json (see README).
 """
 
 
@@ -35,11 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="D",
                    help="built-in templates (default), a template folder or file, a JSONL file, or a hub name")
-    g.add_argument("--n-per-template", type=int, default=10, metavar="N", help="instances per template")
+    g.add_argument("--n-per-template", type=int, default=8, metavar="N", help="instances per template")
     g.add_argument("--seed", type=int, default=0, metavar="S", help="seed of instances, splits, samples")
-    g.add_argument("--max-train-problems", type=int, default=24, metavar="N",
+    g.add_argument("--max-train-problems", type=int, default=12, metavar="N",
                    help="at most N training problems go to stage 1 (0 = all)")
-    g.add_argument("--max-val-problems", type=int, default=0, metavar="N", help="cap on validation problems (0 = all)")
+    g.add_argument("--max-val-problems", type=int, default=12, metavar="N",
+                   help="cap on validation problems, evaluated at every validation step (0 = all)")
     g.add_argument("--max-test-problems", type=int, default=0, metavar="N", help="cap on test problems (0 = all)")
     g.add_argument("--weak-threshold", type=float, default=0.8, metavar="A",
                    help="templates with base training accuracy below A give training examples")
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s3 = p.add_argument_group("stage 3")
     s3.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="paper: sgd")
     s3.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper 1e-4)")
-    s3.add_argument("--update-steps", type=int, default=20, help="optimizer steps (paper 50)")
+    s3.add_argument("--update-steps", type=int, default=8, help="optimizer steps (paper 50)")
     s3.add_argument("--update-mode", default="sparse", choices=["sparse", "reference"],
                     help="sparse: row-selective gradients + row-sparse step; reference: dense gradients")
     o = p.add_argument_group("output")
@@ -93,7 +94,9 @@ def config_from_args(args: argparse.Namespace):
         trace=TraceConfig(k=args.k, seed=args.seed), pivot_method=args.pivot_method, branching=args.branching,
         selector=args.selector, select_k=args.select_k, select_fraction=args.select_fraction,
         select_count=args.select_count,
-        dcm={"lambda_l1": args.dcm_lambda, "epochs": args.dcm_epochs, "mode": args.dcm_mode, "seed": args.seed},
+        dcm={"lambda_l1": args.dcm_lambda, "epochs": args.dcm_epochs, "mode": args.dcm_mode, "seed": args.seed,
+             # last mode: keep each batch's prefix K/V for the whole run (memory for speed; exact)
+             "reuse_prefix_cache": args.dcm_mode == "last"},
         update={"optimizer": args.optimizer, "lr": args.lr, "max_steps": args.update_steps, "mode": args.update_mode},
     )
 

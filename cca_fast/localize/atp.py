@@ -19,7 +19,7 @@ from torch import nn
 
 from ..attribution import Attribution, AttributionSession, model_accepts, default_pivot_metric
 from ..errors import CCAError
-from ..examples import PivotExample, collate
+from ..examples import PivotExample, collate, pad_id_for  # noqa: F401 (re-exported for dcm)
 from ..models.adapters import KINDS
 from ..models.components import ComponentSpace
 
@@ -48,21 +48,6 @@ class AtPConfig:
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
             raise CCAError(f"AtPConfig.batch_size must be >= 1, got {self.batch_size}")
-
-
-def pad_id_for(model: nn.Module, pad_id: int | None = None) -> int:
-    """``pad_id``, else the model's ``pad_token_id``, else its EOS id, else 0 (any id works:
-    padded positions are masked out)."""
-    if pad_id is not None:
-        return int(pad_id)
-    cfg = getattr(model, "config", None)
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, (list, tuple)):
-            v = v[0] if v else None
-        if v is not None:
-            return int(v)
-    return 0
 
 
 def check_examples(examples: Sequence[PivotExample], vocab_size: int | None = None) -> None:
