@@ -1,0 +1,21 @@
+"""Problem data: the GSM-Symbolic template engine, loaders, splits and the built-in set."""
+from .loaders import (BUILTIN_TEMPLATES, gold_from_answer, load_problems, read_problems_jsonl,
+                      write_problems_jsonl)
+from .pools import POOLS, get_pool
+from .problem import Problem
+from .safe_eval import Labelled, compile_expression, format_number, parse_number_text
+from .splits import PAPER_FRACTIONS, Splits, split_counts, split_problems, weak_templates
+from .templates import (Instance, InstantiateConfig, Template, decode_bindings, default_bindings,
+                        encode_bindings, evaluate_answer, failed_conditions, instantiate,
+                        load_template, load_template_dir, parse_template, render_question,
+                        render_solution, sample_instances)
+
+__all__ = [
+    "BUILTIN_TEMPLATES", "Instance", "InstantiateConfig", "Labelled", "PAPER_FRACTIONS", "POOLS",
+    "Problem", "Splits", "Template", "compile_expression", "decode_bindings", "default_bindings",
+    "encode_bindings", "evaluate_answer", "failed_conditions", "format_number", "get_pool",
+    "gold_from_answer", "instantiate", "load_problems", "load_template", "load_template_dir",
+    "parse_number_text", "parse_template", "read_problems_jsonl", "render_question",
+    "render_solution", "sample_instances", "split_counts", "split_problems", "weak_templates",
+    "write_problems_jsonl",
+]
