@@ -70,6 +70,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({100 * report.get('fraction', 0.0):.3f}%): "
         + ", ".join(f"{k} {v}" for k, v in report.get("per_kind", {}).items()),
         "",
+        *(["**Every component was selected**: the selector kept the whole model (with few pivot examples, "
+            "DCM's paper settings cannot move a mask below 0.5: raise --dcm-epochs or --max-train-problems, or "
+            "use --selector atp-fraction).", ""]
+          if report.get("components_selected") == report.get("components_total") and report.get("selector") != "none"
+          else []),
         "![selected components per layer](components.png)",
         "",
         "| stage | seconds |",
