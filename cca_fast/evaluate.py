@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,44 +85,44 @@ class EvalResult:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """``json.dump`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return p
+    """Write ``data`` as JSON atomically (see :func:`cca_fast.io.atomic_write_json`)."""
+    from .io import atomic_write_json
+
+    atomic_write_json(path, data)
+    return Path(path)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy (per template, averaged: METHOD section 0), micro accuracy, ``n`` and the
+    per-template table ``{template: {n, correct, accuracy}}`` of scored records."""
+    per: dict[str, dict[str, Any]] = {}
+    for r in records:
+        t = per.setdefault(r.get("template", ""), {"n": 0, "correct": 0})
+        t["n"] += 1
+        t["correct"] += int(bool(r["correct"]))
+    for t in per.values():
+        t["accuracy"] = t["correct"] / t["n"]
+    n = len(records)
+    return {
+        "accuracy": sum(t["accuracy"] for t in per.values()) / len(per) if per else 0.0,
+        "micro_accuracy": sum(int(bool(r["correct"])) for r in records) / n if n else 0.0,
+        "n": n,
+        "per_template": dict(sorted(per.items())),
+    }
 
 
 def score(problems: Sequence[Problem], generations: Sequence[Generation]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], float, float]:
     """Records, per-template table, macro accuracy and micro accuracy of ``generations``
     (aligned with ``problems``)."""
     records: list[dict[str, Any]] = []
-    per: dict[str, dict[str, Any]] = {}
     for p, g in zip(problems, generations):
         pred = extract_answer(g.text)
         ok = is_correct(pred, p.gold)
         records.append({"id": p.id, "template": p.template, "question": p.question, "gold": p.gold,
                         "output": g.text, "prediction": pred, "correct": ok,
                         "finish_reason": g.finish_reason, "n_generated": g.n_generated})
-        t = per.setdefault(p.template, {"n": 0, "correct": 0, "accuracy": 0.0})
-        t["n"] += 1
-        t["correct"] += int(ok)
-    for t in per.values():
-        t["accuracy"] = t["correct"] / t["n"]
-    n = len(records)
-    macro = sum(t["accuracy"] for t in per.values()) / len(per) if per else 0.0
-    micro = sum(r["correct"] for r in records) / n if n else 0.0
-    return records, dict(sorted(per.items())), macro, micro
+    summary = summarize(records)
+    return records, summary["per_template"], summary["accuracy"], summary["micro_accuracy"]
 
 
 def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], *, prompt: PromptConfig | None = None,

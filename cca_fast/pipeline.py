@@ -20,19 +20,18 @@ Run directory layout (one file per stage output; a stage whose output exists is 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 
 from .data import load_problems, split_problems
 from .data.loaders import read_problems_jsonl, write_problems_jsonl
 from .data.problem import Problem
 from .errors import CCAError
+from .evaluate import summarize
 from .examples import PivotExample
 from .generation import GenerationConfig, generate
 from .io import append_jsonl, atomic_write_json, read_json, read_jsonl
@@ -143,24 +142,6 @@ class RunDir:
 
 
 # ---- resumable greedy evaluation ----------------------------------------------------------------
-def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (per template, averaged: METHOD section 0), micro accuracy, per-template table."""
-    per: dict[str, dict[str, Any]] = {}
-    for r in records:
-        t = per.setdefault(r.get("template", ""), {"n": 0, "correct": 0})
-        t["n"] += 1
-        t["correct"] += int(bool(r["correct"]))
-    for t in per.values():
-        t["accuracy"] = t["correct"] / t["n"]
-    n = len(records)
-    return {
-        "accuracy": sum(t["accuracy"] for t in per.values()) / len(per) if per else 0.0,
-        "micro_accuracy": sum(int(bool(r["correct"])) for r in records) / n if n else 0.0,
-        "n": n,
-        "per_template": dict(sorted(per.items())),
-    }
-
-
 def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: PromptConfig, gen: GenerationConfig,
                    path: Path | None, desc: str, progress: bool = True,
                    keep_ids: bool = True) -> list[dict[str, Any]]:
