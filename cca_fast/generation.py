@@ -47,12 +47,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .errors import CCAError
 from .prompting import find_answer_end
+
+if TYPE_CHECKING:
+    from .prefix_cache import PrefixCache
 
 FINISH_REASONS = ("answer", "eos", "new_question", "length")
 NEW_QUESTION_MARKER = "\nQ:"
@@ -379,9 +382,13 @@ def new_cache(model: torch.nn.Module) -> Any:
 
 
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+             position_ids: torch.Tensor, cache: Any, all_logits: bool = False) -> tuple[torch.Tensor, Any]:
+    """``([B, V] last-position logits, or [B, S, V] with all_logits), the grown cache)``."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   past_key_values=cache, use_cache=True)
+    if all_logits:
+        out = model(**kwargs)
+        return out.logits, out.past_key_values
     try:
         out = model(**kwargs, logits_to_keep=1)  # only the last position's logits are needed
     except TypeError as e:  # a (remote-code) model without logits_to_keep
@@ -406,6 +413,23 @@ def prefill(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_i
     if not sequences or any(len(s) == 0 for s in sequences):
         raise CCAError("prefill needs at least one sequence and no empty sequence")
     B = len(sequences)
+    if prefix is not None and prefix.batch_size not in (1, B):
+        raise CCAError(f"prefix state has batch {prefix.batch_size}; need 1 or {B}")
+    base = None if prefix is None else prefix.repeat(B if prefix.batch_size == 1 else 1)
+    return extend_state(model, sequences, base, pad_id=pad_id, stats=stats)[0]
+
+
+def extend_state(model: torch.nn.Module, sequences: Sequence[Sequence[int]], base: DecodeState | None, *,
+                 pad_id: int = 0, stats: GenerationStats | None = None,
+                 all_logits: bool = False) -> tuple[DecodeState, torch.Tensor | None]:
+    """:func:`prefill` on a state the caller gives away: ``base`` (batch ``B``, or ``None`` for
+    an empty cache) is grown in place, not copied.
+
+    Returns:
+        ``(state, logits)``: ``logits`` is ``[B, S, V]`` for every position of the new tokens
+        (``S`` = the longest sequence; left pad slots included) when ``all_logits``, else ``None``.
+    """
+    B = len(sequences)
     device = model_device(model)
     S = max(len(s) for s in sequences)
     ids = torch.full((B, S), int(pad_id), dtype=torch.long)
@@ -415,17 +439,17 @@ def prefill(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_i
         mask[i, S - len(s):] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    if prefix is None:
+    if base is None:
         cache, full_mask = new_cache(model), mask
     else:
-        if prefix.batch_size not in (1, B):
-            raise CCAError(f"prefix state has batch {prefix.batch_size}; need 1 or {B}")
-        base = prefix.repeat(B if prefix.batch_size == 1 else 1)
+        if base.batch_size != B:
+            raise CCAError(f"base state has batch {base.batch_size}; need {B}")
         cache = base.cache
         full_mask = torch.cat([base.attention_mask, mask], dim=1)
         pos = pos + base.next_position.unsqueeze(1)
     with torch.no_grad():
-        logits, cache = _forward(model, ids, full_mask, pos, cache)
+        out, cache = _forward(model, ids, full_mask, pos, cache, all_logits=all_logits)
+    logits = out[:, -1, :] if all_logits else out
     if torch.isnan(logits).any():
         attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
         raise CCAError(
@@ -435,7 +459,7 @@ def prefill(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_i
     if stats is not None:
         stats.prefill_tokens += B * S
     next_position = pos[:, -1] + 1
-    return DecodeState(cache, logits, full_mask, next_position)
+    return DecodeState(cache, logits, full_mask, next_position), (out if all_logits else None)
 
 
 def eos_ids_for(model: torch.nn.Module | None, tokenizer: Any, extra: Sequence[int] = ()) -> set[int]:
@@ -598,7 +622,7 @@ def _share_ok(model: torch.nn.Module, total_len: int) -> bool:
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
              config: GenerationConfig | None = None, *, row_seeds: Sequence[int] | None = None,
              callback: Callable[[list[int], list[Generation]], None] | None = None,
-             stats: GenerationStats | None = None) -> list[Generation]:
+             stats: GenerationStats | None = None, prefix_cache: PrefixCache | None = None) -> list[Generation]:
     """Generate a continuation of each prompt.
 
     Args:
@@ -609,6 +633,11 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
         row_seeds: one sampling seed per prompt (default :func:`row_seed` ``(config.seed, i)``).
         callback: called after each batch with the prompt indices and their generations.
         stats: counters to accumulate into.
+        prefix_cache: a :class:`~cca_fast.prefix_cache.PrefixCache` kept across calls: the
+            prompts' common prefix (e.g. the few-shot exemplars) is then taken from its stored
+            key/value cache as far as it matches, instead of being recomputed, and stored for
+            the next call. Only used with ``config.share_prefix``; with it even a single prompt
+            shares (all but its last token).
     Returns:
         One :class:`Generation` per prompt, in input order.
     """
@@ -623,12 +652,16 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
     results: list[Generation | None] = [None] * len(seqs)
 
     shared = 0
-    if config.share_prefix and len(seqs) > 1:
+    if config.share_prefix and (len(seqs) > 1 or prefix_cache is not None):
         shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
         longest = max(len(s) for s in seqs) + config.max_new_tokens
         if shared < max(1, config.min_shared_prefix) or not _share_ok(model, longest):
             shared = 0
-    prefix_state = prefill(model, [seqs[0][:shared]], pad_id=pad, stats=stats) if shared else None
+    prefix_state = None
+    if shared and prefix_cache is not None and config.share_prefix:
+        prefix_state = prefix_cache.state(model, seqs[0][:shared], pad_id=pad, stats=stats)
+    elif shared:
+        prefix_state = prefill(model, [seqs[0][:shared]], pad_id=pad, stats=stats)
 
     for b in range(0, len(order), config.batch_size):
         rows = order[b:b + config.batch_size]

@@ -36,6 +36,7 @@ from .examples import PivotExample
 from .generation import GenerationConfig, generate
 from .io import add_seconds, append_jsonl, atomic_write_json, check_or_write_config, read_json, read_jsonl
 from .models.components import ComponentSpace
+from .prefix_cache import PrefixCache
 from .prompting import PromptConfig, build_prompt, encode_prompts
 from .traces import GreedyTrace, TraceConfig, TracePair, collect_traces
 
@@ -190,11 +191,12 @@ class RunDir:
 
 # ---- resumable greedy evaluation ----------------------------------------------------------------
 def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: PromptConfig, gen: GenerationConfig,
-                   path: Path | None, desc: str, progress: bool = True,
-                   keep_ids: bool = True) -> list[dict[str, Any]]:
+                   path: Path | None, desc: str, progress: bool = True, keep_ids: bool = True,
+                   prefix_cache: PrefixCache | None = None) -> list[dict[str, Any]]:
     """Greedy evaluation records of ``problems`` (aligned), appending each finished chunk to the
     JSON Lines file ``path`` so that an interrupted evaluation resumes. Records carry
-    ``prompt_ids`` and ``output_ids`` when ``keep_ids``."""
+    ``prompt_ids`` and ``output_ids`` when ``keep_ids``. ``prefix_cache``: see
+    :func:`~cca_fast.generation.generate`."""
     from tqdm.auto import tqdm
 
     from .evaluate import score
@@ -210,7 +212,7 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
         for i in range(0, len(todo), chunk):
             part = todo[i : i + chunk]
             ids = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in part], tokenizer, prompt)
-            gens = generate(model, tokenizer, ids, gen)
+            gens = generate(model, tokenizer, ids, gen, prefix_cache=prefix_cache)
             records, _, _, _ = score(part, gens)
             for r, g in zip(records, gens):
                 if keep_ids:
@@ -246,7 +248,8 @@ def training_problems(train: list[Problem], base_train: dict[str, Any], threshol
 
 
 def find_pivots(model, tokenizer, pairs: Sequence[TracePair], method: str, branching: str,
-                gen: GenerationConfig, path: Path | None, progress: bool = True) -> tuple[list[PivotExample], dict]:
+                gen: GenerationConfig, path: Path | None, progress: bool = True,
+                prefix_cache: PrefixCache | None = None) -> tuple[list[PivotExample], dict]:
     """Stage 1b over flipped pairs, appending one line per pair to ``path`` (resumable).
     Returns the examples and totals of what the search cost."""
     from tqdm.auto import tqdm
@@ -259,7 +262,7 @@ def find_pivots(model, tokenizer, pairs: Sequence[TracePair], method: str, branc
     flipped = [p for p in pairs if p.flipped]
     for pair in tqdm([p for p in flipped if p.problem_id not in done], desc=f"stage 1: pivots ({method})",
                      disable=not progress):
-        example, stats = pivot_for_pair(model, tokenizer, pair, method, branching, gen)
+        example, stats = pivot_for_pair(model, tokenizer, pair, method, branching, gen, prefix_cache=prefix_cache)
         rec = {"problem_id": pair.problem_id, "example": example.to_dict() if example else None,
                "stats": asdict(stats)}
         done[pair.problem_id] = rec
@@ -334,6 +337,9 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
     prompt = PromptConfig(mode=config.prompt_mode, exemplars=config.shots, n_shots=config.n_shots)
     proc = procedure_settings(config)
     gen = GenerationConfig(**proc.generation)
+    # the exemplars' key/values, computed once per weights (unused by the reference procedure,
+    # which shares no prefix); every stage below passes it to its generation calls
+    pcache = PrefixCache()
     rd.record_seconds("load_model", time.perf_counter() - t)
 
     # data ---------------------------------------------------------------------------------
@@ -355,10 +361,10 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
     # base evaluation (greedy traces of the training split, base test accuracy) -------------------
     t = time.perf_counter()
     base_train_records = eval_resumable(model, tok, train, prompt, gen, rd / "eval_base_train.jsonl",
-                                        "base eval (train)", progress)
+                                        "base eval (train)", progress, prefix_cache=pcache)
     base_train = summarize(base_train_records)
     base_test = summarize(eval_resumable(model, tok, test, prompt, gen, rd / "eval_base_test.jsonl",
-                                         "base eval (test)", progress, keep_ids=False))
+                                         "base eval (test)", progress, keep_ids=False, prefix_cache=pcache))
     rd.record_seconds("base_eval", time.perf_counter() - t)
     say(f"base accuracy: train {base_train['accuracy']:.3f}, test {base_test['accuracy']:.3f}")
     if stop("base_eval"):
@@ -373,7 +379,8 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
     greedy = {r["id"]: GreedyTrace(r["id"], r["prompt_ids"], r["output_ids"], r["output"], bool(r["correct"]))
               for r in base_train_records}
     t = time.perf_counter()
-    pairs = collect_traces(model, tok, chosen, greedy, gen, proc.trace, rd / "traces.jsonl", progress)
+    pairs = collect_traces(model, tok, chosen, greedy, gen, proc.trace, rd / "traces.jsonl", progress,
+                           prefix_cache=pcache)
     rd.record_seconds("traces", time.perf_counter() - t)
     say(f"stage 1: {sum(p.flipped for p in pairs)} of {len(pairs)} problems have a flipped sample")
     if stop("traces"):
@@ -382,7 +389,7 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
     # stage 1b: pivots -----------------------------------------------------------------------
     t = time.perf_counter()
     examples, pivot_stats = find_pivots(model, tok, pairs, config.pivot_method, proc.branching, gen,
-                                        rd / "pivots.jsonl", progress)
+                                        rd / "pivots.jsonl", progress, prefix_cache=pcache)
     rd.record_seconds("pivots", time.perf_counter() - t)
     say(f"stage 1: {len(examples)} pivot examples ({pivot_stats['generated_tokens']} tokens generated)")
     if not examples:
@@ -417,7 +424,8 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
         ucfg = UpdateConfig(**{**proc.update, **no_mask})
 
         def validate(m) -> float:
-            recs = eval_resumable(m, tok, val, prompt, gen, None, "validation", False, keep_ids=False)
+            recs = eval_resumable(m, tok, val, prompt, gen, None, "validation", False, keep_ids=False,
+                                  prefix_cache=pcache)
             return summarize(recs)["accuracy"]
 
         result = run_update(model, space, selection.indices if selection is not None else [], examples, ucfg,

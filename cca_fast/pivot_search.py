@@ -12,6 +12,7 @@ import torch
 
 from .examples import PivotExample
 from .generation import GenerationConfig, generate
+from .prefix_cache import PrefixCache
 from .pivots import (PivotStats, branching_pivot_fast, branching_pivot_reference, prefix_pivot,
                      teacher_forced_argmax, to_example)
 from .prompting import extract_answer, find_answer_end, is_correct
@@ -51,10 +52,12 @@ def _eos_ids(tokenizer: Any) -> list[int]:
 
 
 def make_completer(model, tokenizer, prompt_ids: Sequence[int], judge: TraceJudge, gen: GenerationConfig,
-                   batched: bool):
+                   batched: bool, prefix_cache: PrefixCache | None = None):
     """``complete(prefixes) -> full traces``: greedy continuation of each trace prefix.
 
     ``batched=False`` is the reference: one sequence at a time, no shared-prefix reuse.
+    ``prefix_cache`` (batched only): the prefixes' common part comes from it (e.g. the
+    teacher-forced pass over ``prompt + sample`` left it there).
     """
     greedy = replace(gen, do_sample=False, share_prefix=batched, batch_size=gen.batch_size if batched else 1)
     # a completed trace is capped at the length of any trace (max_new_tokens in all, not beyond
@@ -71,7 +74,7 @@ def make_completer(model, tokenizer, prompt_ids: Sequence[int], judge: TraceJudg
                 continue
             budget = cap - min(len(prefixes[i]) for i in group)
             gens = generate(model, tokenizer, [list(prompt_ids) + prefixes[i] for i in group],
-                            replace(greedy, max_new_tokens=budget))
+                            replace(greedy, max_new_tokens=budget), prefix_cache=prefix_cache if batched else None)
             for i, g in zip(group, gens):
                 out[i] = prefixes[i] + list(g.output_ids)[: cap - len(prefixes[i])]
         return out  # type: ignore[return-value]
@@ -88,12 +91,16 @@ def greedy_next_token(model, prompt_ids: Sequence[int], prefix: Sequence[int]) -
 
 
 def pivot_for_pair(model, tokenizer, pair: TracePair, method: str, branching: str, gen: GenerationConfig,
-                   *, marker: str | None = None) -> tuple[PivotExample | None, PivotStats]:
+                   *, marker: str | None = None,
+                   prefix_cache: PrefixCache | None = None) -> tuple[PivotExample | None, PivotStats]:
     """The pivot example of a flipped trace pair (``None`` if the traces never diverge usefully).
 
     Args:
         method: ``"prefix"`` or ``"branching"``.
         branching: ``"fast"`` (pruned, batched) or ``"reference"`` (the literal per-position loop).
+        prefix_cache: ``"fast"`` only: one :class:`~cca_fast.prefix_cache.PrefixCache` for all the
+            pairs of a run (same weights): the few-shot exemplars are computed once, and each
+            pair's completions continue the key/values of its teacher-forced pass.
     """
     if not pair.flipped:
         raise ValueError(f"problem {pair.problem_id} has no flipped sample")
@@ -102,11 +109,13 @@ def pivot_for_pair(model, tokenizer, pair: TracePair, method: str, branching: st
         pivot = prefix_pivot(pair.greedy_ids, pair.sample_ids, pair.greedy_correct)
         stats = PivotStats()
     elif method == "branching":
-        complete = make_completer(model, tokenizer, pair.prompt_ids, judge, gen, batched=branching == "fast")
-        if branching == "fast":
+        fast = branching == "fast"
+        cache = prefix_cache if fast and gen.share_prefix else None
+        complete = make_completer(model, tokenizer, pair.prompt_ids, judge, gen, batched=fast, prefix_cache=cache)
+        if fast:
             pivot, stats = branching_pivot_fast(
                 pair.sample_ids, pair.greedy_correct, complete, judge.correct,
-                lambda s: teacher_forced_argmax(model, pair.prompt_ids, s), batch_size=gen.batch_size)
+                lambda s: teacher_forced_argmax(model, pair.prompt_ids, s, cache), batch_size=gen.batch_size)
         else:
             pivot, stats = branching_pivot_reference(
                 pair.sample_ids, pair.greedy_correct, complete, judge.correct,
@@ -125,11 +134,13 @@ def compare_branching(model, tokenizer, pairs: Sequence[TracePair], gen: Generat
     import time
 
     rows = []
+    cache = PrefixCache()  # the fast side's, across pairs, as in a run
     for pair in pairs:
         out = {}
         for impl in ("reference", "fast"):
             t = time.perf_counter()
-            example, stats = pivot_for_pair(model, tokenizer, pair, "branching", impl, gen)
+            example, stats = pivot_for_pair(model, tokenizer, pair, "branching", impl, gen,
+                                            prefix_cache=cache if impl == "fast" else None)
             out[impl] = {"seconds": time.perf_counter() - t, "completions": stats.completions,
                          "generated_tokens": stats.generated_tokens,
                          "pivot": None if example is None else

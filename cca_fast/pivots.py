@@ -13,7 +13,8 @@ Methods:
 * ``branching`` (fast, :func:`branching_pivot_fast`): if ``s[t+1]`` is the greedy argmax after
   ``s[:t+1]``, the completions of ``s[:t+1]`` and ``s[:t+2]`` are the same, so correctness can
   only change at *departures* ``t`` (``s[t] != argmax after s[:t]``). One teacher-forced pass
-  finds the departures; only they get completions, in ordered batches, stopping at the first flip.
+  finds the departures; only they get completions, in ordered batches (1, 2, 4, ... up to the
+  batch size), stopping at the first flip.
   Same pivots as the reference (the completion of a non-departure equals that of the previous
   departure), far fewer generated tokens.
 """
@@ -103,23 +104,39 @@ def branching_pivot_reference(
     return None, stats
 
 
+def departure_chunks(n: int, batch_size: int, first: int = 1) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``0 .. n-1`` in order, of sizes ``first, 2*first, 4*first,
+    ...`` capped at ``batch_size``. Pivots sit early in most traces (the first departure, often):
+    a first batch of 1 costs one completion there, where a full batch would cost
+    ``batch_size``; later batches double until batching pays, so a late pivot still needs only
+    ``log2`` more calls."""
+    out, start, size = [], 0, max(1, min(int(first), int(batch_size)))
+    while start < n:
+        out.append((start, min(n, start + size)))
+        start += size
+        size = min(2 * size, max(1, int(batch_size)))
+    return out
+
+
 def branching_pivot_fast(
     sample: Sequence[int], greedy_correct: bool, complete: Complete, correct: Correct,
-    argmax_along: Callable[[list[int]], list[int]], batch_size: int = 8,
+    argmax_along: Callable[[list[int]], list[int]], batch_size: int = 8, first_batch: int = 1,
 ) -> tuple[Pivot | None, PivotStats]:
     """The pruned, batched search (exact speed-up, same pivot as the reference).
 
     Args:
         argmax_along: ``argmax_along(s)[t]`` = greedy next token after ``s[:t]`` for
             ``t = 0 .. len(s) - 1`` (one teacher-forced pass).
-        batch_size: departures completed per batch, in order; the search stops at the first
-            batch that contains a flip.
+        batch_size: most departures completed together; batches are in order and the search
+            stops at the first batch that contains a flip.
+        first_batch: size of the first batch; each next one doubles up to ``batch_size``
+            (:func:`departure_chunks`).
     """
     stats = PivotStats(forward_passes=1)
     greedy_after = argmax_along(list(sample))
     departures = [t for t in range(len(sample)) if int(sample[t]) != int(greedy_after[t])]
-    for i in range(0, len(departures), batch_size):
-        chunk = departures[i : i + batch_size]
+    for a, b in departure_chunks(len(departures), batch_size, first_batch):
+        chunk = departures[a:b]
         prefixes = [list(sample[: t + 1]) for t in chunk]
         fulls = complete(prefixes)
         stats.completions += len(chunk)
@@ -145,11 +162,18 @@ def to_example(pivot: Pivot, prompt_ids: Sequence[int], problem_id: str, *, gree
 
 
 @torch.no_grad()
-def teacher_forced_argmax(model, prompt_ids: Sequence[int], trace: Sequence[int]) -> list[int]:
+def teacher_forced_argmax(model, prompt_ids: Sequence[int], trace: Sequence[int], prefix_cache=None) -> list[int]:
     """``out[t]`` = the model's argmax next token after ``prompt + trace[:t]``, for
-    ``t = 0 .. len(trace) - 1``, from one forward pass over ``prompt + trace``."""
+    ``t = 0 .. len(trace) - 1``, from one forward pass over ``prompt + trace``.
+
+    ``prefix_cache`` (a :class:`~cca_fast.prefix_cache.PrefixCache`): take the stored positions
+    of a common prefix (the few-shot exemplars) from it, and leave ``prompt + trace`` stored
+    there for the completions of its prefixes that follow."""
+    P = len(prompt_ids)
+    if prefix_cache is not None:
+        logits = prefix_cache.logits(model, list(prompt_ids) + list(trace), P - 1)
+        return logits[: len(trace)].argmax(-1).tolist()
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids) + list(trace)], dtype=torch.long, device=device)
     logits = model(input_ids=ids).logits[0]
-    P = len(prompt_ids)
     return logits[P - 1 : P - 1 + len(trace)].argmax(-1).tolist()

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from .data.problem import Problem
 from .generation import GenerationConfig, generate
 from .io import append_jsonl, read_jsonl
+from .prefix_cache import PrefixCache
 from .prompting import extract_answer, is_correct
 
 
@@ -80,7 +81,8 @@ def problem_seed(seed: int, problem_id: str) -> int:
 
 
 def _sample_rounds(model, tokenizer, problems: Sequence[Problem], greedy: dict[str, GreedyTrace],
-                   gen: GenerationConfig, config: TraceConfig, temp: float) -> list[TracePair]:
+                   gen: GenerationConfig, config: TraceConfig, temp: float,
+                   prefix_cache: PrefixCache | None = None) -> list[TracePair]:
     """Flipped samples for ``problems`` (all sampled at ``temp``), batched across problems.
 
     Round ``r`` draws samples ``r*b .. r*b+b-1`` (``b = sample_batch``) of every problem that has
@@ -97,7 +99,8 @@ def _sample_rounds(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
         n = min(config.sample_batch, config.k - drawn)
         prompts = [pairs[p.id].prompt_ids for p in active for _ in range(n)]
         seeds = [problem_seed(config.seed, p.id) + drawn + j for p in active for j in range(n)]
-        outs = generate(model, tokenizer, prompts, replace(cfg, batch_size=max(gen.batch_size, 1)), row_seeds=seeds)
+        outs = generate(model, tokenizer, prompts, replace(cfg, batch_size=max(gen.batch_size, 1)), row_seeds=seeds,
+                        prefix_cache=prefix_cache)
         for i, p in enumerate(active):
             pair = pairs[p.id]
             for j, out in enumerate(outs[i * n : (i + 1) * n]):
@@ -121,8 +124,9 @@ def sample_flip(model, tokenizer, problem: Problem, greedy: GreedyTrace, gen: Ge
 
 def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[str, GreedyTrace],
                    gen: GenerationConfig, config: TraceConfig, path: str | Path | None = None,
-                   progress: bool = True) -> list[TracePair]:
+                   progress: bool = True, prefix_cache: PrefixCache | None = None) -> list[TracePair]:
     """Trace pairs for ``problems`` (in order), resuming from ``path`` (JSON Lines) if given.
+    ``prefix_cache``: see :func:`~cca_fast.generation.generate` (the exemplars, once per weights).
 
     Problems are processed in groups of ``max(1, gen.batch_size // config.sample_batch)`` of the
     same temperature, so a generation batch holds samples of several problems."""
@@ -144,7 +148,8 @@ def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
             temp = config.temperature_if_correct if correct else config.temperature_if_wrong
             same = [p for p in todo if greedy[p.id].correct == correct]
             for i in range(0, len(same), group):
-                for pair in _sample_rounds(model, tokenizer, same[i : i + group], greedy, gen, config, temp):
+                for pair in _sample_rounds(model, tokenizer, same[i : i + group], greedy, gen, config, temp,
+                                           prefix_cache):
                     done[pair.problem_id] = pair
                     if path is not None:
                         append_jsonl(path, pair.to_dict())

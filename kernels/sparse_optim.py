@@ -524,6 +524,10 @@ class RowSparseOptimizer:
                                      HAS_MASTER=g.has_master, HAS_MOMENTUM=self.config.momentum != 0,
                                      NESTEROV=self.config.nesterov, RTNE_BF16=rtne, UNIT_STRIDE=g.unit_stride,
                                      ALIGNED=g.aligned, BLOCK=g.block, num_warps=nw)
+        # the kernels write the weights through raw pointers: tell autograd's version counters,
+        # so that whatever keys on them (cca_fast.prefix_cache) sees the change
+        for p in g.params:
+            torch.autograd.graph.increment_version(p.param)
 
     def _step_torch(self, g: _Group, hp: list[float]) -> None:
         """Reference: the same math per parameter with in-place torch ops on the packed views

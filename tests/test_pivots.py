@@ -48,8 +48,9 @@ def random_sample(rng, p_depart):
     return s
 
 
+@pytest.mark.parametrize("first_batch", [1, 3])
 @pytest.mark.parametrize("seed", range(4))
-def test_fast_branching_equals_reference(seed):
+def test_fast_branching_equals_reference(seed, first_batch):
     rng = random.Random(seed)
     greedy = complete([[]])[0]
     g_ok = correct(greedy)
@@ -60,7 +61,8 @@ def test_fast_branching_equals_reference(seed):
         if correct(s) == g_ok:
             continue  # not a flipped sample: stage 1 would not keep it
         ref, ref_stats = branching_pivot_reference(s, g_ok, complete, correct, greedy_next)
-        fast, fast_stats = branching_pivot_fast(s, g_ok, complete, correct, argmax_along, batch_size=3)
+        fast, fast_stats = branching_pivot_fast(s, g_ok, complete, correct, argmax_along, batch_size=3,
+                                                    first_batch=first_batch)
         assert ref is not None  # a flip always exists: completing the whole sample gives the sample
         assert (fast.t, fast.prefix, fast.desired, fast.undesired) == (ref.t, ref.prefix, ref.desired, ref.undesired)
         assert fast.desired != fast.undesired
@@ -78,3 +80,15 @@ def test_prefix_pivot_directions():
     p = prefix_pivot(g, s, greedy_correct=False)
     assert (p.desired, p.undesired) == (9, 7)
     assert prefix_pivot([1, 2], [1, 2, 3], True) is None
+
+
+def test_departure_chunks_double_up_to_the_batch_size():
+    from cca_fast.pivots import departure_chunks
+
+    assert departure_chunks(0, 8) == []
+    assert departure_chunks(20, 8) == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 20)]
+    assert departure_chunks(5, 1) == [(i, i + 1) for i in range(5)]
+    assert departure_chunks(10, 4, first=3) == [(0, 3), (3, 7), (7, 10)]
+    for n in range(30):  # every departure exactly once, in order
+        flat = [i for a, b in departure_chunks(n, 6) for i in range(a, b)]
+        assert flat == list(range(n))

@@ -8,10 +8,10 @@
   atp-fraction, random control).
 """
 from .atp import AtPConfig, atp_scores, run_atp
-from .dcm import DCMConfig, DCMResult, PrefixCache, dcm_loss, run_dcm
+from .dcm import DCMConfig, DCMResult, PivotPrefixCache, dcm_loss, run_dcm
 from .select import (METHODS, Selection, select, select_atp_fraction, select_atp_topk, select_dcm,
                      select_random)
 
-__all__ = ["AtPConfig", "atp_scores", "run_atp", "DCMConfig", "DCMResult", "PrefixCache", "dcm_loss",
+__all__ = ["AtPConfig", "atp_scores", "run_atp", "DCMConfig", "DCMResult", "PivotPrefixCache", "dcm_loss",
            "run_dcm", "METHODS", "Selection", "select", "select_atp_fraction", "select_atp_topk",
            "select_dcm", "select_random"]

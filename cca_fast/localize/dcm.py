@@ -14,7 +14,7 @@ Two execution modes, same losses and mask gradients (tests check it):
 * ``"full"`` (reference): the whole left-padded prefix runs through the masked model each step;
 * ``"last"`` (fast, default): the mask touches only the last position and the weights are
   frozen, so the key/value cache of every earlier position is constant. It is computed once per
-  batch with the unmasked model (:class:`PrefixCache`, no grad) and only the last token runs
+  batch with the unmasked model (:class:`PivotPrefixCache`, no grad) and only the last token runs
   through the masked model at each step, attending to that cache. The cached tensors are never
   mutated: each step gets a fresh cache object that *shares* them (a cache update concatenates
   into new tensors), and their version counters are checked before every reuse.
@@ -166,7 +166,7 @@ def _tensors_in(obj: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor
             yield from _tensors_in(v, seen)
 
 
-class PrefixCache:
+class PivotPrefixCache:
     """Key/value cache of positions ``[0, T-1)`` of a left-padded batch, computed once with the
     unmasked model (no grad). :meth:`fresh` gives a cache object for one step that shares the
     stored tensors without copying them."""
@@ -200,7 +200,7 @@ class PrefixCache:
 # ---- loss --------------------------------------------------------------------------------------
 
 def dcm_loss(model: nn.Module, space: ComponentSpace, batch: PivotBatch, mask: torch.Tensor,
-             lambda_l1: float, mode: str = "full", prefix: PrefixCache | None = None
+             lambda_l1: float, mode: str = "full", prefix: PivotPrefixCache | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DCM loss of one batch, differentiable in ``mask``.
 
@@ -218,7 +218,7 @@ def dcm_loss(model: nn.Module, space: ComponentSpace, batch: PivotBatch, mask: t
         with scale_components(model, space, scales, positions=-1):
             logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits[:, -1]
     else:
-        prefix = prefix if prefix is not None else PrefixCache(model, batch)
+        prefix = prefix if prefix is not None else PivotPrefixCache(model, batch)
         past = prefix.fresh()
         inputs = dict(input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids[:, -1:])
@@ -317,7 +317,7 @@ def run_dcm(model: nn.Module, examples: Sequence[PivotExample], config: DCMConfi
 
     history: list[dict[str, Any]] = []
     stopped, epochs_run = False, 0
-    caches: dict[int, PrefixCache] = {}
+    caches: dict[int, PivotPrefixCache] = {}
     try:
         with frozen_weights(model), _eval_mode(model):
             mask = _initial_mask(model, examples, space, config, init_scores, device).requires_grad_(True)
@@ -339,7 +339,7 @@ def run_dcm(model: nn.Module, examples: Sequence[PivotExample], config: DCMConfi
                     if config.mode == "last":
                         prefix = caches.get(key) if fixed is not None else None
                         if prefix is None:
-                            prefix = PrefixCache(model, batch)
+                            prefix = PivotPrefixCache(model, batch)
                             if fixed is not None:
                                 caches[key] = prefix
                     opt.zero_grad(set_to_none=True)

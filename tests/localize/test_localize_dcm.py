@@ -15,7 +15,7 @@ import torch
 import tiny_models
 from cca_fast.errors import CCAError
 from cca_fast.examples import collate
-from cca_fast.localize import DCMConfig, PrefixCache, dcm_loss, run_atp, run_dcm
+from cca_fast.localize import DCMConfig, PivotPrefixCache, dcm_loss, run_atp, run_dcm
 from cca_fast.models.components import ComponentSpace
 from localize_helpers import examples, tiny
 
@@ -73,7 +73,7 @@ def test_prefix_cache_is_never_mutated_across_steps():
     model = tiny("llama")
     space = ComponentSpace(model)
     batch = collate(examples("llama", n=3, seed=2), pad_id=0)
-    prefix = PrefixCache(model, batch)
+    prefix = PivotPrefixCache(model, batch)
     before = [t.clone() for t in prefix._tensors]
     assert before and all(t.shape[-2] == batch.input_ids.shape[1] - 1 for t in before if t.dim() == 4)
     g = torch.Generator().manual_seed(0)
