@@ -10,7 +10,10 @@ Layers, from low to high:
   (answer sentence, EOS, new question, length) is *removed* from the running batch: its cache
   rows, mask row and logits row are dropped, so early finishers stop costing compute.
 * :func:`generate` does it all for a list of prompts: sort by length, batch, share the common
-  prefix, prefill, decode, restore the input order.
+  prefix, prefill, decode, restore the input order. With a
+  :class:`~cca_fast.prefix_cache.PrefixCache` the common prefix also survives the call: the next
+  call (another problem, the next validation batch, a branching completion) reuses it as far as
+  its tokens match, while the weights stay unchanged.
 
 Padding: rows are left padded; when a shared prefix is used, the padding of each row sits
 between the prefix and the row's own suffix. Either way position ids count the real tokens of

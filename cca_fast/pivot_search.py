@@ -128,9 +128,12 @@ def pivot_for_pair(model, tokenizer, pair: TracePair, method: str, branching: st
                       method=method if method == "prefix" else f"branching-{branching}"), stats
 
 
-def compare_branching(model, tokenizer, pairs: Sequence[TracePair], gen: GenerationConfig) -> dict[str, Any]:
+def compare_branching(model, tokenizer, pairs: Sequence[TracePair], gen: GenerationConfig,
+                      reference_gen: GenerationConfig | None = None) -> dict[str, Any]:
     """Run the reference loop and the fast search on every flipped pair; report whether the
-    pivots are identical, and what each cost (completions, generated tokens, seconds)."""
+    pivots are identical, and what each cost (completions, generated tokens, seconds).
+    ``reference_gen``: the literal loop's generation settings (default ``gen``; the authors'
+    procedure decodes ``max_new_tokens`` every time: ``replace(gen, early_stop=False)``)."""
     import time
 
     rows = []
@@ -139,8 +142,10 @@ def compare_branching(model, tokenizer, pairs: Sequence[TracePair], gen: Generat
         out = {}
         for impl in ("reference", "fast"):
             t = time.perf_counter()
-            example, stats = pivot_for_pair(model, tokenizer, pair, "branching", impl, gen,
-                                            prefix_cache=cache if impl == "fast" else None)
+            fast = impl == "fast"
+            example, stats = pivot_for_pair(model, tokenizer, pair, "branching", impl,
+                                            gen if fast or reference_gen is None else reference_gen,
+                                            prefix_cache=cache if fast else None)
             out[impl] = {"seconds": time.perf_counter() - t, "completions": stats.completions,
                          "generated_tokens": stats.generated_tokens,
                          "pivot": None if example is None else

@@ -91,7 +91,7 @@ class Scale:
 SCALES = {
     # the embedded SmolLM2-135M on 2 CPU cores, the paper's 8-shot GSM8K prompt (~850 tokens)
     # (max_new_tokens: cca run's default, 160; the authors' code decodes up to 1500)
-    "cpu": Scale(greedy_problems=4, sample_problems=2, flip_problems=12, k=4, max_new_tokens=160, batch_size=8, branching_pairs=6,
+    "cpu": Scale(greedy_problems=4, sample_problems=1, flip_problems=12, k=4, max_new_tokens=160, batch_size=8, branching_pairs=6,
                  dcm_examples=4, dcm_batch=2, attr_examples=1, attr_repeats=1, attr_warmup=0, update_examples=2,
                  update_steps=1, update_lr={"sgd": 1e-4, "adamw": 1e-4}, update_memory=True, run_train=2, run_val=1,
                  run_test=1, run_k=4, run_dcm_epochs=1, run_update_steps=2, run_lr=1e-4, paper_shots=True),

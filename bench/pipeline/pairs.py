@@ -145,9 +145,12 @@ def flipped_pairs(problems, greedy: Sequence[GreedyTrace], samples, trace: Trace
 
 # ---- pair 2 ------------------------------------------------------------------------------------
 def pair_branching(model, tok, pairs: Sequence[TracePair], gen: GenerationConfig) -> dict:
-    """The literal per-position loop vs the pruned, batched search on the same flipped pairs."""
+    """The literal per-position loop vs the pruned, batched search on the same flipped pairs. The
+    loop generates as the authors' procedure does (and pair 1's and pair 6's references):
+    one sequence at a time, ``max_new_tokens`` decoded per completion (no early stop)."""
+    ref_gen = replace(gen, batch_size=1, share_prefix=False, early_stop=False)
     with torch.no_grad():
-        res = compare_branching(model, tok, pairs, gen)
+        res = compare_branching(model, tok, pairs, gen, reference_gen=ref_gen)
     found = sum(r["fast"]["pivot"] is not None for r in res["rows"])
     side = {}
     for impl in ("reference", "fast"):
