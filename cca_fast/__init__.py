@@ -19,6 +19,7 @@ from .errors import CCAError
 from .evaluate import EvalResult, evaluate
 from .examples import PivotBatch, PivotExample, collate, logit_diff
 from .generation import GenerationConfig, generate
+from .prefix_cache import PrefixCache
 from .hooks import read_components, scale_components
 from .localize.atp import AtPConfig, run_atp
 from .localize.dcm import DCMConfig, DCMResult, run_dcm
@@ -42,7 +43,7 @@ __all__ = [
     "SparseDelta", "apply_delta", "merge_delta", "revert_delta",
     "CCAError", "EvalResult", "evaluate",
     "PivotBatch", "PivotExample", "collate", "logit_diff",
-    "GenerationConfig", "generate", "read_components", "scale_components",
+    "GenerationConfig", "generate", "PrefixCache", "read_components", "scale_components",
     "AtPConfig", "run_atp", "DCMConfig", "DCMResult", "run_dcm", "Selection", "select",
     "Component", "ComponentSpace", "get_adapter", "supported_model_types", "load_model",
     "RunConfig", "run_cca", "pivot_for_pair", "PromptConfig", "build_prompt", "extract_answer",
