@@ -385,20 +385,18 @@ def new_cache(model: torch.nn.Module) -> Any:
 
 
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor, cache: Any, all_logits: bool = False) -> tuple[torch.Tensor, Any]:
-    """``([B, V] last-position logits, or [B, S, V] with all_logits), the grown cache)``."""
+             position_ids: torch.Tensor, cache: Any, keep: int = 1) -> tuple[torch.Tensor, Any]:
+    """``(logits of the last keep positions [B, keep, V], the grown cache)``; the lm head runs on
+    those positions only (``logits_to_keep``)."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   past_key_values=cache, use_cache=True)
-    if all_logits:
-        out = model(**kwargs)
-        return out.logits, out.past_key_values
     try:
-        out = model(**kwargs, logits_to_keep=1)  # only the last position's logits are needed
+        out = model(**kwargs, logits_to_keep=keep)
     except TypeError as e:  # a (remote-code) model without logits_to_keep
         if "logits_to_keep" not in str(e):
             raise
         out = model(**kwargs)
-    return out.logits[:, -1, :], out.past_key_values
+    return out.logits[:, -keep:, :], out.past_key_values
 
 
 def prefill(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_id: int = 0,
@@ -424,13 +422,14 @@ def prefill(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_i
 
 def extend_state(model: torch.nn.Module, sequences: Sequence[Sequence[int]], base: DecodeState | None, *,
                  pad_id: int = 0, stats: GenerationStats | None = None,
-                 all_logits: bool = False) -> tuple[DecodeState, torch.Tensor | None]:
+                 keep_logits: int = 0) -> tuple[DecodeState, torch.Tensor | None]:
     """:func:`prefill` on a state the caller gives away: ``base`` (batch ``B``, or ``None`` for
     an empty cache) is grown in place, not copied.
 
     Returns:
-        ``(state, logits)``: ``logits`` is ``[B, S, V]`` for every position of the new tokens
-        (``S`` = the longest sequence; left pad slots included) when ``all_logits``, else ``None``.
+        ``(state, logits)``: ``logits`` is ``[B, keep_logits, V]``, the logits of the last
+        ``keep_logits`` positions of the new tokens (``None`` when 0; only the next-token
+        logits, in ``state``, are computed then).
     """
     B = len(sequences)
     device = model_device(model)
@@ -451,8 +450,8 @@ def extend_state(model: torch.nn.Module, sequences: Sequence[Sequence[int]], bas
         full_mask = torch.cat([base.attention_mask, mask], dim=1)
         pos = pos + base.next_position.unsqueeze(1)
     with torch.no_grad():
-        out, cache = _forward(model, ids, full_mask, pos, cache, all_logits=all_logits)
-    logits = out[:, -1, :] if all_logits else out
+        out, cache = _forward(model, ids, full_mask, pos, cache, keep=max(1, keep_logits))
+    logits = out[:, -1, :]
     if torch.isnan(logits).any():
         attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
         raise CCAError(
@@ -462,7 +461,7 @@ def extend_state(model: torch.nn.Module, sequences: Sequence[Sequence[int]], bas
     if stats is not None:
         stats.prefill_tokens += B * S
     next_position = pos[:, -1] + 1
-    return DecodeState(cache, logits, full_mask, next_position), (out if all_logits else None)
+    return DecodeState(cache, logits, full_mask, next_position), (out if keep_logits else None)
 
 
 def eos_ids_for(model: torch.nn.Module | None, tokenizer: Any, extra: Sequence[int] = ()) -> set[int]:
@@ -566,6 +565,7 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
             mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(active), 1)], dim=1)
             logits, state.cache = _forward(model, tokens.unsqueeze(1), mask, state.next_position.unsqueeze(1),
                                            state.cache)
+            logits = logits[:, -1, :]
             state.attention_mask, state.next_logits = mask, logits
             state.next_position = state.next_position + 1
             if stats is not None:
@@ -661,7 +661,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
         if shared < max(1, config.min_shared_prefix) or not _share_ok(model, longest):
             shared = 0
     prefix_state = None
-    if shared and prefix_cache is not None and config.share_prefix:
+    if shared and prefix_cache is not None:  # (shared > 0 implies config.share_prefix)
         prefix_state = prefix_cache.state(model, seqs[0][:shared], pad_id=pad, stats=stats)
     elif shared:
         prefix_state = prefill(model, [seqs[0][:shared]], pad_id=pad, stats=stats)

@@ -136,7 +136,7 @@ class PrefixCache:
         if not 0 <= first < len(tokens):
             raise ValueError(f"first={first} outside 0..{len(tokens) - 1}")
         base, c = self._base(model, tokens, first)
-        state, logits = extend_state(model, [tokens[c:]], base, all_logits=True)
+        state, logits = extend_state(model, [tokens[c:]], base, keep_logits=len(tokens) - first)
         self.stats.computed_tokens += len(tokens) - c
         self._store(model, tokens, state)
-        return logits[0, first - c:]
+        return logits[0]

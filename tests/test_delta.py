@@ -5,7 +5,6 @@ are no tolerances.
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -15,6 +14,8 @@ from cca_fast import ComponentSpace
 from cca_fast.delta import (CONFIG_NAME, WEIGHTS_NAME, SparseDelta, apply_delta, bitwise_equal, merge_delta,
                             revert_delta)
 from cca_fast.errors import CCAError
+from cca_fast.commands import apply as apply_command
+from helpers import run_cli
 from tiny_models import make_tiny
 
 
@@ -172,15 +173,6 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def _cli(argv):
-    from cca_fast.commands import apply as cmd
-
-    parser = argparse.ArgumentParser(prog="cca")
-    cmd.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cca_apply_subcommand(tmp_path, capsys):
     base_dir = tmp_path / "base"
     base = make_tiny("llama", dtype=torch.float32)
@@ -190,11 +182,12 @@ def test_cca_apply_subcommand(tmp_path, capsys):
     _perturb_owned(new, [0, 30])
     delta_dir = SparseDelta.from_models(base, new).save(tmp_path / "delta")
 
-    assert _cli(["apply", str(delta_dir), "--model", str(base_dir), "--revert-check"]) == 0
+    assert run_cli(apply_command, ["apply", str(delta_dir), "--model", str(base_dir), "--revert-check"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["revert_check"]["ok"] and report["applied"] and report["params"] == 2
 
-    assert _cli(["apply", str(delta_dir), "--model", str(base_dir), "--merge", str(tmp_path / "m")]) == 0
+    assert run_cli(apply_command,
+                   ["apply", str(delta_dir), "--model", str(base_dir), "--merge", str(tmp_path / "m")]) == 0
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     for n, p in merged.named_parameters():

@@ -22,6 +22,7 @@ from cca_fast.models.components import ComponentSpace
 from cca_fast.models.loading import load_model
 from cca_fast.pipeline import RunConfig, run_cca
 from test_generation import char_tokenizer
+from helpers import assert_only_owned_rows_may_differ
 from tiny_models import make_biased_tiny
 
 
@@ -97,17 +98,9 @@ def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     allowed = space.owned_rows(json.loads((out / "selection.json").read_text())["indices"])
     handle = apply_delta(model, SparseDelta.load(out / "delta"))
-    changed = 0
-    for name, p in model.named_parameters():
-        if name not in allowed:
-            assert torch.equal(p.detach(), base[name]), name
-            continue
-        sel = allowed[name]
-        keep = torch.ones(p.shape[sel.dim], dtype=torch.bool)
-        keep[sel.index] = False
-        rest = keep.nonzero().flatten()
-        assert torch.equal(p.detach().index_select(sel.dim, rest), base[name].index_select(sel.dim, rest)), name
-        changed += int(not torch.equal(p.detach(), base[name]))
+    params = dict(model.named_parameters())
+    assert_only_owned_rows_may_differ(params, base, allowed)
+    changed = sum(not torch.equal(params[name].detach(), base[name]) for name in allowed)
     assert changed > 0  # the update did change some owned rows (lr 1e-2 on a tiny model)
     revert_delta(model, handle)
     assert all(torch.equal(p.detach(), base[n]) for n, p in model.named_parameters())

@@ -2,7 +2,6 @@
 and the lm-eval-harness glue (task YAMLs + utils.py) without lm-eval installed."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,8 @@ from cca_fast.suites.lm_eval import GROUP, TASK_DIR, TASKS
 from cca_fast.suites.lm_eval import utils as lm_utils
 from test_generation import char_tokenizer
 from test_suites import TQA, write_mmlu
+from cca_fast.commands import suites as suites_command
+from helpers import run_cli
 from tiny_models import make_tiny
 
 GSM = [{"question": "2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}, {"question": "4-1?", "answer": "4-1=3\n#### 3"},
@@ -49,20 +50,11 @@ def work(tmp_path_factory):
     return d
 
 
-def _cli(argv: list[str]) -> int:
-    from cca_fast.commands import suites as cmd
-
-    parser = argparse.ArgumentParser(prog="cca")
-    cmd.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli_side_effects_with_delta(work, capsys):
     out = work / "se.json"
     argv = ["side-effects", "--model", str(work / "model"), "--device", "cpu", "--side-data", str(work / "data"),
             "--mmlu-limit", "4", "--truthfulqa-limit", "3", "--ppl-limit", "2", "--output", str(out), "--quiet"]
-    assert _cli(argv + ["--delta", str(work / "delta"), "--n-boot", "200"]) == 0
+    assert run_cli(suites_command, argv + ["--delta", str(work / "delta"), "--n-boot", "200"]) == 0
     res = json.loads(out.read_text())
     assert set(res) == {"before", "after", "compare", "delta"}
     for side in ("before", "after"):
@@ -78,7 +70,7 @@ def test_cli_side_effects_with_delta(work, capsys):
     assert "side-effects (after)" in capsys.readouterr().out
 
     # without --delta: the plain result, identical to the "before" run (same model, same items)
-    assert _cli(argv + ["--suites", "ppl"]) == 0
+    assert run_cli(suites_command, argv + ["--suites", "ppl"]) == 0
     plain = json.loads(out.read_text())
     assert set(plain) == {"perplexity", "meta"}
     assert [p["nll"] for p in plain["perplexity"]["per_item"]] == \
@@ -89,13 +81,13 @@ def test_cli_user_errors(work):
     from cca_fast.errors import CCAError
 
     with pytest.raises(CCAError, match="--side-data"):
-        _cli(["side-effects", "--model", str(work / "model"), "--side-data", str(work / "nope"), "--output",
-              str(work / "x.json")])
+        run_cli(suites_command, ["side-effects", "--model", str(work / "model"), "--side-data", str(work / "nope"),
+                                 "--output", str(work / "x.json")])
     with pytest.raises(CCAError, match="--mmlu-limit"):
-        _cli(["side-effects", "--model", str(work / "model"), "--mmlu-limit", "0"])
+        run_cli(suites_command, ["side-effects", "--model", str(work / "model"), "--mmlu-limit", "0"])
     with pytest.raises(CCAError, match="unknown side-effect suite"):
-        _cli(["side-effects", "--model", str(work / "model"), "--suites", "mmlu,bogus", "--side-data",
-              str(work / "data")])
+        run_cli(suites_command, ["side-effects", "--model", str(work / "model"), "--suites", "mmlu,bogus",
+                                 "--side-data", str(work / "data")])
 
 
 def test_run_suites_leaves_model_untouched(work):

@@ -14,6 +14,7 @@ from cca_fast.delta import apply_delta, bitwise_equal
 from cca_fast.errors import CCAError
 from cca_fast.examples import PivotExample, collate, logit_diff
 from cca_fast.update import UpdateConfig, eval_steps, run_update
+from helpers import assert_only_owned_rows_may_differ
 from tiny_models import VOCAB, make_tiny
 
 ARCHS = ["llama", "phi3", "gpt2", "qwen2", "gemma2"]  # separate / fused q|k|v and gate|up, Conv1D, biases, softcaps
@@ -71,15 +72,9 @@ def test_sparse_equals_reference_and_only_owned_rows_change(arch):
         res = run_update(model, space, sel, ex, UpdateConfig(lr=0.05, max_steps=3, mode=mode, batch_size=2))
         runs[mode] = _params(model)
         owned = space.owned_rows(sel)
-        for name, p in runs[mode].items():
-            if name not in owned:
-                assert bitwise_equal(p, base[name]), f"{mode}: {name} changed"
-                continue
-            s = owned[name]
-            keep = torch.ones(p.shape[s.dim], dtype=torch.bool)
-            keep[s.index] = False
-            other = keep.nonzero().flatten()
-            assert bitwise_equal(p.index_select(s.dim, other), base[name].index_select(s.dim, other)), name
+        assert_only_owned_rows_may_differ(runs[mode], base, owned)
+        for name, s in owned.items():
+            p = runs[mode][name]
             assert not torch.equal(p.index_select(s.dim, s.index), base[name].index_select(s.dim, s.index)), name
         assert res.best_step == 3 and res.best_val is None
         lds = [h["train_logit_diff"] for h in res.history]

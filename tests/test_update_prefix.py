@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from cca_fast import ComponentSpace
-from cca_fast.delta import bitwise_equal
 from cca_fast.errors import CCAError
 from cca_fast.examples import PivotBatch, PivotExample
 from cca_fast.shared_prefix import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
 from cca_fast.update import UpdateConfig, _Batches, run_update
+from helpers import assert_only_owned_rows_may_differ
 from tiny_models import VOCAB, make_tiny
 
 PREFIX = 23
@@ -222,15 +222,7 @@ def test_run_update_sparse_shared_equals_plain(arch):
         res = run_update(model, space, sel, ex, _config(lr=0.05, max_steps=3, share_prefix=share))
         out[share] = {n: p.detach().clone() for n, p in model.named_parameters()}
         owned = space.owned_rows(sel)
-        for n, p in out[share].items():
-            if n not in owned:
-                assert bitwise_equal(p, base[n]), n
-                continue
-            s = owned[n]
-            keep = torch.ones(p.shape[s.dim], dtype=torch.bool)
-            keep[s.index] = False
-            other = keep.nonzero().flatten()
-            assert bitwise_equal(p.index_select(s.dim, other), base[n].index_select(s.dim, other)), n
+        assert_only_owned_rows_may_differ(out[share], base, owned)
         lds = [h["train_logit_diff"] for h in res.history]
         assert lds[-1] > lds[0]
     atol = 1e-13 if arch == "gpt2" else 3e-7
