@@ -387,9 +387,9 @@ def new_cache(model: torch.nn.Module) -> Any:
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor, cache: Any, keep: int = 1) -> tuple[torch.Tensor, Any]:
     """``(logits of the last keep positions [B, keep, V], the grown cache)``; the lm head runs on
-    those positions only (``logits_to_keep``)."""
+    those positions only (``logits_to_keep``). ``cache=None``: no cache is kept (one-shot scoring)."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=cache, use_cache=True)
+                  past_key_values=cache, use_cache=cache is not None)
     try:
         out = model(**kwargs, logits_to_keep=keep)
     except TypeError as e:  # a (remote-code) model without logits_to_keep

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CCAError
-from ..generation import DecodeState, common_prefix_len, model_device, prefill
+from ..generation import DecodeState, _forward, _share_ok, common_prefix_len, model_device, prefill
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -221,27 +221,6 @@ def _batches(rows: list[_Row], config: LoglikConfig) -> list[list[_Row]]:
     return out
 
 
-def _window_ok(model: torch.nn.Module, total_len: int) -> bool:
-    """Mid-sequence pads (between a shared prefix and the suffixes) shift sliding windows, which
-    count cache slots: share only when every sequence fits in the window."""
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
-    return not (isinstance(window, int) and window > 0 and total_len > window)
-
-
-def _forward_keep(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                  cache: Any, keep: int) -> torch.Tensor:
-    """Logits ``[B, keep, V]`` of the last ``keep`` positions."""
-    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                  use_cache=cache is not None)
-    try:
-        out = model(**kwargs, logits_to_keep=keep)
-    except TypeError as e:  # a (remote-code) model without logits_to_keep
-        if "logits_to_keep" not in str(e):
-            raise
-        out = model(**kwargs)
-    return out.logits[:, -keep:, :]
-
-
 def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                          config: LoglikConfig | None = None, *, stats: LoglikStats | None = None) -> list[Loglik]:
     """Score token-id requests ``(context_ids, continuation_ids)``; one :class:`Loglik` each, in order.
@@ -275,7 +254,7 @@ def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[
                 P = 0
                 if config.share_prefix and len(batch) > 1:
                     P = min(common_prefix_len([r.tokens for r in batch]), min(len(r.tokens) - r.need for r in batch))
-                    if P < max(1, config.min_shared_prefix) or not _window_ok(model, max(len(r.tokens) for r in batch)):
+                    if P < max(1, config.min_shared_prefix) or not _share_ok(model, max(len(r.tokens) for r in batch)):
                         P = 0
                 if P:
                     if prefix_tokens != batch[0].tokens[:P]:
@@ -330,7 +309,7 @@ def _run_batch(model: torch.nn.Module, seqs: list[list[int]], keep: int, device:
         pos = pos + prefix.next_position.unsqueeze(1)
     if cache is None and B == 1:
         full_mask = None  # nothing to mask: let the attention take its causal fast path
-    logits = _forward_keep(model, ids, full_mask, pos, cache, keep)
+    logits = _forward(model, ids, full_mask, pos, cache, keep=keep)[0]
     if torch.isnan(logits).any():
         attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
         raise CCAError(f"the model produced NaN logits (dtype {logits.dtype}, attention {attn!r}); with padding this is "
