@@ -22,7 +22,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"cca_fast": "cca_fast", "cca_fast.kernels": "kernels"},
-    package_data={"cca_fast": ["data/builtin/*.json", "data/builtin/templates/*.json", "suites/lm_eval/*.yaml"]},
+    package_data={"cca_fast": ["data/builtin/*.json", "data/builtin/templates/*.json", "evaluation/suites/lm_eval/*.yaml"]},
     include_package_data=True,
     # ranges that torch 2.11 (GPU image) and 2.13 (CPU machines) both satisfy: never pull a newer torch
     install_requires=[

@@ -11,30 +11,30 @@ The stages as plain functions (see README for the data flow):
 * does it work: :func:`run_study` with a :class:`StudyConfig` (``cca study``): controls, the LoRA
   baseline (:func:`train_lora`, :func:`merge_lora`), side-effect suites (:func:`run_suites`)
 """
-from .attribution import Attribution, AttributionSession, attribute, attribute_by_caching
-from .data import load_problems, split_problems
-from .data.problem import Problem
-from .delta import SparseDelta, apply_delta, merge_delta, revert_delta
-from .errors import CCAError
-from .evaluate import EvalResult, evaluate
-from .examples import PivotBatch, PivotExample, collate, logit_diff
-from .generation import GenerationConfig, generate
-from .prefix_cache import PrefixCache
-from .hooks import read_components, scale_components
-from .localize.atp import AtPConfig, run_atp
-from .localize.dcm import DCMConfig, DCMResult, run_dcm
-from .localize.select import Selection, select
-from .lora import LoRAConfig, LoRAResult, load_lora, merge_lora, train_lora
-from .models import Component, ComponentSpace, get_adapter, supported_model_types
-from .models.loading import load_model
-from .pipeline import RunConfig, run_cca
-from .pivot_search import pivot_for_pair
-from .prompting import PromptConfig, build_prompt, extract_answer
-from .stats import StratifiedBootstrap
-from .study import StudyConfig, run_study
-from .suites import SuiteConfig, run_suites
-from .traces import TraceConfig, collect_traces
-from .update import UpdateConfig, UpdateResult, run_update
+from cca_fast.attribution import Attribution, AttributionSession, attribute, attribute_by_caching
+from cca_fast.data import load_problems, split_problems
+from cca_fast.data.problem import Problem
+from cca_fast.delta import SparseDelta, apply_delta, merge_delta, revert_delta
+from cca_fast.errors import CCAError
+from cca_fast.evaluation.evaluate import EvalResult, evaluate
+from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff
+from cca_fast.generation.decode import GenerationConfig, generate
+from cca_fast.generation.prefix import PrefixCache
+from cca_fast.models.hooks import read_components, scale_components
+from cca_fast.stages.localize.atp import AtPConfig, run_atp
+from cca_fast.stages.localize.dcm import DCMConfig, DCMResult, run_dcm
+from cca_fast.stages.localize.select import Selection, select
+from cca_fast.baselines.lora.train import LoRAConfig, LoRAResult, load_lora, merge_lora, train_lora
+from cca_fast.models import Component, ComponentSpace, get_adapter, supported_model_types
+from cca_fast.models.loading import load_model
+from cca_fast.experiments.pipeline import RunConfig, run_cca
+from cca_fast.stages.pivots.search import pivot_for_pair
+from cca_fast.evaluation.prompting import PromptConfig, build_prompt, extract_answer
+from cca_fast.evaluation.stats import StratifiedBootstrap
+from cca_fast.experiments.study import StudyConfig, run_study
+from cca_fast.evaluation.suites import SuiteConfig, run_suites
+from cca_fast.stages.traces import TraceConfig, collect_traces
+from cca_fast.stages.update import UpdateConfig, UpdateResult, run_update
 
 __version__ = "0.1.0"
 __all__ = [

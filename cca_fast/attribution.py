@@ -17,7 +17,7 @@ activation gradient (``AttributionSession``):
   the gradient flow on and be freed;
 * after backward, every site must have received its gradient, otherwise :class:`CCAError`.
 
-Public entry point: :func:`attribute`. ``positions`` follows :mod:`cca_fast.hooks` (``None``,
+Public entry point: :func:`attribute`. ``positions`` follows :mod:`cca_fast.models.hooks` (``None``,
 an ``int``, ``LongTensor [B]``, ``BoolTensor [B, T]``) plus float weights ``[B, T]``; ``None``
 means every real (non-padding) token.
 """
@@ -31,12 +31,12 @@ from typing import Any, Callable, Iterator, Mapping, Union
 import torch
 from torch import nn
 
-from .errors import CCAError
-from .examples import PivotBatch, logit_diff
-from .hooks import position_mask
-from .kernels.attribution import Segment, TapSpec, acc_dtype, tap
-from .models.adapters import KINDS
-from .models.components import Component, ComponentSpace
+from cca_fast.errors import CCAError
+from cca_fast.stages.examples import PivotBatch, logit_diff
+from cca_fast.models.hooks import position_mask
+from cca_fast.kernels.attribution import Segment, TapSpec, acc_dtype, tap
+from cca_fast.models.adapters import KINDS
+from cca_fast.models.components import Component, ComponentSpace
 
 Metric = Callable[[torch.Tensor, Any], torch.Tensor]
 Positions = Union[None, int, torch.Tensor]

@@ -37,8 +37,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import CCAError
-from .io import atomic_write_bytes, atomic_write_json
+from cca_fast.errors import CCAError
+from cca_fast.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "cca_fast.sparse_delta"
 FORMAT_VERSION = 1
@@ -302,7 +302,7 @@ def _default_meta(model: nn.Module, meta: Mapping[str, Any] | None) -> dict[str,
     out: dict[str, Any] = {"base_model": ident, "model_type": ident["model_type"], "dtype": ident["dtype"],
                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     try:
-        from . import __version__
+        from cca_fast import __version__
         out["cca_fast_version"] = __version__
     except ImportError:  # pragma: no cover
         pass

@@ -96,7 +96,7 @@ def check_or_write_config(path: str | os.PathLike, new: dict[str, Any], defaults
     """Write the configuration ``new`` to ``path``, or, when ``path`` exists (a resumed run), check
     that it holds the same one. A key the saved file lacks (a field added since) counts at its
     value in ``defaults``; ``output`` may differ. ``what`` names the directory in the error."""
-    from .errors import CCAError
+    from cca_fast.errors import CCAError
 
     if not Path(path).exists():
         atomic_write_json(path, new)

@@ -525,7 +525,7 @@ class RowSparseOptimizer:
                                      NESTEROV=self.config.nesterov, RTNE_BF16=rtne, UNIT_STRIDE=g.unit_stride,
                                      ALIGNED=g.aligned, BLOCK=g.block, num_warps=nw)
         # the kernels write the weights through raw pointers: tell autograd's version counters,
-        # so that whatever keys on them (cca_fast.prefix_cache) sees the change
+        # so that whatever keys on them (cca_fast.generation.prefix) sees the change
         for p in g.params:
             torch.autograd.graph.increment_version(p.param)
 

@@ -10,7 +10,7 @@ from cca_fast.delta import bitwise_equal
 
 
 def run_cli(command: ModuleType, argv: list[str]) -> int:
-    """Run one ``cca`` subcommand module (``cca_fast.commands.<name>``) on ``argv``."""
+    """Run one ``cca`` subcommand module (``cca_fast.cli.common.<name>``) on ``argv``."""
     parser = argparse.ArgumentParser(prog="cca")
     command.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import torch
 
 from cca_fast import ComponentSpace
 from cca_fast.errors import UnsupportedArchitectureError
-from cca_fast.hooks import read_components, scale_components
+from cca_fast.models.hooks import read_components, scale_components
 from cca_fast.models.adapters import get_adapter
 from tiny_models import ARCHS, VOCAB, make_tiny
 

@@ -21,8 +21,8 @@ import torch
 from cca_fast.attribution import Attribution, AttributionSession, attribute, attribute_by_caching
 from cca_fast.errors import CCAError
 from cca_fast.kernels import dispatch
-from cca_fast.examples import PivotExample, collate, logit_diff
-from cca_fast.hooks import scale_components
+from cca_fast.stages.examples import PivotExample, collate, logit_diff
+from cca_fast.models.hooks import scale_components
 from cca_fast.models.components import ComponentSpace
 from tiny_models import VOCAB, make_tiny
 from torch.overrides import TorchFunctionMode

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from cca_fast.cli import COMMANDS, build_parser, main
+from cca_fast.cli.main import COMMANDS, build_parser, main
 from cca_fast.errors import CCAError
 from test_generation import char_tokenizer
 from tiny_models import make_tiny
@@ -140,7 +140,7 @@ def test_console_process_exit_status(tmp_path):
 
 
 def test_round_robin_limit_interleaves_templates():
-    from cca_fast.commands import round_robin
+    from cca_fast.cli.common import round_robin
     from cca_fast.data.problem import Problem
 
     probs = [Problem(f"{t}-{i}", "q", "", 1.0, t) for t in "abc" for i in range(3 if t != "b" else 1)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from cca_fast.cli import main
+from cca_fast.cli.main import main
 from cca_fast.models.loading import load_model
 
 

@@ -14,7 +14,7 @@ from cca_fast import ComponentSpace
 from cca_fast.delta import (CONFIG_NAME, WEIGHTS_NAME, SparseDelta, apply_delta, bitwise_equal, merge_delta,
                             revert_delta)
 from cca_fast.errors import CCAError
-from cca_fast.commands import apply as apply_command
+from cca_fast.cli import apply as apply_command
 from helpers import run_cli
 from tiny_models import make_tiny
 
@@ -197,6 +197,6 @@ def test_cca_apply_subcommand(tmp_path, capsys):
     other_dir = tmp_path / "other"
     make_tiny("llama", dtype=torch.float32, seed=3).save_pretrained(other_dir)
     _tiny_tokenizer().save_pretrained(other_dir)
-    from cca_fast.commands.apply import main
+    from cca_fast.cli.apply import main
     assert main(["apply", str(delta_dir), "--model", str(other_dir)]) == 2
     assert "not made for this model" in capsys.readouterr().err

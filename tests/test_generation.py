@@ -12,9 +12,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from cca_fast.errors import CCAError
-from cca_fast.generation import (DecodeState, GenerationConfig, GenerationStats, StopScanner, common_prefix_len,
+from cca_fast.generation.decode import (DecodeState, GenerationConfig, GenerationStats, StopScanner, common_prefix_len,
                                  decode, eos_ids_for, generate, prefill, row_seed, sample_from_logits)
-from cca_fast.prompting import ANSWER_PATTERN, PromptConfig, build_prompt
+from cca_fast.evaluation.prompting import ANSWER_PATTERN, PromptConfig, build_prompt
 from tiny_models import ARCHS, VOCAB, make_tiny
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,:?'$-*+=/\n")

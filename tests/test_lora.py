@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from cca_fast import lora as L
+from cca_fast.baselines.lora import train as L
 from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError, DataError
-from cca_fast.prompting import PromptConfig, build_prompt, encode_prompts, extract_answer, gold_from_answer
+from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts, extract_answer, gold_from_answer
 from test_generation import char_tokenizer
 from tiny_models import CONFIGS, make_tiny
 
@@ -320,6 +320,6 @@ def test_missing_peft_gives_a_clear_error(monkeypatch):
 
 
 def test_import_does_not_need_peft():
-    code = ("import sys; sys.modules['peft'] = None; import cca_fast, cca_fast.lora; "
-            "assert cca_fast.lora.LoRAConfig().scaling == 2.0")
+    code = ("import sys; sys.modules['peft'] = None; import cca_fast, cca_fast.baselines.lora.train; "
+            "assert cca_fast.baselines.lora.train.LoRAConfig().scaling == 2.0")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

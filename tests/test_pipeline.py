@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import cca_fast.traces as traces
-from cca_fast.cli import main
+import cca_fast.stages.traces as traces
+from cca_fast.cli.main import main
 from cca_fast.delta import SparseDelta, apply_delta, revert_delta
 from cca_fast.errors import CCAError
 from cca_fast.io import read_jsonl
 from cca_fast.models.components import ComponentSpace
 from cca_fast.models.loading import load_model
-from cca_fast.pipeline import RunConfig, run_cca
+from cca_fast.experiments.pipeline import RunConfig, run_cca
 from test_generation import char_tokenizer
 from helpers import assert_only_owned_rows_may_differ
 from tiny_models import make_biased_tiny

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from cca_fast.pivots import (branching_pivot_fast, branching_pivot_reference, prefix_pivot)
+from cca_fast.stages.pivots.algorithms import (branching_pivot_fast, branching_pivot_reference, prefix_pivot)
 
 V, STOP, MAXLEN = 11, 0, 24
 
@@ -83,7 +83,7 @@ def test_prefix_pivot_directions():
 
 
 def test_departure_chunks_double_up_to_the_batch_size():
-    from cca_fast.pivots import departure_chunks
+    from cca_fast.stages.pivots.algorithms import departure_chunks
 
     assert departure_chunks(0, 8) == []
     assert departure_chunks(20, 8) == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 20)]

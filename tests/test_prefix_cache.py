@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from cca_fast.generation import GenerationConfig, GenerationStats, generate, prefill
-from cca_fast.pivot_search import TraceJudge, pivot_for_pair
-from cca_fast.pivots import teacher_forced_argmax
-from cca_fast.prefix_cache import PrefixCache, weights_key
-from cca_fast.traces import TracePair
+from cca_fast.generation.decode import GenerationConfig, GenerationStats, generate, prefill
+from cca_fast.stages.pivots.search import TraceJudge, pivot_for_pair
+from cca_fast.stages.pivots.algorithms import teacher_forced_argmax
+from cca_fast.generation.prefix import PrefixCache, weights_key
+from cca_fast.stages.traces import TracePair
 from tiny_models import VOCAB, make_tiny
 
 # float64 tiny models: a reused prefix and a fresh one differ only in reduction order; 1e-10 is
@@ -131,7 +131,7 @@ class _DigitJudge(TraceJudge):
 
 
 def test_fast_pivot_search_with_a_cache_equals_without(monkeypatch):
-    import cca_fast.pivot_search as ps
+    import cca_fast.stages.pivots.search as ps
 
     monkeypatch.setattr(ps, "TraceJudge", lambda *a, **k: _DigitJudge())
     model = _model(seed=6)

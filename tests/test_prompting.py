@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 
 from cca_fast.errors import CCAError, DataError
-from cca_fast.prompting import (DEFAULT_INSTRUCTION, Exemplar, PromptConfig, build_prompt, chat_messages,
+from cca_fast.evaluation.prompting import (DEFAULT_INSTRUCTION, Exemplar, PromptConfig, build_prompt, chat_messages,
                                 encode_prompts, extract_answer, find_answer_end, gold_from_answer, is_correct,
                                 load_exemplars)
 

@@ -24,9 +24,9 @@ import torch
 
 from cca_fast.delta import SparseDelta
 from cca_fast.errors import CCAError
-from cca_fast.generation import GenerationConfig, GenerationStats, generate
+from cca_fast.generation.decode import GenerationConfig, GenerationStats, generate
 from cca_fast.io import read_jsonl
-from cca_fast.pipeline import RunConfig, procedure_settings, run_cca
+from cca_fast.experiments.pipeline import RunConfig, procedure_settings, run_cca
 from test_generation import char_tokenizer
 from test_pipeline import workdir  # noqa: F401  (the tiny biased model and data, a module fixture)
 from tiny_models import make_biased_tiny
@@ -77,7 +77,7 @@ def test_procedure_settings_and_validation():
     # full mode has no prefix cache; reuse_prefix_cache keeps the batch schedule the same
     assert s.dcm == {"mode": "full", "reuse_prefix_cache": True, "epochs": 3}
     assert s.update["mode"] == "reference" and s.update["lr"] == 1e-3
-    from cca_fast.update import UpdateConfig
+    from cca_fast.stages.update import UpdateConfig
     UpdateConfig(**s.update).check()  # every override is a real field
     fast = procedure_settings(dataclasses.replace(cfg, procedure="fast"))
     assert fast.dcm == cfg.dcm and fast.update == cfg.update and fast.branching == cfg.branching

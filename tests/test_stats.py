@@ -1,4 +1,4 @@
-"""The stratified bootstrap (cca_fast.stats): point values, stratification, pairing, coverage."""
+"""The stratified bootstrap (cca_fast.evaluation.stats): point values, stratification, pairing, coverage."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cca_fast.errors import CCAError
-from cca_fast.stats import StratifiedBootstrap, aligned_correct
+from cca_fast.evaluation.stats import StratifiedBootstrap, aligned_correct
 
 
 def test_value_is_the_per_template_average():

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cca_fast.cli import main
+from cca_fast.cli.main import main
 from cca_fast.errors import CCAError
-from cca_fast.evaluate import summarize
+from cca_fast.evaluation.evaluate import summarize
 from cca_fast.io import read_json, read_jsonl
-from cca_fast.study import StudyConfig, run_study, seed_from_shared
+from cca_fast.experiments.study import StudyConfig, run_study, seed_from_shared
 from test_pipeline import config as run_config
 from test_pipeline import workdir  # noqa: F401  (the tiny model and data, a module fixture)
 
@@ -105,7 +105,7 @@ def test_study_every_condition_and_resume(workdir, tmp_path):  # noqa: F811
     assert kept, "the tiny study should have a condition whose update was rejected"
     from cca_fast.delta import SparseDelta, apply_delta
     from cca_fast.models.loading import load_model
-    from cca_fast.suites import SuiteConfig, run_suites
+    from cca_fast.evaluation.suites import SuiteConfig, run_suites
 
     model, tok = load_model(str(workdir / "model"), dtype="float32", device="cpu")
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Side-effect suites (cca_fast.suites): exact MMLU prompt text, stratified subsets, TruthfulQA
+"""Side-effect suites (cca_fast.evaluation.suites): exact MMLU prompt text, stratified subsets, TruthfulQA
 parsing and scoring, perplexity against a float64 reference, data errors, compare(), and a real
 run of run_suites on the shared data with the embedded default model."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from cca_fast.errors import DataError
-from cca_fast.suites import SuiteConfig, compare, run_suites
-from cca_fast.suites import mmlu, perplexity, truthfulqa
-from cca_fast.suites.common import resolve_data_root, seeded_subset
-from cca_fast.suites.loglik import Loglik, LoglikConfig, encode_pair
+from cca_fast.evaluation.suites import SuiteConfig, compare, run_suites
+from cca_fast.evaluation.suites import mmlu, perplexity, truthfulqa
+from cca_fast.evaluation.suites.common import resolve_data_root, seeded_subset
+from cca_fast.evaluation.suites.loglik import Loglik, LoglikConfig, encode_pair
 from test_generation import char_tokenizer
 from tiny_models import make_tiny
 

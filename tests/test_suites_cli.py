@@ -1,4 +1,4 @@
-"""``cca side-effects`` (cca_fast.commands.suites) on a tiny saved model, before/after a delta,
+"""``cca side-effects`` (cca_fast.cli.suites) on a tiny saved model, before/after a delta,
 and the lm-eval-harness glue (task YAMLs + utils.py) without lm-eval installed."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 import yaml
 
 from cca_fast.delta import SparseDelta, bitwise_equal
-from cca_fast.suites import SuiteConfig, mmlu, perplexity, run_suites, truthfulqa
-from cca_fast.suites.lm_eval import GROUP, TASK_DIR, TASKS
-from cca_fast.suites.lm_eval import utils as lm_utils
+from cca_fast.evaluation.suites import SuiteConfig, mmlu, perplexity, run_suites, truthfulqa
+from cca_fast.evaluation.suites.lm_eval import GROUP, TASK_DIR, TASKS
+from cca_fast.evaluation.suites.lm_eval import utils as lm_utils
 from test_generation import char_tokenizer
 from test_suites import TQA, write_mmlu
-from cca_fast.commands import suites as suites_command
+from cca_fast.cli import suites as suites_command
 from helpers import run_cli
 from tiny_models import make_tiny
 
@@ -137,7 +137,7 @@ def test_lm_eval_documents_equal_the_suites_requests(tmp_path):
     assert [d["answer"] for d in docs] == [it.answer for it in items]
     # TruthfulQA: continuation = " " + choice, the best answer is choice 0 (doc_to_target: 0)
     docs = lm_utils.truthfulqa_rows(**kw)
-    from cca_fast.suites.common import seeded_subset
+    from cca_fast.evaluation.suites.common import seeded_subset
     items = seeded_subset(truthfulqa.load(root / "truthfulqa" / "TruthfulQA.csv"), 2, 3, "truthfulqa")
     for d, it in zip(docs, items, strict=True):
         assert d["prompt"] == truthfulqa.build_prompt(it.question, True)

@@ -1,4 +1,4 @@
-"""Batched continuation log-likelihood (cca_fast.suites.loglik) against a naive float64 reference:
+"""Batched continuation log-likelihood (cca_fast.evaluation.suites.loglik) against a naive float64 reference:
 one unpadded sequence at a time, ``sum(log_softmax(logits)[pos, token])`` over the continuation."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cca_fast.errors import CCAError
-from cca_fast.suites.loglik import LoglikConfig, LoglikStats, encode_pair, loglikelihood, loglikelihood_tokens
+from cca_fast.evaluation.suites.loglik import LoglikConfig, LoglikStats, encode_pair, loglikelihood, loglikelihood_tokens
 from test_generation import char_tokenizer, smol_dir
 from tiny_models import VOCAB, make_tiny
 

@@ -12,8 +12,8 @@ import torch
 from cca_fast import ComponentSpace
 from cca_fast.delta import apply_delta, bitwise_equal
 from cca_fast.errors import CCAError
-from cca_fast.examples import PivotExample, collate, logit_diff
-from cca_fast.update import UpdateConfig, eval_steps, run_update
+from cca_fast.stages.examples import PivotExample, collate, logit_diff
+from cca_fast.stages.update import UpdateConfig, eval_steps, run_update
 from helpers import assert_only_owned_rows_may_differ
 from tiny_models import VOCAB, make_tiny
 

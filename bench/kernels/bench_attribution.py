@@ -87,7 +87,7 @@ def build_model(shape: dict[str, Any], dtype: torch.dtype, device: str, seed: in
 
 
 def make_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0):
-    from cca_fast.examples import PivotExample, collate
+    from cca_fast.stages.examples import PivotExample, collate
 
     g = torch.Generator().manual_seed(seed)
     ex = [PivotExample(f"b{i}", tuple(torch.randint(3, vocab, (seq,), generator=g).tolist()),

@@ -22,7 +22,7 @@ one row of the up projection, so the fraction of rows of the owning weights is a
 
 * ``stage3_step``: one whole stage-3 step (forward + backward over a batch of prefixes, then the
   SGD step) on a randomly initialised Llama-shaped model with the preset's layer shapes (fewer
-  layers): ``sparse`` mode vs ``reference`` mode of :mod:`cca_fast.update`.
+  layers): ``sparse`` mode vs ``reference`` mode of :mod:`cca_fast.stages.update`.
 
 Timing: median of ``--repeats`` calls after ``--warmup`` calls (CUDA events on CUDA,
 ``time.perf_counter`` on CPU). Speed and memory are reported separately, as ratios
@@ -322,8 +322,8 @@ def bench_stage3_step(p: Preset, fraction: float, device: torch.device, dtype: t
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cca_fast import ComponentSpace
-    from cca_fast.examples import PivotExample
-    from cca_fast.update import UpdateConfig, _Batches, _ReferenceStepper, _SparseStepper
+    from cca_fast.stages.examples import PivotExample
+    from cca_fast.stages.update import UpdateConfig, _Batches, _ReferenceStepper, _SparseStepper
 
     cfg = LlamaConfig(hidden_size=p.hidden, intermediate_size=p.d_ff, num_attention_heads=p.heads,
                       num_key_value_heads=p.kv_heads, head_dim=p.head_dim, num_hidden_layers=layers,

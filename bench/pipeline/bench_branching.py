@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment  # noqa: E402
 
 from cca_fast.data import load_problems  # noqa: E402
-from cca_fast.generation import GenerationConfig, generate  # noqa: E402
+from cca_fast.generation.decode import GenerationConfig, generate  # noqa: E402
 from cca_fast.io import atomic_write_json  # noqa: E402
 from cca_fast.models.loading import load_model  # noqa: E402
-from cca_fast.pivot_search import compare_branching  # noqa: E402
-from cca_fast.prompting import PromptConfig, build_prompt, encode_prompts, extract_answer, is_correct  # noqa: E402
-from cca_fast.traces import GreedyTrace, TraceConfig, sample_flip  # noqa: E402
+from cca_fast.stages.pivots.search import compare_branching  # noqa: E402
+from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts, extract_answer, is_correct  # noqa: E402
+from cca_fast.stages.traces import GreedyTrace, TraceConfig, sample_flip  # noqa: E402
 
 
 def flipped_pairs(model, tok, problems, prompt, gen, trace_cfg, n_pairs):

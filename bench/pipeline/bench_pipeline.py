@@ -35,13 +35,13 @@ from common import environment  # noqa: E402
 from whole_run import pair_whole_run  # noqa: E402
 
 from cca_fast.data import load_problems  # noqa: E402
-from cca_fast.generation import GenerationConfig  # noqa: E402
+from cca_fast.generation.decode import GenerationConfig  # noqa: E402
 from cca_fast.io import atomic_write_json, atomic_write_text  # noqa: E402
 from cca_fast.models.components import ComponentSpace  # noqa: E402
 from cca_fast.models.loading import load_model  # noqa: E402
-from cca_fast.pipeline import RunConfig  # noqa: E402
-from cca_fast.prompting import PromptConfig, build_prompt, encode_prompts  # noqa: E402
-from cca_fast.traces import TraceConfig  # noqa: E402
+from cca_fast.experiments.pipeline import RunConfig  # noqa: E402
+from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts  # noqa: E402
+from cca_fast.stages.traces import TraceConfig  # noqa: E402
 
 TARGETS = {"branching": 10.0, "dcm": 20.0, "whole_run": 5.0}  # issue 5 (benchmarks, not tests)
 

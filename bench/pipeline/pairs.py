@@ -21,19 +21,19 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "kernels"))
 from common import timed  # noqa: E402
 
-import cca_fast.traces as traces_mod  # noqa: E402  (its extract_answer is the fake judge's on the GPU scale)
+import cca_fast.stages.traces as traces_mod  # noqa: E402  (its extract_answer is the fake judge's on the GPU scale)
 from cca_fast.data.problem import Problem  # noqa: E402
 from cca_fast.delta import revert_delta  # noqa: E402
-from cca_fast.examples import PivotExample, collate, pad_id_for  # noqa: E402
-from cca_fast.generation import GenerationConfig, GenerationStats, generate  # noqa: E402
+from cca_fast.stages.examples import PivotExample, collate, pad_id_for  # noqa: E402
+from cca_fast.generation.decode import GenerationConfig, GenerationStats, generate  # noqa: E402
 from cca_fast.attribution import frozen_weights  # noqa: E402
-from cca_fast.localize.dcm import DCMConfig, dcm_loss, run_dcm  # noqa: E402
-from cca_fast.localize.select import select  # noqa: E402
-from cca_fast.pivot_search import compare_branching  # noqa: E402
-from cca_fast.pivots import prefix_pivot, to_example  # noqa: E402
-from cca_fast.prompting import is_correct  # noqa: E402
-from cca_fast.traces import GreedyTrace, TraceConfig, TracePair, problem_seed  # noqa: E402
-from cca_fast.update import UpdateConfig, run_update  # noqa: E402
+from cca_fast.stages.localize.dcm import DCMConfig, dcm_loss, run_dcm  # noqa: E402
+from cca_fast.stages.localize.select import select  # noqa: E402
+from cca_fast.stages.pivots.search import compare_branching  # noqa: E402
+from cca_fast.stages.pivots.algorithms import prefix_pivot, to_example  # noqa: E402
+from cca_fast.evaluation.prompting import is_correct  # noqa: E402
+from cca_fast.stages.traces import GreedyTrace, TraceConfig, TracePair, problem_seed  # noqa: E402
+from cca_fast.stages.update import UpdateConfig, run_update  # noqa: E402
 
 #: tolerances by dtype (see bench/pipeline/README.md)
 TOL = {

@@ -166,9 +166,9 @@ def fake_judge(*extra_modules: Any) -> Iterator[None]:
     and ``GenerationConfig`` where ``run_cca`` builds it. Restored on exit."""
     import importlib
 
-    # (``cca_fast.evaluate`` the attribute is the function: import the modules by name)
-    evaluate, pipeline, pivot_search, traces = (importlib.import_module(f"cca_fast.{m}")
-                                                for m in ("evaluate", "pipeline", "pivot_search", "traces"))
+    # (``cca_fast.evaluation.evaluate`` the attribute is the function: import the modules by name)
+    evaluate, pipeline, pivot_search, traces = (importlib.import_module(f"cca_fast.{m}") for m in (
+        "evaluation.evaluate", "experiments.pipeline", "stages.pivots.search", "stages.traces"))
     saved = []
     for mod in (evaluate, pivot_search, traces, *extra_modules):
         saved.append((mod, "extract_answer", mod.extract_answer))

@@ -15,7 +15,7 @@ from cca_fast.data.loaders import write_problems_jsonl
 from cca_fast.data.problem import Problem
 from cca_fast.delta import SparseDelta, revert_delta
 from cca_fast.io import read_json, read_jsonl
-from cca_fast.pipeline import RunConfig, run_cca
+from cca_fast.experiments.pipeline import RunConfig, run_cca
 
 PROCEDURES = ("fast", "reference")  # fast first: any warm-up favours the reference
 

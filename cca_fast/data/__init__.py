@@ -1,11 +1,11 @@
 """Problem data: the GSM-Symbolic template engine, loaders, splits and the built-in set."""
-from .loaders import (BUILTIN_TEMPLATES, gold_from_answer, load_problems, read_problems_jsonl,
+from cca_fast.data.loaders import (BUILTIN_TEMPLATES, gold_from_answer, load_problems, read_problems_jsonl,
                       write_problems_jsonl)
-from .pools import POOLS, get_pool
-from .problem import Problem
-from .safe_eval import Labelled, compile_expression, format_number, parse_number_text
-from .splits import PAPER_FRACTIONS, Splits, split_counts, split_problems, weak_templates
-from .templates import (Instance, InstantiateConfig, Template, decode_bindings, default_bindings,
+from cca_fast.data.pools import POOLS, get_pool
+from cca_fast.data.problem import Problem
+from cca_fast.data.safe_eval import Labelled, compile_expression, format_number, parse_number_text
+from cca_fast.data.splits import PAPER_FRACTIONS, Splits, split_counts, split_problems, weak_templates
+from cca_fast.data.templates import (Instance, InstantiateConfig, Template, decode_bindings, default_bindings,
                         encode_bindings, evaluate_answer, failed_conditions, instantiate,
                         load_template, load_template_dir, parse_template, render_question,
                         render_solution, sample_instances)

@@ -20,9 +20,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..errors import DataError
-from .problem import Problem
-from .templates import InstantiateConfig, instantiate, load_template, load_template_dir
+from cca_fast.errors import DataError
+from cca_fast.data.problem import Problem
+from cca_fast.data.templates import InstantiateConfig, instantiate, load_template, load_template_dir
 
 #: Folder of the package's own templates.
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent / "builtin" / "templates"

@@ -12,8 +12,8 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from ..errors import TemplateError
-from .safe_eval import Labelled
+from cca_fast.errors import TemplateError
+from cca_fast.data.safe_eval import Labelled
 
 F = Fraction
 

@@ -25,7 +25,7 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
-from ..errors import TemplateError
+from cca_fast.errors import TemplateError
 
 Number = Union[int, Fraction]
 

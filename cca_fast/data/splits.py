@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..errors import DataError
-from .problem import Problem
+from cca_fast.errors import DataError
+from cca_fast.data.problem import Problem
 
 PAPER_FRACTIONS = (0.52, 0.08, 0.40)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-from ..errors import DataError, TemplateError
-from .pools import POOLS
-from .problem import Problem
-from .safe_eval import (RNG_KEY, Draw, Expression, Labelled, compile_expression, display_text,
+from cca_fast.errors import DataError, TemplateError
+from cca_fast.data.pools import POOLS
+from cca_fast.data.problem import Problem
+from cca_fast.data.safe_eval import (RNG_KEY, Draw, Expression, Labelled, compile_expression, display_text,
                         format_number, is_number, labelled_item, parse_number_text,
                         solution_text, strip_markers, unwrap)
 

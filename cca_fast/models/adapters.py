@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
+from cca_fast.errors import UnsupportedArchitectureError
 
 KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 Kind = Literal["q", "k", "v", "mlp"]

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .adapters import KINDS, ModelAdapter, Site, WeightSlice, get_adapter
+from cca_fast.models.adapters import KINDS, ModelAdapter, Site, WeightSlice, get_adapter
 
 
 @dataclass(frozen=True, order=True)

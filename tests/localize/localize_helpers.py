@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from cca_fast.examples import PivotExample
+from cca_fast.stages.examples import PivotExample
 from tiny_models import VOCAB, make_tiny
 
 

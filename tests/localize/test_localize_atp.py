@@ -1,4 +1,4 @@
-"""Stage 2 AtP (``cca_fast.localize.atp``).
+"""Stage 2 AtP (``cca_fast.stages.localize.atp``).
 
 Tolerance 1e-12 absolute: every comparison is between two exact float64 autograd computations
 of the same quantity (scores ~0.1 to 10) that differ only in summation order / batching.
@@ -10,9 +10,9 @@ import torch
 
 from cca_fast.attribution import attribute
 from cca_fast.errors import CCAError
-from cca_fast.examples import PivotExample, collate
-from cca_fast.localize import AtPConfig, dcm_loss, run_atp
-from cca_fast.localize.atp import check_examples, pad_id_for
+from cca_fast.stages.examples import PivotExample, collate
+from cca_fast.stages.localize import AtPConfig, dcm_loss, run_atp
+from cca_fast.stages.localize.atp import check_examples, pad_id_for
 from cca_fast.models.components import ComponentSpace
 from localize_helpers import examples, tiny
 

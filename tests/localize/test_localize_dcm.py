@@ -1,4 +1,4 @@
-"""Stage 2 DCM (``cca_fast.localize.dcm``).
+"""Stage 2 DCM (``cca_fast.stages.localize.dcm``).
 
 Tolerances:
 * last-position vs full-prefix execution: both are exact float64 autograd of the same function;
@@ -14,8 +14,8 @@ import torch
 
 import tiny_models
 from cca_fast.errors import CCAError
-from cca_fast.examples import collate
-from cca_fast.localize import DCMConfig, PivotPrefixCache, dcm_loss, run_atp, run_dcm
+from cca_fast.stages.examples import collate
+from cca_fast.stages.localize import DCMConfig, PivotPrefixCache, dcm_loss, run_atp, run_dcm
 from cca_fast.models.components import ComponentSpace
 from localize_helpers import examples, tiny
 
@@ -225,7 +225,7 @@ def test_config_and_input_errors():
 
 
 def test_max_mask_travel_bounds_the_movement_and_warns():
-    from cca_fast.localize.dcm import max_mask_travel
+    from cca_fast.stages.localize.dcm import max_mask_travel
 
     # paper schedule: 5e-3 x ceil(N/8) steps per epoch, x0.9 every 5 epochs, 50 epochs
     per_epoch_sum = sum(5e-3 * 0.9 ** (e // 5) for e in range(50))

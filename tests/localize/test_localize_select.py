@@ -1,4 +1,4 @@
-"""Stage 2 selection (``cca_fast.localize.select``): every method on hand-made scores and masks
+"""Stage 2 selection (``cca_fast.stages.localize.select``): every method on hand-made scores and masks
 (exact expectations, no tolerance), the random control, and the JSON round trip."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from cca_fast.attribution import Attribution
 from cca_fast.errors import CCAError
-from cca_fast.localize import (Selection, select, select_atp_fraction, select_atp_topk, select_dcm,
+from cca_fast.stages.localize import (Selection, select, select_atp_fraction, select_atp_topk, select_dcm,
                                select_random)
 from cca_fast.models.components import ComponentSpace
 from localize_helpers import tiny

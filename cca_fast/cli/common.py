@@ -1,0 +1,125 @@
+"""Subcommands of the ``cca`` command line, one module each.
+
+A command module exposes ``register(subparsers)``: it calls ``subparsers.add_parser(name,
+help=..., description=...)`` (the parser class already shows defaults and adds ``--debug``),
+adds its arguments (every one with a ``help``), and sets ``func=run`` where ``run(args) -> int``.
+
+The helpers below give commands the same flags for the same things (model, data, prompt,
+decoding) and turn them into library calls.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cca_fast.errors import CCAError
+
+SPLITS = ("test", "train", "val", "all")
+PROMPT_MODES = ("plain", "chat")
+ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model --dtype --device --attn-implementation``."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="M",
+                   help="hub id, local directory (save_pretrained), or .gguf file; default: the embedded "
+                        "SmolLM2-135M-Instruct")
+    g.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="float32 | bfloat16 | float16 | float64; default: float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="cpu | cuda | cuda:N | mps ...; default: cuda when available, else cpu")
+    g.add_argument("--attn-implementation", default="sdpa", choices=ATTN_CHOICES,
+                   help="attention implementation passed to transformers")
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, default_split: str = "test") -> None:
+    """``--data --split --limit --seed --n-per-template --hub-split``."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="D",
+                   help="built-in templates (default), a template directory or .json, a .jsonl file "
+                        "(GSM8K format or cca_fast's), a .csv/.parquet file, or a hub name "
+                        "(openai/gsm8k, apple/GSM-Symbolic, hf:NAME[:CONFIG])")
+    g.add_argument("--split", default=default_split, choices=SPLITS,
+                   help="which part of the per-template 52/8/40 train/val/test split to use (METHOD "
+                        "section 0), or all problems")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use at most N problems of the split, taken round-robin over templates; default: all")
+    g.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of template instantiation, of the split and of sampling")
+    g.add_argument("--n-per-template", type=int, default=50, metavar="N",
+                   help="instances generated per template (template sources only)")
+    g.add_argument("--hub-split", default="test", metavar="NAME",
+                   help="split of a hub data set to download (e.g. openai/gsm8k's 'test')")
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """``--shots --n-shots --prompt-mode``."""
+    g = parser.add_argument_group("prompt")
+    g.add_argument("--shots", default=None, metavar="FILE",
+                   help="few-shot exemplars, a JSON list of {question, target}; default: cca_fast's own 8 "
+                        "(the paper's are the standard GSM8K CoT exemplars, e.g. gsm8k_cot_8shot.json)")
+    g.add_argument("--n-shots", type=int, default=8, metavar="K", help="number of exemplars in the prompt")
+    g.add_argument("--prompt-mode", default="plain", choices=PROMPT_MODES,
+                   help="plain text prompt (paper default) or the tokenizer's chat template")
+
+
+def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 400) -> None:
+    """``--batch-size --max-new-tokens``."""
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences decoded together")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help="new tokens per answer at most (the paper uses 1500: pass --max-new-tokens 1500 "
+                        "for fidelity; the default suits CPU runs and GSM-style answers)")
+
+
+def check_positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise CCAError(f"{name} must be a positive integer, got {value}")
+
+
+def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from the model flags."""
+    from cca_fast.models.loading import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device,
+                      attn_implementation=args.attn_implementation)
+
+
+def round_robin(problems: list, limit: int | None) -> list:
+    """At most ``limit`` problems, interleaving templates (1st of each template, then 2nd, ...)
+    so that a small limit still covers many templates; order within a template is kept."""
+    if limit is None or limit >= len(problems):
+        return list(problems)
+    groups: dict[str, list] = {}
+    for p in problems:
+        groups.setdefault(p.template, []).append(p)
+    out: list = []
+    depth = 0
+    while len(out) < limit:
+        for g in groups.values():
+            if depth < len(g):
+                out.append(g[depth])
+                if len(out) == limit:
+                    break
+        depth += 1
+    return out
+
+
+def load_problems_from_args(args: argparse.Namespace) -> list:
+    """The problems of ``args.split`` of ``args.data`` (see :func:`add_data_args`)."""
+    from cca_fast import data
+
+    check_positive("--n-per-template", args.n_per_template)
+    check_positive("--limit", args.limit, allow_none=True)
+    problems = data.load_problems(args.data, n_per_template=args.n_per_template, seed=args.seed,
+                                  split=args.hub_split)
+    if args.split != "all":
+        splits = data.split_problems(problems, seed=args.seed)
+        problems = list(getattr(splits, args.split))
+    if not problems:
+        raise CCAError(f"the {args.split!r} split of {args.data or 'the built-in data'} is empty; "
+                       "use more problems or --split all")
+    return round_robin(problems, args.limit)

@@ -1,0 +1,1 @@
+"""Prompting, answer extraction, accuracy, statistics and the side-effect suites."""

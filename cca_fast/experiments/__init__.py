@@ -1,0 +1,1 @@
+"""Whole experiments: the `cca run` pipeline, the `cca study`, their reports."""

@@ -1,0 +1,96 @@
+"""The final report of a run: ``report.json``, ``report.md`` and ``components.png``."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from cca_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cca_fast.models.adapters import KINDS
+
+
+def plot_components(per_layer: dict[str, list[int]], counts: dict[str, int], title: str = "") -> bytes:
+    """PNG bytes: one panel per kind, the fraction of that kind's components selected per layer.
+
+    Args:
+        per_layer: ``{kind: [selected count per layer]}``.
+        counts: components per layer of each kind (``ComponentSpace.counts``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(3.2 * len(KINDS), 3.2), sharey=True)
+    for ax, kind in zip(axes, KINDS):
+        sel = per_layer.get(kind, [])
+        layers = list(range(len(sel)))
+        frac = [s / counts[kind] if counts.get(kind) else 0.0 for s in sel]
+        ax.barh(layers, frac, color={"q": "#4C72B0", "k": "#55A868", "v": "#C44E52", "mlp": "#8172B2"}[kind])
+        ax.set_title(f"{kind} ({sum(sel)} of {counts.get(kind, 0) * len(sel)})", fontsize=9)
+        ax.set_xlabel("fraction selected", fontsize=8)
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("layer")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable summary of ``report`` (the dict written to ``report.json``)."""
+    lines = [
+        f"# CCA run report: {report.get('model', '')}",
+        "",
+        f"- data: `{report.get('data', '')}`, seed {report.get('seed', '')}",
+        f"- selector: `{report.get('selector', '')}`, pivots: `{report.get('pivot_method', '')}`",
+        f"- training examples (pivots): {report.get('n_examples', 0)} from {report.get('n_train_problems', 0)} "
+        f"training problems of {len(report.get('weak_templates', []))} weak templates",
+        "",
+        "| | accuracy (test) |",
+        "|---|---|",
+        f"| base | {_pct(report.get('base_accuracy'))} |",
+        f"| CCA | {_pct(report.get('cca_accuracy'))} |",
+        "",
+        f"Test problems: {report.get('n_test', 0)}. Change: "
+        + (f"{100 * (report['cca_accuracy'] - report['base_accuracy']):+.1f} points"
+           if report.get("cca_accuracy") is not None and report.get("base_accuracy") is not None else "n/a")
+        + f" (best update step {report.get('best_step', 'n/a')}, validation accuracy "
+        f"{_pct(report.get('best_val_accuracy'))} vs {_pct(report.get('base_val_accuracy'))} at step 0).",
+        "",
+        f"Components selected: {report.get('components_selected', 0)} of {report.get('components_total', 0)} "
+        f"({100 * report.get('fraction', 0.0):.3f}%): "
+        + ", ".join(f"{k} {v}" for k, v in report.get("per_kind", {}).items()),
+        "",
+        *(["**Every component was selected**: the selector kept the whole model (with few pivot examples, "
+            "DCM's paper settings cannot move a mask below 0.5: raise --dcm-epochs or --max-train-problems, or "
+            "use --selector atp-fraction).", ""]
+          if report.get("components_selected") == report.get("components_total") and report.get("selector") != "none"
+          else []),
+        "![selected components per layer](components.png)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    for stage, sec in report.get("seconds", {}).items():
+        lines.append(f"| {stage} | {sec:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, report: dict[str, Any], per_layer: dict[str, list[int]],
+                 counts: dict[str, int]) -> None:
+    """Write ``report.json``, ``report.md`` and ``components.png`` into ``run_dir`` (atomically)."""
+    run_dir = Path(run_dir)
+    atomic_write_bytes(run_dir / "components.png",
+                       plot_components(per_layer, counts, title=f"{report.get('selector', '')} selection"))
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", render_markdown(report))

@@ -1,0 +1,319 @@
+"""``cca study``: does CCA work on this model? Base, CCA per selector, the random control, the
+no-mask update and LoRA, on the same seeded splits, with side effects, in one resumable command.
+
+Study directory layout::
+
+    OUTPUT/study_config.json      the StudyConfig (a resumed study must use the same one)
+    OUTPUT/shared/                a `cca run` directory holding the stages every condition shares:
+                                  data splits, base evaluation, traces, pivots
+    OUTPUT/<condition>/           one complete `cca run` directory per CCA condition (the selectors,
+                                  `random`, `none`), seeded with copies of the shared stages
+    OUTPUT/lora/                  the LoRA baseline: adapter/, lora.json, eval_test.jsonl
+    OUTPUT/side_effects/<c>.json  side-effect suites of each condition (and `base`)
+    OUTPUT/study.json, study.md, study.png   the comparison table
+    OUTPUT/phases.json            seconds per phase
+
+Every condition sees the same training examples (pivots), validation and test problems; the
+random control selects as many components as the selector named by ``random_like``. Test accuracy
+intervals are the stratified bootstrap over test problems (:mod:`cca_fast.evaluation.stats`); differences
+are paired on the same problems.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cca_fast.errors import CCAError
+from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json, read_jsonl
+from cca_fast.experiments.pipeline import SELECTORS, RunConfig, run_cca
+
+#: files of a run directory that hold the stages every condition shares
+SHARED_FILES = ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "eval_base_train.jsonl",
+                "eval_base_test.jsonl", "traces.jsonl", "pivots.jsonl")
+SHARED_STAGES = ("load_model", "data", "base_eval", "traces", "pivots")
+CONTROLS = ("random", "none", "lora")
+
+
+@dataclass
+class StudyConfig:
+    """What a study compares (written to ``study_config.json``).
+
+    Attributes:
+        output: the study directory.
+        run: the shared :class:`RunConfig` (model, data, prompt, decoding, stage settings); its
+            ``output``, ``selector`` and ``select_*`` fields are set per condition.
+        selectors: CCA selectors to compare (``dcm``, ``atp-topk``, ``atp-fraction``).
+        select_fraction: fraction for ``atp-fraction``; ``select_k``: k for ``atp-topk``.
+        controls: any of ``random`` (same number of components as ``random_like``'s selection),
+            ``none`` (the same update on every weight) and ``lora`` (LoRA on the gold solutions).
+        random_like: the selector whose component count the random control copies.
+        lora: :class:`cca_fast.baselines.lora.train.LoRAConfig` overrides.
+        side_effects: run the side-effect suites before and after.
+        suites: :class:`cca_fast.evaluation.suites.SuiteConfig` overrides (limits, data root).
+        bootstrap: bootstrap resamples for the intervals; ``level``: their coverage.
+    """
+
+    output: str = "runs/study"
+    run: RunConfig = field(default_factory=RunConfig)
+    selectors: list[str] = field(default_factory=lambda: ["dcm", "atp-fraction"])
+    select_fraction: float | None = 0.02
+    select_k: int | None = None
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    random_like: str = "atp-fraction"
+    lora: dict[str, Any] = field(default_factory=dict)
+    side_effects: bool = True
+    suites: dict[str, Any] = field(default_factory=dict)
+    bootstrap: int = 10_000
+    level: float = 0.95
+
+    def validate(self) -> None:
+        bad = [s for s in self.selectors if s not in SELECTORS or s in ("random", "none")]
+        if bad or not self.selectors:
+            raise CCAError(f"study selectors must be among dcm, atp-topk, atp-fraction (got {self.selectors}); "
+                           "the random control and the no-mask update are --controls")
+        if len(set(self.selectors)) != len(self.selectors):
+            raise CCAError(f"duplicate selectors: {self.selectors}")
+        badc = [c for c in self.controls if c not in CONTROLS]
+        if badc:
+            raise CCAError(f"unknown controls {badc}; choose among {', '.join(CONTROLS)}")
+        if "random" in self.controls and self.random_like not in self.selectors:
+            raise CCAError(f"the random control copies the size of the {self.random_like!r} selection, which is "
+                           f"not among the selectors {self.selectors} (set --random-like)")
+        if "atp-fraction" in self.selectors and not self.select_fraction:
+            raise CCAError("selector atp-fraction needs --select-fraction F")
+        if "atp-topk" in self.selectors and not self.select_k:
+            raise CCAError("selector atp-topk needs --select-k K")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["run"] = self.run.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
+        d = dict(d)
+        d["run"] = RunConfig.from_dict(d.get("run", {}))
+        return cls(**d)
+
+    # ---- per condition ---------------------------------------------------------------------
+    def condition_names(self) -> list[str]:
+        """CCA conditions (run directories), in the order they run."""
+        return [*self.selectors, *(c for c in self.controls if c in ("random", "none"))]
+
+    def run_config(self, name: str, random_count: int | None = None) -> RunConfig:
+        """The :class:`RunConfig` of condition ``name`` (``"shared"``: the shared stages)."""
+        out = str(Path(self.output) / name)
+        base = dataclasses.replace(self.run, output=out, select_k=None, select_fraction=None, select_count=None)
+        if name == "shared":  # stages up to pivots only: later stages' settings do not enter it
+            return dataclasses.replace(base, selector="dcm", dcm={}, update={})
+        if name == "random":
+            if random_count is None:
+                raise CCAError("the random control needs the count of the selection it controls for")
+            return dataclasses.replace(base, selector="random", select_count=int(random_count))
+        if name == "none":
+            return dataclasses.replace(base, selector="none")
+        return dataclasses.replace(base, selector=name, select_fraction=self.select_fraction if name == "atp-fraction"
+                                   else None, select_k=self.select_k if name == "atp-topk" else None)
+
+
+# ---- the study directory -------------------------------------------------------------------------
+def seed_from_shared(shared: Path, target: Path) -> None:
+    """Copy the shared stages' files into a condition's run directory (each atomically; files
+    already there are kept), and their seconds into its ``stages.json`` so its report counts them."""
+    for rel in SHARED_FILES:
+        src, dst = shared / rel, target / rel
+        if dst.exists() or not src.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp-copy")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    stages = target / "stages.json"
+    if not stages.exists() and (shared / "stages.json").exists():
+        sec = read_json(shared / "stages.json")
+        atomic_write_json(stages, {k: v for k, v in sec.items() if k in SHARED_STAGES})
+
+
+def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every condition of the study and write the comparison table.
+
+    Returns the ``study.json`` dict (see :func:`cca_fast.experiments.study_report.build_study`).
+    """
+    from cca_fast.experiments.study_report import build_study, write_study
+
+    config.validate()
+    config.run.validate()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    check_or_write_config(out / "study_config.json", config.to_dict(), StudyConfig().to_dict(), f"{out} (a study)")
+    phases = out / "phases.json"
+    say: Callable[[str], None] = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        result = fn()
+        add_seconds(phases, name, time.perf_counter() - t)
+        return result
+
+    shared = out / "shared"
+    if not (shared / "pivots.jsonl").exists() or not (shared / "eval_base_test.jsonl").exists():
+        say("study: shared stages (data, base evaluation, traces, pivots)")
+        timed("shared", lambda: run_cca(config.run_config("shared"), until="pivots", progress=progress))
+    else:  # resume the shared run's stages (finished ones are not recomputed)
+        run_cca(config.run_config("shared"), until="pivots", progress=progress)
+
+    if not (out / "model_info.json").exists():
+        model, _ = _load(config)
+        atomic_write_json(out / "model_info.json", {"n_params": sum(p.numel() for p in model.parameters()),
+                                                    "model_type": model.config.model_type})
+        del model
+
+    reports: dict[str, dict[str, Any]] = {}
+    for name in config.condition_names():
+        target = out / name
+        report_path = target / "report.json"
+        if report_path.exists():
+            reports[name] = read_json(report_path)
+            continue
+        count = None
+        if name == "random":
+            count = reports[config.random_like]["components_selected"]
+        seed_from_shared(shared, target)
+        say(f"study: condition {name}")
+        reports[name] = timed(name, lambda: run_cca(config.run_config(name, count), progress=progress))
+
+    if "lora" in config.controls:
+        timed("lora", lambda: run_lora_condition(config, progress=progress))
+
+    if config.side_effects:
+        timed("side_effects", lambda: run_side_effects(config, progress=progress))
+
+    study = build_study(config, read_json(phases) if phases.exists() else {})
+    write_study(out, study)
+    say(f"study: table in {out / 'study.md'}")
+    return study
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------
+def study_problems(config: StudyConfig):
+    """``(training problems, validation problems, test problems)`` of the study: the training
+    problems CCA's stage 1 used (weak templates, same cap and seed), the validation and test
+    subsets every condition is selected and scored on."""
+    from cca_fast.data.loaders import read_problems_jsonl
+    from cca_fast.evaluation.evaluate import summarize
+    from cca_fast.experiments.pipeline import _subset, training_problems
+
+    shared, run = Path(config.output) / "shared", config.run
+    train, val, test = (read_problems_jsonl(shared / "data" / f"{n}.jsonl") for n in ("train", "val", "test"))
+    base_train = summarize(list(read_jsonl(shared / "eval_base_train.jsonl")))
+    chosen, _ = training_problems(train, base_train, run.weak_threshold, run.max_train_problems, run.seed)
+    return chosen, _subset(val, run.max_val_problems, run.seed), _subset(test, run.max_test_problems, run.seed)
+
+
+def _load(config: StudyConfig):
+    from cca_fast.models.loading import load_model
+
+    r = config.run
+    return load_model(r.model, dtype=r.dtype, device=r.device, attn_implementation=r.attn_implementation)
+
+
+def _prompt_and_gen(config: StudyConfig):
+    from cca_fast.generation.decode import GenerationConfig
+    from cca_fast.evaluation.prompting import PromptConfig
+
+    r = config.run
+    return (PromptConfig(mode=r.prompt_mode, exemplars=r.shots, n_shots=r.n_shots),
+            GenerationConfig(max_new_tokens=r.max_new_tokens, batch_size=r.batch_size))
+
+
+def run_lora_condition(config: StudyConfig, *, progress: bool = True) -> None:
+    """Train LoRA on the gold solutions of the study's training problems (best epoch by
+    validation accuracy), then evaluate it on the test problems (resumable)."""
+    from cca_fast.evaluation.evaluate import summarize
+    from cca_fast.baselines.lora.train import LoRAConfig, load_lora, merge_lora, train_lora
+    from cca_fast.experiments.pipeline import eval_resumable
+
+    d = Path(config.output) / "lora"
+    d.mkdir(parents=True, exist_ok=True)
+    chosen, val, test = study_problems(config)
+    prompt, gen = _prompt_and_gen(config)
+    if not (d / "lora.json").exists():
+        model, tok = _load(config)
+
+        def validate(m) -> float:
+            return summarize(eval_resumable(m, tok, val, prompt, gen, None, "validation", False, keep_ids=False))["accuracy"]
+
+        t = time.perf_counter()
+        result = train_lora(model, tok, chosen, prompt, LoRAConfig(**config.lora), validate=validate, progress=progress)
+        result.save(d / "adapter")
+        info = result.summary() if hasattr(result, "summary") else {}
+        info.update({"n_train_problems": len(chosen), "seconds": time.perf_counter() - t})
+        atomic_write_json(d / "lora.json", info)
+        del model
+    model, tok = _load(config)
+    handle = merge_lora(model, load_lora(d / "adapter"))
+    eval_resumable(model, tok, test, prompt, gen, d / "eval_test.jsonl", "LoRA eval (test)", progress, keep_ids=False)
+    handle.restore()
+
+
+# ---- side effects --------------------------------------------------------------------------------
+def _apply_condition(model, config: StudyConfig, name: str) -> None:
+    """Put ``model`` (a freshly loaded base) into condition ``name`` (callers load a fresh model
+    per condition: the no-mask delta holds no base rows to revert to)."""
+    out = Path(config.output)
+    if name == "base":
+        return
+    if name == "lora":
+        from cca_fast.baselines.lora.train import load_lora, merge_lora
+
+        merge_lora(model, load_lora(out / "lora" / "adapter"))
+        return
+    from cca_fast.delta import SparseDelta, apply_delta
+
+    apply_delta(model, SparseDelta.load(out / name / "delta"))
+
+
+def _kept_base_weights(config: StudyConfig, name: str) -> bool:
+    """Whether model selection kept the base weights (best update step / LoRA epoch 0)."""
+    out = Path(config.output)
+    if name == "lora":
+        f = out / "lora" / "lora.json"
+        return f.exists() and read_json(f).get("best_epoch") == 0
+    f = out / name / "update.json"
+    return f.exists() and read_json(f).get("best_step") == 0
+
+
+def side_effect_names(config: StudyConfig) -> list[str]:
+    return ["base", *config.condition_names(), *(["lora"] if "lora" in config.controls else [])]
+
+
+def run_side_effects(config: StudyConfig, *, progress: bool = True) -> None:
+    """The side-effect suites on the base model and on every condition (one file each, skipped
+    when present)."""
+    from cca_fast.evaluation.suites import SuiteConfig, run_suites
+
+    d = Path(config.output) / "side_effects"
+    d.mkdir(parents=True, exist_ok=True)
+    suite_cfg = SuiteConfig(**config.suites)
+    todo = [n for n in side_effect_names(config) if not (d / f"{n}.json").exists()]
+    for name in todo:
+        if name != "base" and _kept_base_weights(config, name) and (d / "base.json").exists():
+            # validation kept step 0: the condition's weights are the base's, bit for bit
+            # (run_update restores the snapshot), so its suite results are the base's
+            result = read_json(d / "base.json")
+            result["same_weights_as"] = "base"
+            atomic_write_json(d / f"{name}.json", result)
+            continue
+        model, tok = _load(config)
+        _apply_condition(model, config, name)
+        if progress:
+            print(f"study: side effects of {name}", flush=True)
+        t = time.perf_counter()
+        result = run_suites(model, tok, suite_cfg)
+        result["seconds"] = time.perf_counter() - t
+        atomic_write_json(d / f"{name}.json", result)
+        del model

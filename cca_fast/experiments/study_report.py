@@ -1,0 +1,253 @@
+"""The study's comparison table: ``study.json``, ``study.md`` and ``study.png``.
+
+One row per condition (base, each CCA selector, the random control, the no-mask update, LoRA):
+test accuracy with its bootstrap interval, the paired difference to the base (and, for CCA
+selectors, to the random control), what changed (components; parameters), and the side-effect
+suites' deltas. The verdict sentences say plainly whether each CCA selector beat the base and the
+random control on the held-out test problems, and by how much.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from cca_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from cca_fast.evaluation.stats import StratifiedBootstrap, aligned_correct
+
+LABELS = {"base": "base", "dcm": "CCA (DCM)", "atp-fraction": "CCA (AtP top fraction)",
+          "atp-topk": "CCA (AtP top-k)", "random": "random control", "none": "no-mask update",
+          "lora": "LoRA (r=16, alpha=32)"}
+#: side-effect metrics shown in the table: (suite, metric key, label, scale for display)
+SIDE_METRICS = (("mmlu", "metric", "MMLU 5-shot %", 100.0), ("truthfulqa", "metric", "TruthfulQA MC1 %", 100.0),
+                ("perplexity", "metric", "GSM8K ppl", 1.0))
+
+
+def _test_records(out: Path, name: str) -> list[dict[str, Any]]:
+    path = {"base": out / "shared" / "eval_base_test.jsonl", "lora": out / "lora" / "eval_test.jsonl"}.get(
+        name, out / name / "eval_cca_test.jsonl")
+    return list(read_jsonl(path)) if path.exists() else []
+
+
+def _changed(out: Path, name: str, n_params: int | None) -> dict[str, Any]:
+    """Components and parameters changed by a condition."""
+    if name == "base":
+        return {"components": 0, "components_fraction": 0.0, "parameters": 0, "parameters_fraction": 0.0}
+    if name == "lora":
+        info = read_json(out / "lora" / "lora.json") if (out / "lora" / "lora.json").exists() else {}
+        p = info.get("n_trainable_params")
+        return {"components": None, "components_fraction": None, "parameters": p,
+                "parameters_fraction": (p / n_params) if p is not None and n_params else None}
+    rep = read_json(out / name / "report.json")
+    cfg_path = out / name / "delta" / "delta_config.json"
+    elements = read_json(cfg_path).get("summary", {}).get("elements") if cfg_path.exists() else None
+    return {"components": rep["components_selected"], "components_fraction": rep["fraction"],
+            "parameters": elements, "parameters_fraction": (elements / n_params) if elements and n_params else None}
+
+
+def _side(out: Path, name: str) -> dict[str, Any] | None:
+    f = out / "side_effects" / f"{name}.json"
+    return read_json(f) if f.exists() else None
+
+
+def _side_row(base: dict[str, Any] | None, cond: dict[str, Any] | None, is_base: bool) -> dict[str, Any]:
+    """Per suite: the condition's metric, its change from the base and the paired bootstrap
+    interval of that change (:func:`cca_fast.evaluation.suites.compare`)."""
+    out: dict[str, Any] = {}
+    cmp: dict[str, Any] = {}
+    if base and cond and not is_base:
+        from cca_fast.evaluation.suites import compare
+
+        cmp = compare(base, cond)
+    for suite, key, _, _ in SIDE_METRICS:
+        v = cond[suite][key] if cond and suite in cond else None
+        c = cmp.get(suite, {})
+        out[suite] = {"metric": v, "delta": c.get("delta"), "delta_paired": c.get("delta_paired"),
+                      "ci": c.get("ci"), "n": cond[suite]["n"] if cond and suite in cond else None}
+    return out
+
+
+def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
+    """The comparison of every finished condition of ``config`` (a :class:`~cca_fast.experiments.study.StudyConfig`)."""
+    from cca_fast.experiments.study import side_effect_names, study_problems
+
+    out = Path(config.output)
+    _, val, test = study_problems(config)
+    ids = [p.id for p in test]
+    boot = StratifiedBootstrap([p.template for p in test], config.bootstrap, seed=config.run.seed)
+    info = read_json(out / "model_info.json") if (out / "model_info.json").exists() else {}
+    n_params = info.get("n_params")
+
+    names = side_effect_names(config)
+    correct = {n: aligned_correct(recs, ids) for n in names if (recs := _test_records(out, n))}
+    sides = {n: _side(out, n) for n in names}
+    rows = []
+    for n in names:
+        if n not in correct:
+            continue
+        acc = boot.accuracy(correct[n], config.level)
+        row: dict[str, Any] = {"condition": n, "label": LABELS.get(n, n), "test_accuracy": acc.to_dict(),
+                               **_changed(out, n, n_params)}
+        if n != "base":
+            row["vs_base"] = boot.difference(correct[n], correct["base"], config.level).to_dict()
+        if n in config.selectors and "random" in correct:
+            row["vs_random"] = boot.difference(correct[n], correct["random"], config.level).to_dict()
+        if n in config.condition_names():
+            rep = read_json(out / n / "report.json")
+            row.update({"best_step": rep["best_step"], "best_val_accuracy": rep["best_val_accuracy"],
+                        "base_val_accuracy": rep["base_val_accuracy"]})
+        elif n == "lora" and (out / "lora" / "lora.json").exists():
+            li = read_json(out / "lora" / "lora.json")
+            row.update({"best_epoch": li.get("best_epoch"), "best_val_accuracy": li.get("best_val")})
+        row["side_effects"] = _side_row(sides.get("base"), sides.get(n), n == "base")
+        rows.append(row)
+
+    shared_report = read_json(out / (config.selectors[0]) / "report.json") if (out / config.selectors[0] / "report.json").exists() else {}
+    return {
+        "model": config.run.model or "default (SmolLM2-135M-Instruct)",
+        "data": config.run.data or "builtin",
+        "shots": config.run.shots or "builtin",
+        "seed": config.run.seed,
+        "n_test": len(ids),
+        "n_val": len(val),
+        "n_train_problems": shared_report.get("n_train_problems"),
+        "n_examples": shared_report.get("n_examples"),
+        "n_flipped": shared_report.get("n_flipped"),
+        "weak_templates": len(shared_report.get("weak_templates", [])),
+        "interval": f"{int(round(100 * config.level))}% stratified bootstrap over test problems "
+                    f"({config.bootstrap} resamples; differences paired)",
+        "n_params": n_params,
+        "components_total": shared_report.get("components_total"),
+        "rows": rows,
+        "verdicts": verdicts(rows, config.selectors),
+        "phases_seconds": phases,
+        "shared_seconds": sum(v for k, v in (read_json(out / "shared" / "stages.json").items()
+                                             if (out / "shared" / "stages.json").exists() else [])),
+        "config": config.to_dict(),
+    }
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _ci(d: dict[str, Any], signed: bool = False) -> str:
+    f = _pts if signed else (lambda x: f"{100 * x:.1f}")
+    return f"{f(d['value'])} [{f(d['low'])}, {f(d['high'])}]"
+
+
+def verdicts(rows: list[dict[str, Any]], selectors: list[str]) -> list[str]:
+    """Plain sentences: did each CCA selector beat the base and the random control?"""
+    out = []
+    by = {r["condition"]: r for r in rows}
+    for s in selectors:
+        r = by.get(s)
+        if r is None:
+            continue
+        parts = []
+        for key, other in (("vs_base", "the base model"), ("vs_random", "the random control")):
+            d = r.get(key)
+            if d is None:
+                continue
+            ci = f"95% CI [{_pts(d['low'])}, {_pts(d['high'])}]"
+            if d["low"] > 0:
+                parts.append(f"beat {other} by {_pts(d['value'])} points ({ci})")
+            elif d["high"] < 0:
+                parts.append(f"did worse than {other}, by {_pts(d['value'])} points ({ci})")
+            else:
+                parts.append(f"did not differ significantly from {other} ({_pts(d['value'])} points, {ci})")
+        out.append(f"{r['label']} " + "; it ".join(parts) + f", on {r['test_accuracy']['n']} held-out test problems.")
+    return out
+
+
+def render_markdown(study: dict[str, Any]) -> str:
+    head = ["| condition | test accuracy % [95% CI] | vs base, points [95% CI] | vs random, points | "
+            "components selected | parameters updatable | best val % (step) | "
+            + " | ".join(f"{label} (delta)" for _, _, label, _ in SIDE_METRICS) + " |",
+            "|---" * (7 + len(SIDE_METRICS)) + "|"]
+    lines = [f"# CCA study: {study['model']} on `{study['data']}`", "",
+             f"- exemplars: `{study['shots']}`, seed {study['seed']}; {study['n_test']} test problems, "
+             f"{study['n_val']} validation problems (model selection), {study['n_examples']} pivot examples from "
+             f"{study['n_flipped']} flipped traces of {study['n_train_problems']} training problems "
+             f"({study['weak_templates']} weak templates)",
+             f"- intervals: {study['interval']}", ""]
+    lines += head
+    for r in study["rows"]:
+        comp = ("all (" + f"{r['components']}" + ")" if r["condition"] == "none" else
+                "-" if r.get("components") is None else f"{r['components']} ({100 * r['components_fraction']:.2f}%)")
+        par = "-" if not r.get("parameters") else f"{r['parameters']:,} ({100 * r['parameters_fraction']:.2f}%)" \
+            if r.get("parameters_fraction") is not None else f"{r['parameters']:,}"
+        bv = r.get("best_val_accuracy")
+        step = r.get("best_step", r.get("best_epoch"))
+        val = "-" if bv is None else f"{100 * bv:.1f} ({'step' if 'best_step' in r else 'epoch'} {step})"
+        side = []
+        for suite, key, _, scale in SIDE_METRICS:
+            s = r["side_effects"][suite]
+            if s["metric"] is None:
+                side.append("-")
+            elif s["delta"] is None or r["condition"] == "base":
+                side.append(f"{scale * s['metric']:.2f}")
+            elif suite == "perplexity":  # the interval is on the mean NLL change, not on ppl
+                side.append(f"{s['metric']:.3f} ({s['delta']:+.3f})")
+            else:
+                ci = f" [{scale * s['ci'][0]:+.1f}, {scale * s['ci'][1]:+.1f}]" if s.get("ci") else ""
+                side.append(f"{scale * s['metric']:.1f} ({scale * s['delta']:+.1f}{ci})")
+        lines.append(f"| {r['label']} | {_ci(r['test_accuracy'])} | "
+                     f"{_ci(r['vs_base'], True) if 'vs_base' in r else '-'} | "
+                     f"{_ci(r['vs_random'], True) if 'vs_random' in r else '-'} | {comp} | {par} | {val} | "
+                     + " | ".join(side) + " |")
+    lines += ["", "**Verdict.**", ""] + [f"- {v}" for v in study["verdicts"]] + ["", "![test accuracy](study.png)", ""]
+    lines += ["Best step 0 (epoch 0) means validation accuracy never rose above the base's: the condition "
+              "keeps the base weights, bit for bit (its side effects are the base's).", ""]
+    phases = {**({"shared stages (data, base eval, traces, pivots)": study["shared_seconds"]}
+                 if study.get("shared_seconds") else {}),
+              **{k: v for k, v in (study.get("phases_seconds") or {}).items() if k != "shared"}}
+    if phases:
+        lines += ["| phase | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in phases.items()]
+        lines += [f"| total | {sum(phases.values()):.0f} |", ""]
+    return "\n".join(lines)
+
+
+def plot_study(study: dict[str, Any]) -> bytes:
+    """PNG bytes: test accuracy per condition with its interval; side-effect deltas beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = study["rows"]
+    labels = [r["label"] for r in rows]
+    acc = [100 * r["test_accuracy"]["value"] for r in rows]
+    err = [[100 * (r["test_accuracy"]["value"] - r["test_accuracy"]["low"]) for r in rows],
+           [100 * (r["test_accuracy"]["high"] - r["test_accuracy"]["value"]) for r in rows]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.55 * len(rows) + 1.6), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    ax.barh(range(len(rows)), acc, xerr=err, color="#4C72B0", capsize=3)
+    ax.axvline(acc[0] if rows and rows[0]["condition"] == "base" else 0, color="grey", ls="--", lw=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"test accuracy, % ({study['n_test']} problems, 95% CI)", fontsize=8)
+    ax = axes[1]
+    width = 0.38
+    for j, (suite, key, label, scale) in enumerate(SIDE_METRICS[:2]):
+        vals = [scale * (r["side_effects"][suite]["delta"] or 0.0) for r in rows]
+        ax.barh([i + (j - 0.5) * width for i in range(len(rows))], vals, height=width, label=label)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [""] * len(rows))
+    ax.invert_yaxis()
+    ax.set_xlabel("side effect: change vs base, points", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"CCA study: {study['model']}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_study(out: Path, study: dict[str, Any]) -> None:
+    """Write ``study.json``, ``study.md`` and ``study.png`` into ``out`` (atomically)."""
+    atomic_write_bytes(out / "study.png", plot_study(study))
+    atomic_write_json(out / "study.json", study)
+    atomic_write_text(out / "study.md", render_markdown(study))

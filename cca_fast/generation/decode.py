@@ -1,0 +1,686 @@
+"""Batched generation with a KV cache, per-sequence stopping, greedy or seeded sampling.
+
+Layers, from low to high:
+
+* :func:`prefill` runs token sequences through the model into a :class:`DecodeState` (a
+  ``DynamicCache``, the next-token logits, the attention mask, the next position ids). It can
+  continue from another state (``prefix=``): a prompt prefix shared by many sequences (the
+  few-shot exemplars) is then computed once and copied, not recomputed per row.
+* :func:`decode` continues a :class:`DecodeState` token by token. A sequence that stops
+  (answer sentence, EOS, new question, length) is *removed* from the running batch: its cache
+  rows, mask row and logits row are dropped, so early finishers stop costing compute.
+* :func:`generate` does it all for a list of prompts: sort by length, batch, share the common
+  prefix, prefill, decode, restore the input order. With a
+  :class:`~cca_fast.generation.prefix.PrefixCache` the common prefix also survives the call: the next
+  call (another problem, the next validation batch, a branching completion) reuses it as far as
+  its tokens match, while the weights stay unchanged.
+
+Padding: rows are left padded; when a shared prefix is used, the padding of each row sits
+between the prefix and the row's own suffix. Either way position ids count the real tokens of
+each row from 0 (as Hugging Face ``generate`` does for left padding), and the 2-D attention mask
+hides the pad slots, so each row computes what it would compute alone (up to floating point
+reduction order).
+
+Stopping (METHOD section 0) is checked on the decoded text, incrementally: each step decodes
+only the new token with a little context (enough to get SentencePiece spaces and multi-byte
+characters right) and scans only the new text for
+
+* the answer sentence ``answer is[^.]*\\.`` (finish reason ``"answer"``; the text keeps the
+  sentence up to its dot),
+* the new-question marker ``"\\nQ:"`` (``"new_question"``; the text ends before the marker),
+* an EOS token id (``"eos"``; the text excludes it): the tokenizer's, the model's generation
+  config's and ``GenerationConfig.eos_token_ids``,
+* otherwise ``max_new_tokens`` (``"length"``).
+
+``GenerationConfig.early_stop=False`` is the reference procedure (the authors' code decodes
+``max_new_tokens`` and cuts afterwards): a stopped row stays in the batch and decodes up to
+``max_new_tokens`` tokens, which are thrown away; its output and text are cut at the first stop
+exactly as with early stopping, so both give the same generations (more compute for the same
+result; :attr:`GenerationStats.discarded_tokens` counts the waste).
+
+``Generation.output_ids`` holds every generated token up to and including the one that
+triggered the stop (so it may carry a few characters past the stop point, e.g. ``".\\n"`` or
+``"\\nQ"``), ``Generation.text`` the decoded text cut at the stop point.
+
+Sampling uses one CPU ``torch.Generator`` per row, seeded from ``GenerationConfig.seed`` and the
+row's index in the prompt list, and inverse-CDF sampling from one uniform number per row and
+step: the draws do not depend on the device, the batch size or which other rows share the batch.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from cca_fast.errors import CCAError
+from cca_fast.evaluation.prompting import find_answer_end
+
+if TYPE_CHECKING:
+    from cca_fast.generation.prefix import PrefixCache
+
+FINISH_REASONS = ("answer", "eos", "new_question", "length")
+NEW_QUESTION_MARKER = "\nQ:"
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings.
+
+    Attributes:
+        max_new_tokens: at most this many new tokens per sequence (paper: 1500; the default is
+            CPU-friendly and enough for GSM-style chains of thought).
+        do_sample: ``False`` = greedy (paper default for evaluation).
+        temperature: sampling temperature (> 0); ignored when greedy.
+        top_p: nucleus sampling mass in ``(0, 1]``; 1 = off.
+        top_k: keep only the ``top_k`` most likely tokens; 0 = off.
+        seed: sampling seed; row ``i`` of the prompt list uses a generator seeded from
+            ``(seed, i)``.
+        batch_size: sequences decoded together.
+        stop_on_answer: stop at the answer sentence ``answer is[^.]*\\.``.
+        stop_on_eos: stop at an EOS token.
+        stop_on_new_question: stop when the model starts a new question (``new_question_marker``).
+        new_question_marker: the text that starts a new question.
+        eos_token_ids: extra EOS ids (the tokenizer's and the model's are always included).
+        share_prefix: prefill the prompts' longest common token prefix once and copy its cache.
+        min_shared_prefix: only share a common prefix of at least this many tokens.
+        early_stop: remove a row from the batch as soon as it stops. ``False`` (the reference
+            procedure): every row decodes ``max_new_tokens`` tokens; the output is still cut at
+            the first stop, so the result is the same.
+    """
+
+    max_new_tokens: int = 400
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 8
+    stop_on_answer: bool = True
+    stop_on_eos: bool = True
+    stop_on_new_question: bool = True
+    new_question_marker: str = NEW_QUESTION_MARKER
+    eos_token_ids: tuple[int, ...] = ()
+    share_prefix: bool = True
+    min_shared_prefix: int = 16
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        if self.max_new_tokens < 1:
+            raise CCAError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise CCAError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.temperature > 0:
+            raise CCAError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise CCAError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise CCAError(f"top_k must be >= 0, got {self.top_k}")
+        if self.stop_on_new_question and not self.new_question_marker:
+            raise CCAError("new_question_marker must be non-empty when stop_on_new_question is set")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+
+@dataclass
+class Generation:
+    """One generated continuation.
+
+    Attributes:
+        prompt_ids: the prompt's token ids.
+        output_ids: new tokens only, up to and including the token that triggered the stop.
+        text: the decoded new tokens, cut at the stop point (``""`` without a tokenizer).
+        prompt_len: ``len(prompt_ids)``.
+        finish_reason: ``"answer"``, ``"eos"``, ``"new_question"`` or ``"length"``.
+        n_generated: ``len(output_ids)``.
+    """
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    prompt_len: int
+    finish_reason: str
+    n_generated: int
+
+
+@dataclass
+class DecodeResult:
+    """What :func:`decode` returns per row: new tokens, why it stopped, and the text cut at the
+    stop point."""
+
+    output_ids: list[int]
+    finish_reason: str
+    text: str
+
+
+@dataclass
+class GenerationStats:
+    """Token counters, accumulated over calls (pass the same object to several calls).
+
+    Attributes:
+        prefill_tokens: token positions run through the model in prefills (pads included).
+        generated_tokens: tokens generated (sum of ``n_generated``).
+        decode_steps: batched one-token forward passes.
+        sequences: sequences finished.
+        discarded_tokens: tokens decoded after a row's stop and thrown away
+            (``early_stop=False`` only).
+    """
+
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    sequences: int = 0
+    discarded_tokens: int = 0
+
+
+def row_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed for row ``index`` of a run seeded with ``seed`` (a fixed mixing
+    function, so the same ``(seed, index)`` always draws the same numbers)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) % (1 << 64)
+    x ^= x >> 29
+    return x % (1 << 63)
+
+
+# --------------------------------------------------------------------------------------------
+# Token choice
+# --------------------------------------------------------------------------------------------
+
+def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
+                       top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Inverse-CDF sampling, one uniform number per row.
+
+    Args:
+        logits: ``[B, V]`` next-token logits (any float dtype; computed in float32).
+        uniforms: ``[B]`` numbers in ``[0, 1)``.
+        temperature, top_p, top_k: as in :class:`GenerationConfig`.
+    Returns:
+        ``LongTensor [B]``: the token whose cumulative probability interval (tokens sorted by
+        decreasing probability, after temperature, top-k and top-p, renormalised) contains
+        ``uniforms``. Top-p keeps the smallest set of most likely tokens whose mass reaches
+        ``top_p`` (always at least one).
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if top_k > 0 and top_k < sorted_p.shape[-1]:
+        sorted_p[:, top_k:] = 0
+    if top_p < 1.0:
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= top_p * sorted_p.sum(-1, keepdim=True), 0)
+    cdf = torch.cumsum(sorted_p, dim=-1)
+    target = uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    pos = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return sorted_idx.gather(-1, pos).squeeze(-1)
+
+
+def greedy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``argmax`` per row (``LongTensor [B]``), as Hugging Face greedy search."""
+    return logits.argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental detokenisation and stop search
+# --------------------------------------------------------------------------------------------
+
+class StopScanner:
+    """Decodes one sequence's new tokens incrementally and reports the first stop in the text.
+
+    Each :meth:`push` decodes only the tail ``ids[prefix_offset:]`` (the last emitted token as
+    context plus the new ones); text is emitted once it no longer ends in an incomplete
+    character (``"\\ufffd"``). The answer sentence cannot span a dot except at its end, so only
+    the text after the last dot seen needs searching; the marker search looks at the new text
+    plus ``len(marker) - 1`` characters before it.
+    """
+
+    def __init__(self, tokenizer: Any, *, answer: bool = True, marker: str | None = NEW_QUESTION_MARKER):
+        self.tokenizer = tokenizer
+        self.answer = answer
+        self.marker = marker or None
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0
+        self._read = 0
+        self._segment = 0  # start of the text after the last dot
+
+    def _delta(self) -> str:
+        dec = self.tokenizer.decode
+        before = dec(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = dec(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def push(self, token_id: int) -> tuple[str, int] | None:
+        """Add one token; return ``(finish_reason, cut)`` at the first stop (``cut`` = where the
+        text ends, a character index into :attr:`text`), else ``None``."""
+        self.ids.append(int(token_id))
+        delta = self._delta()
+        if not delta:
+            return None
+        start = len(self.text)
+        self.text += delta
+        hits: list[tuple[int, str, int]] = []  # (completed at, reason, cut)
+        if self.answer:
+            seg = self.text[self._segment:]
+            end = find_answer_end(seg)
+            if end is not None:
+                hits.append((self._segment + end, "answer", self._segment + end))
+            else:
+                dot = seg.rfind(".")
+                if dot >= 0:
+                    self._segment += dot + 1
+        if self.marker:
+            i = self.text.find(self.marker, max(0, start - len(self.marker) + 1))
+            if i >= 0:
+                hits.append((i + len(self.marker), "new_question", i))
+        if not hits:
+            return None
+        _, reason, cut = min(hits)
+        return reason, cut
+
+
+def final_text(tokenizer: Any, output_ids: Sequence[int], reason: str, *, marker: str = NEW_QUESTION_MARKER,
+               scanner_text: str | None = None, cut: int | None = None) -> str:
+    """The decoded ``output_ids`` cut at the stop point of ``reason`` (see module docstring).
+
+    The whole sequence is decoded once; if that text does not show the stop (a tokenizer whose
+    piecewise decoding differs from whole decoding), the scanner's own text and cut are used.
+    """
+    if tokenizer is None:
+        return ""
+    ids = list(output_ids[:-1]) if reason == "eos" else list(output_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if reason == "answer":
+        end = find_answer_end(text)
+        if end is not None:
+            return text[:end]
+    elif reason == "new_question":
+        i = text.find(marker)
+        if i >= 0:
+            return text[:i]
+    else:
+        return text
+    return scanner_text[:cut] if scanner_text is not None and cut is not None else text
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill / decode
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DecodeState:
+    """A batch ready to generate.
+
+    Attributes:
+        cache: the model's KV cache (``transformers`` ``DynamicCache``) holding every position of
+            ``attention_mask``.
+        next_logits: ``[B, V]`` logits for each row's next token.
+        attention_mask: ``LongTensor [B, L]``, 1 on real tokens, 0 on pad slots.
+        next_position: ``LongTensor [B]``, the position id of each row's next token (its number
+            of real tokens so far).
+    """
+
+    cache: Any
+    next_logits: torch.Tensor
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.next_logits.shape[0]
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order), in place."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.next_logits.device)
+        _cache_select(self.cache, idx)
+        self.next_logits = self.next_logits[idx]
+        self.attention_mask = self.attention_mask[idx]
+        self.next_position = self.next_position[idx]
+
+    def repeat(self, n: int) -> "DecodeState":
+        """A new state with each row repeated ``n`` times (``repeat_interleave``); the cache is
+        copied, this state is left untouched."""
+        with torch.no_grad():
+            cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(n)
+        return DecodeState(cache, self.next_logits.repeat_interleave(n, 0),
+                           self.attention_mask.repeat_interleave(n, 0), self.next_position.repeat_interleave(n, 0))
+
+
+def _cache_select(cache: Any, idx: torch.Tensor) -> None:
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(idx)
+    elif hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(idx)
+    else:  # pragma: no cover - every transformers >= 4.56 cache has one of them
+        raise CCAError(f"cannot select batch rows of a {type(cache).__name__}")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the input embedding's device (first parameter's as a fallback)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    if callable(get_emb):
+        try:
+            return get_emb().weight.device
+        except (AttributeError, NotImplementedError):
+            pass
+    return next(model.parameters()).device
+
+
+def new_cache(model: torch.nn.Module) -> Any:
+    """An empty ``DynamicCache`` laid out for ``model`` (sliding-window layers included)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older signature
+        return DynamicCache()
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor, cache: Any, keep: int = 1) -> tuple[torch.Tensor, Any]:
+    """``(logits of the last keep positions [B, keep, V], the grown cache)``; the lm head runs on
+    those positions only (``logits_to_keep``). ``cache=None``: no cache is kept (one-shot scoring)."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  past_key_values=cache, use_cache=cache is not None)
+    try:
+        out = model(**kwargs, logits_to_keep=keep)
+    except TypeError as e:  # a (remote-code) model without logits_to_keep
+        if "logits_to_keep" not in str(e):
+            raise
+        out = model(**kwargs)
+    return out.logits[:, -keep:, :], out.past_key_values
+
+
+def prefill(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_id: int = 0,
+            prefix: DecodeState | None = None, stats: GenerationStats | None = None) -> DecodeState:
+    """Run ``sequences`` through ``model`` into a fresh :class:`DecodeState`.
+
+    Args:
+        sequences: ``B`` non-empty token id lists, left padded with ``pad_id`` (its value never
+            matters: pad slots are masked).
+        prefix: a state of batch 1 or ``B`` to continue from (it is copied, not modified): each
+            sequence is appended to its row (to the single row, repeated, when batch 1).
+    Returns:
+        The state after the last token of each sequence.
+    """
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise CCAError("prefill needs at least one sequence and no empty sequence")
+    B = len(sequences)
+    if prefix is not None and prefix.batch_size not in (1, B):
+        raise CCAError(f"prefix state has batch {prefix.batch_size}; need 1 or {B}")
+    base = None if prefix is None else prefix.repeat(B if prefix.batch_size == 1 else 1)
+    return extend_state(model, sequences, base, pad_id=pad_id, stats=stats)[0]
+
+
+def extend_state(model: torch.nn.Module, sequences: Sequence[Sequence[int]], base: DecodeState | None, *,
+                 pad_id: int = 0, stats: GenerationStats | None = None,
+                 keep_logits: int = 0) -> tuple[DecodeState, torch.Tensor | None]:
+    """:func:`prefill` on a state the caller gives away: ``base`` (batch ``B``, or ``None`` for
+    an empty cache) is grown in place, not copied.
+
+    Returns:
+        ``(state, logits)``: ``logits`` is ``[B, keep_logits, V]``, the logits of the last
+        ``keep_logits`` positions of the new tokens (``None`` when 0; only the next-token
+        logits, in ``state``, are computed then).
+    """
+    B = len(sequences)
+    device = model_device(model)
+    S = max(len(s) for s in sequences)
+    ids = torch.full((B, S), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((B, S), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, S - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, S - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if base is None:
+        cache, full_mask = new_cache(model), mask
+    else:
+        if base.batch_size != B:
+            raise CCAError(f"base state has batch {base.batch_size}; need {B}")
+        cache = base.cache
+        full_mask = torch.cat([base.attention_mask, mask], dim=1)
+        pos = pos + base.next_position.unsqueeze(1)
+    with torch.no_grad():
+        out, cache = _forward(model, ids, full_mask, pos, cache, keep=max(1, keep_logits))
+    logits = out[:, -1, :]
+    if torch.isnan(logits).any():
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+        raise CCAError(
+            f"the model produced NaN logits (dtype {logits.dtype}, attention {attn!r}); with padding this is a "
+            "known transformers problem of float64 + eager attention (fully masked pad rows): use sdpa "
+            "attention, another dtype, or batch_size=1")
+    if stats is not None:
+        stats.prefill_tokens += B * S
+    next_position = pos[:, -1] + 1
+    return DecodeState(cache, logits, full_mask, next_position), (out if keep_logits else None)
+
+
+def eos_ids_for(model: torch.nn.Module | None, tokenizer: Any, extra: Sequence[int] = ()) -> set[int]:
+    """EOS ids: ``extra`` + the tokenizer's ``eos_token_id`` + the model generation config's."""
+    ids = {int(t) for t in extra}
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    gen_cfg = getattr(model, "generation_config", None) if model is not None else None
+    for v in (tok_eos, getattr(gen_cfg, "eos_token_id", None)):
+        if v is None:
+            continue
+        ids.update(int(t) for t in (v if isinstance(v, (list, tuple)) else [v]))
+    return ids
+
+
+def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig, *, tokenizer: Any = None,
+           eos_token_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
+           stats: GenerationStats | None = None) -> list[DecodeResult]:
+    """Generate from ``state`` until every row stops; ``state`` is consumed (its cache grows and
+    loses finished rows).
+
+    Args:
+        state: e.g. from :func:`prefill`, or a prefix state ``.repeat(k)``-ed for k samples.
+        config: decoding settings (``batch_size``, ``seed`` and ``share_prefix`` are not used
+            here).
+        tokenizer: needed for the text stops and :attr:`DecodeResult.text`; with ``None`` only
+            EOS and length stop the rows and texts are empty.
+        eos_token_ids: ids that end a row (``None`` = :func:`eos_ids_for` the model and
+            tokenizer, plus ``config.eos_token_ids``); ignored if ``config.stop_on_eos`` is off.
+        row_seeds: one generator seed per row for sampling (``None`` = :func:`row_seed`
+            ``(config.seed, row)``).
+    Returns:
+        One :class:`DecodeResult` per row of ``state``, in order.
+    """
+    B = state.batch_size
+    eos = set(eos_token_ids) if eos_token_ids is not None else eos_ids_for(model, tokenizer, config.eos_token_ids)
+    if not config.stop_on_eos:
+        eos = set()
+    marker = config.new_question_marker if config.stop_on_new_question else None
+    text_stops = tokenizer is not None and (config.stop_on_answer or marker)
+    scanners = [StopScanner(tokenizer, answer=config.stop_on_answer, marker=marker) if text_stops else None
+                for _ in range(B)]
+    generators: list[torch.Generator] = []
+    if config.do_sample:
+        seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(B)]
+        if len(seeds) != B:
+            raise CCAError(f"row_seeds has {len(seeds)} entries for a batch of {B}")
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    results: list[DecodeResult | None] = [None] * B
+    active = list(range(B))  # original row of each running row
+    logits = state.next_logits
+    device = logits.device
+    step = 0  # tokens decoded so far by every running row (rows advance together)
+
+    with torch.no_grad():
+        while True:
+            if config.do_sample:
+                u = torch.stack([torch.rand((), generator=generators[r], dtype=torch.float64) for r in active])
+                tokens = sample_from_logits(logits, u, temperature=config.temperature, top_p=config.top_p,
+                                            top_k=config.top_k)
+            else:
+                tokens = greedy_from_logits(logits)
+            step += 1
+            keep: list[int] = []
+            n_new = n_done = 0  # tokens kept in outputs; rows stopping at this step
+            for j, (r, t) in enumerate(zip(active, tokens.tolist())):
+                if results[r] is not None:  # stopped earlier, decoding on (early_stop=False)
+                    if step < config.max_new_tokens:
+                        keep.append(j)
+                    continue
+                n_new += 1
+                outputs[r].append(t)
+                stop = None
+                if t in eos:
+                    stop = ("eos", None)
+                elif scanners[r] is not None:
+                    stop = scanners[r].push(t)
+                if stop is None and len(outputs[r]) >= config.max_new_tokens:
+                    stop = ("length", None)
+                if stop is None:
+                    keep.append(j)
+                    continue
+                sc = scanners[r]
+                text = final_text(tokenizer, outputs[r], stop[0], marker=marker or NEW_QUESTION_MARKER,
+                                  scanner_text=sc.text if sc else None, cut=stop[1])
+                results[r] = DecodeResult(outputs[r], stop[0], text)
+                n_done += 1
+                if not config.early_stop and step < config.max_new_tokens:
+                    keep.append(j)  # the reference procedure decodes max_new_tokens regardless
+            if stats is not None:
+                stats.generated_tokens += n_new
+                stats.discarded_tokens += len(active) - n_new
+                stats.sequences += n_done
+            if not keep:
+                break
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, dtype=torch.long, device=device)
+                state.select(idx)
+                tokens = tokens[idx]
+                active = [active[j] for j in keep]
+            mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(active), 1)], dim=1)
+            logits, state.cache = _forward(model, tokens.unsqueeze(1), mask, state.next_position.unsqueeze(1),
+                                           state.cache)
+            logits = logits[:, -1, :]
+            state.attention_mask, state.next_logits = mask, logits
+            state.next_position = state.next_position + 1
+            if stats is not None:
+                stats.decode_steps += 1
+    return [r for r in results if r is not None]
+
+
+# --------------------------------------------------------------------------------------------
+# High level
+# --------------------------------------------------------------------------------------------
+
+def common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``sequences``."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
+    for v in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+              getattr(getattr(model, "config", None), "pad_token_id", None)):
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def encode(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Token ids of ``prompts``: id lists pass through; strings are encoded with the tokenizer's
+    default special tokens (use :func:`cca_fast.evaluation.prompting.encode_prompts` for chat prompts)."""
+    out: list[list[int]] = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise CCAError("text prompts need a tokenizer; pass token id lists instead")
+            out.append(list(tokenizer(p)["input_ids"]))
+        else:
+            out.append([int(t) for t in p])
+        if not out[-1]:
+            raise CCAError("empty prompt: every prompt needs at least one token")
+    return out
+
+
+def _share_ok(model: torch.nn.Module, total_len: int) -> bool:
+    """Mid-sequence pad slots shift sliding windows (counted in cache slots, not positions);
+    only share a prefix when every sequence fits in the window."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None) if cfg is not None else None
+    return not (isinstance(window, int) and window > 0 and total_len > window)
+
+
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
+             config: GenerationConfig | None = None, *, row_seeds: Sequence[int] | None = None,
+             callback: Callable[[list[int], list[Generation]], None] | None = None,
+             stats: GenerationStats | None = None, prefix_cache: PrefixCache | None = None) -> list[Generation]:
+    """Generate a continuation of each prompt.
+
+    Args:
+        model: a causal LM (any device and dtype; run in whatever train/eval mode it is in).
+        tokenizer: for text prompts, text stops and texts; may be ``None`` with id prompts.
+        prompts: strings or token id lists.
+        config: decoding settings (default :class:`GenerationConfig`).
+        row_seeds: one sampling seed per prompt (default :func:`row_seed` ``(config.seed, i)``).
+        callback: called after each batch with the prompt indices and their generations.
+        stats: counters to accumulate into.
+        prefix_cache: a :class:`~cca_fast.generation.prefix.PrefixCache` kept across calls: the
+            prompts' common prefix (e.g. the few-shot exemplars) is then taken from its stored
+            key/value cache as far as it matches, instead of being recomputed, and stored for
+            the next call. Only used with ``config.share_prefix``; with it even a single prompt
+            shares (all but its last token).
+    Returns:
+        One :class:`Generation` per prompt, in input order.
+    """
+    config = config or GenerationConfig()
+    seqs = encode(tokenizer, prompts)
+    if row_seeds is not None and len(row_seeds) != len(seqs):
+        raise CCAError(f"row_seeds has {len(row_seeds)} entries for {len(seqs)} prompts")
+    seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(len(seqs))]
+    pad = _pad_id(tokenizer, model)
+    eos = eos_ids_for(model, tokenizer, config.eos_token_ids)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    results: list[Generation | None] = [None] * len(seqs)
+
+    shared = 0
+    if config.share_prefix and (len(seqs) > 1 or prefix_cache is not None):
+        shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+        longest = max(len(s) for s in seqs) + config.max_new_tokens
+        if shared < max(1, config.min_shared_prefix) or not _share_ok(model, longest):
+            shared = 0
+    prefix_state = None
+    if shared and prefix_cache is not None:  # (shared > 0 implies config.share_prefix)
+        prefix_state = prefix_cache.state(model, seqs[0][:shared], pad_id=pad, stats=stats)
+    elif shared:
+        prefix_state = prefill(model, [seqs[0][:shared]], pad_id=pad, stats=stats)
+
+    for b in range(0, len(order), config.batch_size):
+        rows = order[b:b + config.batch_size]
+        if prefix_state is not None:
+            state = prefill(model, [seqs[i][shared:] for i in rows], pad_id=pad, prefix=prefix_state, stats=stats)
+        else:
+            state = prefill(model, [seqs[i] for i in rows], pad_id=pad, stats=stats)
+        outs = decode(model, state, config, tokenizer=tokenizer, eos_token_ids=eos,
+                      row_seeds=[seeds[i] for i in rows], stats=stats)
+        batch = []
+        for i, o in zip(rows, outs):
+            results[i] = Generation(prompt_ids=seqs[i], output_ids=o.output_ids, text=o.text,
+                                    prompt_len=len(seqs[i]), finish_reason=o.finish_reason,
+                                    n_generated=len(o.output_ids))
+            batch.append(results[i])
+        del state
+        if callback is not None:
+            callback(rows, batch)
+    return [g for g in results if g is not None]

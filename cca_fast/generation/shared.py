@@ -1,0 +1,143 @@
+"""Shared-prefix batches for the stage-3 loss: the common token prefix of a mini-batch runs once.
+
+Every stage-3 example is ``few-shot header + question + partial trace`` (hundreds of tokens, most
+of them identical across examples). For a mini-batch of ``B`` examples whose longest common token
+prefix has ``P`` tokens, :func:`last_logits` runs
+
+1. the prefix once, batch 1 (with autograd when enabled, ``use_cache=True``) into a
+   ``DynamicCache``;
+2. the cache expanded to the batch (``Cache.batch_repeat_interleave``, an out-of-place,
+   differentiable ``repeat_interleave`` whose backward sums the ``B`` rows' gradients);
+3. the left-padded suffixes ``[B, S]`` on top: attention mask ``[B, P + S]`` (ones over the
+   prefix, zeros on each row's padding *between* the prefix and its suffix), explicit position
+   ids ``P + 0, P + 1, ...`` counting each row's real suffix tokens, logits at the last slot.
+
+Each row thus attends to exactly the keys/values it would see alone, at the same positions, so
+the logits (and, by the chain rule through the shared cache, the weight gradients summed over the
+batch) equal those of running every full sequence - up to floating-point summation order. This
+costs ``P + B * S`` token positions instead of ``B * (P + S)``.
+
+Examples whose whole sequence is the common prefix keep one token as their suffix (``P`` is cut to
+``min length - 1``). Below ``min_shared`` shared tokens, for a batch of one, for a model whose
+forward takes no ``past_key_values``, or when a sequence exceeds the model's sliding window
+(mid-sequence pad slots would shift it), :func:`collate_for_loss` returns a plain
+:class:`~cca_fast.stages.examples.PivotBatch`.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cca_fast.stages.examples import PivotBatch, PivotExample, collate
+from cca_fast.generation.decode import common_prefix_len, new_cache
+
+
+@dataclass
+class SharedPrefixBatch:
+    """A mini-batch split into one shared prefix and left-padded suffixes.
+
+    Attributes:
+        prefix_ids: ``LongTensor [1, P]``, the common prefix.
+        input_ids: ``LongTensor [B, S]``, each row's suffix, left padded.
+        attention_mask: ``LongTensor [B, P + S]``: ones over the prefix, then each row's suffix
+            mask (0 on padding).
+        position_ids: ``LongTensor [B, S]``: ``P + k`` for the row's ``k``-th real suffix token
+            (padding slots: ``P``, masked anyway).
+        desired, undesired: ``LongTensor [B]``.
+    """
+
+    prefix_ids: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    desired: torch.Tensor
+    undesired: torch.Tensor
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.prefix_ids.shape[1])
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def group_by_prefix(examples: Sequence[PivotExample], batch_size: int) -> list[list[PivotExample]]:
+    """Mini-batches of consecutive examples in lexicographic token order: neighbours in that order
+    share the longest prefixes (same problem, then same few-shot header), so each mini-batch's
+    common prefix is long."""
+    order = sorted(examples, key=lambda e: e.prefix_ids)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def supports_cache(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``past_key_values`` (explicitly or through ``**kwargs``)."""
+    params = inspect.signature(model.forward).parameters
+    return "past_key_values" in params
+
+
+def _window_ok(model: nn.Module, total_len: int) -> bool:
+    """Mid-sequence pad slots count against a sliding window (it is counted in cache slots, not
+    positions): share only when every padded sequence fits in the window."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    return not (isinstance(window, int) and window > 0 and total_len > window)
+
+
+def collate_for_loss(model: nn.Module, examples: Sequence[PivotExample], pad_id: int,
+                     device: torch.device | str, min_shared: int = 16) -> PivotBatch | SharedPrefixBatch:
+    """A :class:`SharedPrefixBatch` when sharing pays and is exact, else a plain
+    :class:`PivotBatch` (see the module docstring for when)."""
+    seqs = [e.prefix_ids for e in examples]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("collate_for_loss needs at least one example and no empty prefix")
+    P = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)  # every row keeps >= 1 suffix token
+    S = max(len(s) for s in seqs) - P
+    if len(seqs) < 2 or P < max(1, min_shared) or not supports_cache(model) or not _window_ok(model, P + S):
+        return collate(examples, pad_id, device)
+    B = len(seqs)
+    ids = torch.full((B, S), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((B, P + S), dtype=torch.long)
+    mask[:, :P] = 1
+    for i, s in enumerate(seqs):
+        n = len(s) - P
+        ids[i, S - n :] = torch.tensor(s[P:], dtype=torch.long)
+        mask[i, P + S - n :] = 1
+    pos = P + (mask[:, P:].cumsum(-1) - 1).clamp(min=0)
+    prefix = torch.tensor(seqs[0][:P], dtype=torch.long).unsqueeze(0)
+    desired = torch.tensor([e.desired for e in examples], dtype=torch.long)
+    undesired = torch.tensor([e.undesired for e in examples], dtype=torch.long)
+    return SharedPrefixBatch(*(t.to(device) for t in (prefix, ids, mask, pos, desired, undesired)))
+
+
+def _keep_last(model: nn.Module) -> dict:
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def last_logits(model: nn.Module, batch: PivotBatch | SharedPrefixBatch) -> torch.Tensor:
+    """Next-token logits at each row's last position, ``[B, V]`` (float16/bfloat16 upcast to
+    float32), with autograd when grad mode is on.
+
+    A :class:`SharedPrefixBatch` runs its prefix once and the suffixes on the expanded cache (see
+    the module docstring); a :class:`PivotBatch` runs as is (``use_cache=False``).
+    """
+    keep = _keep_last(model)
+    if isinstance(batch, PivotBatch):
+        logits = model(**batch.model_inputs(), use_cache=False, **keep).logits[:, -1]
+    else:
+        P, B = batch.prefix_len, len(batch)
+        cache = new_cache(model)
+        ones = batch.attention_mask[:1, :P]
+        pos = torch.arange(P, device=batch.prefix_ids.device).unsqueeze(0)
+        out = model(input_ids=batch.prefix_ids, attention_mask=ones, position_ids=pos, past_key_values=cache,
+                    use_cache=True, **keep)
+        cache = out.past_key_values  # keys/values [1, H, P, D], part of the autograd graph
+        del out
+        cache.batch_repeat_interleave(B)  # out of place: rebinds each layer's tensors to [B, H, P, D] copies
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, past_key_values=cache, use_cache=True, **keep).logits[:, -1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits

@@ -1,0 +1,478 @@
+"""Stage 3: update only the rows of the selected components (METHOD section 3).
+
+Paper default: full-batch gradient descent on the logit-difference loss
+``L = -mean_i (logit_i[desired_i] - logit_i[undesired_i])`` at the last prefix position (gradients
+accumulated over mini-batches), ``W <- W - 1e-4 dL/dW`` for up to 50 steps, changing only the
+q/k/v output rows of selected heads and the up-projection rows of selected neurons
+(:meth:`ComponentSpace.owned_rows`). Validation accuracy (a callable) is measured at step 0 (the
+base), every 2 steps during the first 10 and every 5 after (and at the last step); the best step's
+rows are kept in memory and the model is left at them.
+
+Two execution modes give the same updated rows:
+
+* ``"sparse"`` (default): weights frozen; each projection owning selected rows runs through
+  :class:`cca_fast.kernels.row_grad.RowSelectiveProjection`, so only ``dW[R]`` is computed, and
+  autograd accumulates it straight into the packed gradient buffer of a
+  :class:`cca_fast.kernels.sparse_optim.RowSparseOptimizer` (state for the selected rows only, one
+  launch per step).
+* ``"reference"``: dense autograd gradients for every weight, then the selected rows are gathered
+  and stepped by ``torch.optim.SGD`` / ``AdamW`` and copied back; dense gradients are freed as soon
+  as they are gathered.
+
+``scope="all"`` is the paper's no-mask baseline: the same update on every parameter (dense path).
+
+Each mini-batch's common token prefix (the few-shot header) runs once and its suffixes on the
+expanded key/value cache (``share_prefix``, :mod:`cca_fast.generation.shared`): the same loss and
+gradients, far fewer token positions.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from cca_fast.delta import SparseDelta
+from cca_fast.errors import CCAError
+from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff, pad_id_for
+from cca_fast.kernels.row_grad import row_selective, zero_delta
+from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, compute_dtype,
+                                   gather_rows, scatter_rows)
+from cca_fast.models.components import ComponentSpace, RowSelection
+from cca_fast.generation.shared import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class UpdateConfig:
+    """Stage-3 settings (defaults = paper).
+
+    Attributes:
+        lr: learning rate (paper 1e-4).
+        max_steps: optimizer steps (paper 50).
+        optimizer: ``"sgd"`` (paper: plain gradient descent) or ``"adamw"``.
+        momentum, dampening, nesterov: SGD options (paper: none).
+        betas, eps: AdamW options.
+        weight_decay: SGD L2 / AdamW decoupled decay (paper: 0).
+        batch_size: mini-batch size for accumulating the full-batch gradient (memory only: the
+            gradient is the same for any value).
+        mode: ``"sparse"`` (row-selective gradients, row-sparse optimizer) or ``"reference"``
+            (dense gradients, rows gathered and stepped by ``torch.optim``).
+        scope: ``"selected"`` (CCA) or ``"all"`` (the no-mask baseline: every parameter,
+            always the dense path).
+        master_weights: fp32 master rows for float16/bfloat16 weights (``False``: step the
+            half-precision weights directly, like the paper's fp16 reference code).
+        eval_every, eval_every_early, early_steps: validation schedule (5, 2, first 10 steps).
+        backend: kernels backend, ``"auto"`` / ``"triton"`` / ``"torch"``.
+        pad_id: padding token id (default: the model config's pad, else eos, else 0).
+        store_base_rows: keep the base rows in the returned delta (revert without a handle).
+        share_prefix: run each mini-batch's longest common token prefix once and its suffixes on
+            the expanded key/value cache (:mod:`cca_fast.generation.shared`): the same loss and
+            gradient up to summation order, far fewer token positions for few-shot prompts.
+            ``False``: every full sequence runs (the reference path).
+        min_shared_prefix: share only a common prefix of at least this many tokens.
+    """
+
+    lr: float = 1e-4
+    max_steps: int = 50
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    mode: Literal["sparse", "reference"] = "sparse"
+    scope: Literal["selected", "all"] = "selected"
+    master_weights: bool = True
+    eval_every: int = 5
+    eval_every_early: int = 2
+    early_steps: int = 10
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    pad_id: int | None = None
+    store_base_rows: bool = True
+    share_prefix: bool = True
+    min_shared_prefix: int = 16
+
+    def check(self) -> None:
+        """Raise :class:`CCAError` on an invalid setting."""
+        if self.optimizer not in ("sgd", "adamw"):
+            raise CCAError(f"update optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.mode not in ("sparse", "reference"):
+            raise CCAError(f"update mode must be 'sparse' or 'reference', got {self.mode!r}")
+        if self.scope not in ("selected", "all"):
+            raise CCAError(f"update scope must be 'selected' or 'all', got {self.scope!r}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise CCAError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
+        if self.max_steps < 0 or self.batch_size < 1:
+            raise CCAError(f"max_steps must be >= 0 and batch_size >= 1 (got {self.max_steps}, {self.batch_size})")
+        if self.min_shared_prefix < 1:
+            raise CCAError(f"min_shared_prefix must be >= 1, got {self.min_shared_prefix}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise CCAError(f"lr must be a finite number >= 0, got {self.lr}")
+        if min(self.eval_every, self.eval_every_early) < 1 or self.early_steps < 0:
+            raise CCAError("eval_every and eval_every_early must be >= 1, early_steps >= 0")
+        try:
+            self.optim_config()
+        except ValueError as e:
+            raise CCAError(f"invalid optimizer settings: {e}") from None
+
+    def optim_config(self) -> SGDConfig | AdamWConfig:
+        if self.optimizer == "adamw":
+            return AdamWConfig(self.lr, tuple(self.betas), self.eps, self.weight_decay)
+        return SGDConfig(self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass
+class UpdateResult:
+    """Outcome of :func:`run_update`.
+
+    Attributes:
+        best_step: step whose weights the model is left at (0 = base).
+        best_val: its validation accuracy (``None`` without ``validate``).
+        history: one record per step: ``step``, ``train_logit_diff`` (mean logit difference over
+            the training set at that step's weights), ``val`` (when evaluated), ``seconds``.
+        delta: the best step's rows as a :class:`SparseDelta` (base rows and hashes included).
+        seconds: wall time.
+    """
+
+    best_step: int
+    best_val: float | None
+    history: list[dict[str, Any]]
+    delta: SparseDelta
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best_step": self.best_step, "best_val": self.best_val, "history": self.history,
+                "seconds": self.seconds, "config": self.config, "delta": self.delta.summary()}
+
+
+def eval_steps(max_steps: int, every: int = 5, early_every: int = 2, early_steps: int = 10) -> list[int]:
+    """Steps at which validation runs: 0, every ``early_every`` up to ``early_steps``, every
+    ``every`` after, and ``max_steps``. Paper: 0, 2, 4, 6, 8, 10, 15, ..., 50."""
+    steps = {0, max_steps}
+    steps.update(range(early_every, min(early_steps, max_steps) + 1, early_every))
+    steps.update(s for s in range(every, max_steps + 1, every) if s > early_steps)
+    return sorted(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# loss over the training set
+# ---------------------------------------------------------------------------------------------
+def _pad_id(model: nn.Module, config: UpdateConfig) -> int:
+    return pad_id_for(model, config.pad_id)
+
+
+class _Batches:
+    """Mini-batches of the training set and the loss.
+
+    ``share_prefix``: examples grouped in token order (long common prefixes per mini-batch), each
+    mini-batch run as a :class:`~cca_fast.generation.shared.SharedPrefixBatch` when that pays. When
+    no mini-batch shares (or ``share_prefix`` is off): sorted by length (little padding), run
+    whole - exactly the plain path.
+    """
+
+    def __init__(self, model: nn.Module, examples: Sequence[PivotExample], config: UpdateConfig):
+        self.model = model
+        self.n = len(examples)
+        self.device = next(model.parameters()).device
+        pad = _pad_id(model, config)
+        self.batches: list[PivotBatch | SharedPrefixBatch] = []
+        if config.share_prefix:
+            self.batches = [collate_for_loss(model, group, pad, self.device, config.min_shared_prefix)
+                            for group in group_by_prefix(examples, config.batch_size)]
+        if not any(isinstance(b, SharedPrefixBatch) for b in self.batches):  # nothing shared: least padding
+            order = sorted(examples, key=lambda e: len(e.prefix_ids))
+            self.batches = [collate(order[i : i + config.batch_size], pad, self.device)
+                            for i in range(0, self.n, config.batch_size)]
+
+    def pass_(self, backward: bool) -> float:
+        """Mean logit difference over the set; with ``backward``, gradients of
+        ``-mean logit difference`` accumulate (mini-batch by mini-batch)."""
+        total = 0.0
+        for batch in self.batches:
+            with torch.set_grad_enabled(backward):
+                ld = logit_diff(last_logits(self.model, batch), batch.desired, batch.undesired)
+                if backward:
+                    (-ld.sum() / self.n).backward()
+            total += float(ld.detach().sum())
+        return total / self.n
+
+
+# ---------------------------------------------------------------------------------------------
+# steppers: one optimizer step on the selected rows, in each mode
+# ---------------------------------------------------------------------------------------------
+class _SparseStepper:
+    """Row-selective gradients accumulated into a :class:`RowSparseOptimizer`'s packed buffer."""
+
+    def __init__(self, model: nn.Module, plan: dict[str, RowSelection], config: UpdateConfig):
+        params = dict(model.named_parameters())
+        specs = [RowSpec(n, params[n], s.dim, s.index) for n, s in plan.items()]
+        self.opt = RowSparseOptimizer(specs, config.optim_config(), master_weights=config.master_weights,
+                                      backend=config.backend)
+        self.model, self.backend = model, config.backend
+        self.leaves: dict[str, torch.Tensor] = {}
+        self.arrived: dict[str, int] = {}
+        self.modules: dict[str, tuple[str, str | None]] = {}
+        for name in plan:
+            mod, attr = name.rsplit(".", 1)
+            w, b = self.modules.get(mod, (None, None))
+            if attr == "weight":
+                w = name
+            elif attr == "bias":
+                b = name
+            else:
+                raise CCAError(f"cannot update rows of {name}: only projection weights and biases are supported")
+            self.modules[mod] = (w, b)
+        for mod, (w, b) in self.modules.items():
+            if w is None:
+                raise CCAError(f"{mod}: bias rows selected without weight rows (sparse mode needs both)")
+            for name in (w, b):
+                if name is None:
+                    continue
+                view = self.opt.grad_view(name)
+                leaf = zero_delta(tuple(view.shape), view.dtype, view.device)
+                leaf.grad = view  # autograd accumulates dW[R] in place here (grad mode is off in backward)
+                leaf.register_hook(self._arrival(name))
+                self.leaves[name] = leaf
+        self.plan = plan
+
+    def _arrival(self, name: str):
+        def hook(grad):
+            self.arrived[name] = self.arrived.get(name, 0) + 1
+        return hook
+
+    def context(self, stack: ExitStack) -> None:
+        for mod, (w, b) in self.modules.items():
+            module = self.model.get_submodule(mod)
+            sel_w = self.plan[w]
+            transposed = sel_w.dim == 1
+            if transposed == isinstance(module, nn.Linear):
+                raise CCAError(f"{mod} is a {type(module).__name__} but its rows are along dim {sel_w.dim}")
+            stack.enter_context(row_selective(
+                module, sel_w.index, None if b is None else self.plan[b].index, self.leaves[w],
+                None if b is None else self.leaves[b], transposed=transposed, backend=self.backend))
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad()
+        self.arrived.clear()
+
+    def step(self) -> None:
+        for name, leaf in self.leaves.items():
+            if not self.arrived.get(name):
+                raise RuntimeError(f"no gradient reached the selected rows of {name} (is the module on the path "
+                                   "from the inputs to the logits?)")
+            if leaf.grad is None or leaf.grad.data_ptr() != self.opt.grad_view(name).data_ptr():
+                raise RuntimeError(f"autograd did not accumulate the gradient of {name} into the packed buffer")
+        self.opt.step()
+
+
+class _ReferenceStepper:
+    """Dense gradients for every weight; selected rows gathered, stepped by torch.optim, copied back."""
+
+    def __init__(self, model: nn.Module, plan: dict[str, RowSelection], config: UpdateConfig):
+        self.model, self.plan = model, plan
+        self.params = dict(model.named_parameters())
+        self.rows: dict[str, torch.Tensor] = {}  # leaves the torch optimizer steps
+        for name, sel in plan.items():
+            p = self.params[name]
+            full = sel.dim == 0 and sel.index.numel() == p.shape[0]
+            master = config.master_weights and p.dtype in (torch.float16, torch.bfloat16)
+            if full and not master:
+                self.rows[name] = p  # the whole parameter: step it in place
+            else:
+                dt = compute_dtype(p.dtype) if master else p.dtype
+                self.rows[name] = gather_rows(p, sel.dim, sel.index.to(p.device)).to(dt).requires_grad_()
+        oc = config.optim_config()
+        leaves = list(self.rows.values())
+        if isinstance(oc, AdamWConfig):
+            self.opt = torch.optim.AdamW(leaves, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay,
+                                         foreach=False)
+        else:
+            self.opt = torch.optim.SGD(leaves, lr=oc.lr, momentum=oc.momentum, dampening=oc.dampening,
+                                       weight_decay=oc.weight_decay, nesterov=oc.nesterov, foreach=False)
+
+    def context(self, stack: ExitStack) -> None:
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def step(self) -> None:
+        in_place = {id(leaf) for leaf in self.rows.values()}
+        for name, sel in self.plan.items():
+            p, leaf = self.params[name], self.rows[name]
+            if p.grad is None:
+                raise RuntimeError(f"no gradient reached {name}")
+            if leaf is not p:
+                leaf.grad = gather_rows(p.grad, sel.dim, sel.index.to(p.device)).to(leaf.dtype)
+        for p in self.params.values():  # dense gradients are not needed any longer
+            if id(p) not in in_place:
+                p.grad = None
+        self.opt.step()
+        with torch.no_grad():
+            for name, sel in self.plan.items():
+                p, leaf = self.params[name], self.rows[name]
+                if leaf is not p:
+                    scatter_rows(p, sel.dim, sel.index.to(p.device), leaf.detach())
+                    leaf.grad = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+def _full_plan(model: nn.Module) -> dict[str, RowSelection]:
+    """Every row of every parameter (the no-mask baseline); 0-d parameters (scalars) have no
+    rows and are left out."""
+    return {n: RowSelection(n, 0, torch.arange(p.shape[0])) for n, p in model.named_parameters() if p.dim() > 0}
+
+
+def _snapshot(model: nn.Module, plan: dict[str, RowSelection]) -> dict[str, torch.Tensor]:
+    """The selected rows (parameter layout, ``index_select(dim, index)``), copied."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().index_select(s.dim, s.index.to(params[n].device)).clone() for n, s in plan.items()}
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, plan: dict[str, RowSelection], rows: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for n, s in plan.items():
+        params[n].index_copy_(s.dim, s.index.to(params[n].device), rows[n])
+
+
+def run_update(
+    model: nn.Module,
+    space: ComponentSpace,
+    selection_flat_indices: Sequence[int] | torch.Tensor,
+    train_examples: Sequence[PivotExample],
+    config: UpdateConfig | None = None,
+    validate: Callable[[nn.Module], float] | None = None,
+    progress: Progress | bool | None = None,
+) -> UpdateResult:
+    """Stage 3 (see module docstring).
+
+    Args:
+        model: the causal LM (any device, any dtype); modified in place.
+        space: its :class:`ComponentSpace`.
+        selection_flat_indices: selected components (flat indices).
+        train_examples: pivot examples; the loss uses all of them at every step.
+        config: :class:`UpdateConfig` (default: paper).
+        validate: ``validate(model) -> accuracy``; without it the last step is kept.
+        progress: ``True`` for a progress bar, or a callable receiving each history record.
+    Returns:
+        :class:`UpdateResult`; the model is left at the best step's weights.
+    """
+    t0 = time.perf_counter()
+    config = config or UpdateConfig()
+    config.check()
+    if not train_examples:
+        raise CCAError("stage 3 needs at least one training example (stage 1 found no pivotal tokens?)")
+    sel = torch.as_tensor(list(selection_flat_indices) if not isinstance(selection_flat_indices, torch.Tensor)
+                          else selection_flat_indices, dtype=torch.long).flatten().unique()
+    if config.scope == "selected":
+        if sel.numel() == 0:
+            raise CCAError("no components selected: stage 3 would change nothing (lower the DCM lambda or use "
+                           "an attribution top-k selection)")
+        if int(sel.min()) < 0 or int(sel.max()) >= space.total:
+            raise CCAError(f"selected component indices must be in [0, {space.total})")
+        plan = space.owned_rows(sel)
+    else:
+        plan = _full_plan(model)
+    components = [str(c) for c in space.components(sel)] if config.scope == "selected" else ["all"]
+
+    batches = _Batches(model, train_examples, config)
+    schedule = set(eval_steps(config.max_steps, config.eval_every, config.eval_every_early, config.early_steps))
+    dense = config.mode == "reference" or config.scope == "all"
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    base_rows = _snapshot(model, plan)
+    history: list[dict[str, Any]] = []
+    best_step, best_val, best_rows = config.max_steps, None, None
+    bar = _bar(config.max_steps) if progress is True else None
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        stepper = (_ReferenceStepper if dense else _SparseStepper)(model, plan, config)
+        with ExitStack() as stack:
+            stepper.context(stack)
+            for step in range(config.max_steps + 1):
+                record: dict[str, Any] = {"step": step}
+                if step in schedule and validate is not None:
+                    with _frozen(model):
+                        val = float(validate(model))
+                    record["val"] = val
+                    if best_val is None or val > best_val:
+                        best_step, best_val, best_rows = step, val, _snapshot(model, plan)
+                last = step == config.max_steps
+                if not last:
+                    stepper.zero_grad()
+                record["train_logit_diff"] = batches.pass_(backward=not last)
+                if not last:
+                    stepper.step()
+                record["seconds"] = time.perf_counter() - t0
+                history.append(record)
+                if callable(progress):
+                    progress(record)
+                if bar is not None and not last:
+                    bar.update(1)
+                    bar.set_postfix(ld=f"{record['train_logit_diff']:.3f}", **({"val": f"{record['val']:.3f}"} if "val" in record else {}))
+        if best_rows is not None and best_step != config.max_steps:
+            _restore(model, plan, best_rows)
+    finally:
+        if bar is not None:
+            bar.close()
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    meta = {
+        "components": components,
+        "n_components": len(components) if config.scope == "selected" else space.total,
+        "components_total": space.total,
+        "fraction": (sel.numel() / space.total) if config.scope == "selected" else 1.0,
+        "hyperparameters": config.to_dict(),
+        "metrics": {"best_step": best_step, "best_val": best_val,
+                    "base_val": history[0].get("val") if history else None,
+                    "train_logit_diff": {str(h["step"]): h["train_logit_diff"] for h in history}},
+        "stage": "update",
+    }
+    delta = SparseDelta.from_rows(model, plan, base_rows, meta=meta, store_base=config.store_base_rows)
+    return UpdateResult(best_step, best_val, history, delta, time.perf_counter() - t0, config.to_dict())
+
+
+class _frozen:
+    """Validation runs without autograd and in eval mode."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self._grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+
+    def __exit__(self, *exc):
+        torch.set_grad_enabled(self._grad)
+        self.model.eval()
+
+
+def _bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="update", unit="step")
