@@ -23,10 +23,8 @@ means every real (non-padding) token.
 """
 from __future__ import annotations
 
-import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import nn
@@ -37,6 +35,7 @@ from cca_fast.models.hooks import position_mask
 from cca_fast.kernels.attribution import Segment, TapSpec, acc_dtype, tap
 from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import Component, ComponentSpace
+from cca_fast.models import runtime
 
 Metric = Callable[[torch.Tensor, Any], torch.Tensor]
 Positions = Union[None, int, torch.Tensor]
@@ -105,19 +104,6 @@ class Attribution:
             if kind in self.kinds:
                 view.fill_(True)
         return out
-
-
-@contextmanager
-def frozen_weights(model: nn.Module) -> Iterator[None]:
-    """Every parameter ``requires_grad=False`` inside the block; the flags are restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @dataclass
@@ -220,7 +206,7 @@ class AttributionSession:
 
     def __enter__(self) -> "AttributionSession":
         self._pending.clear()
-        self._freeze = frozen_weights(self.model)
+        self._freeze = runtime.frozen(self.model)
         self._freeze.__enter__()
         try:
             emb = self.model.get_input_embeddings()
@@ -336,7 +322,7 @@ class AttributionSession:
 
     def result(self) -> Attribution:
         """Scores accumulated so far."""
-        dev = next(self.model.parameters()).device
+        dev = runtime.input_device(self.model)
         if self.per_position:
             pp = self.per_position_scores
             scores = pp.sum((0, 1)) if pp is not None else None
@@ -365,14 +351,6 @@ def _model_inputs(batch: BatchLike, device: torch.device) -> dict[str, torch.Ten
         raise CCAError(f"batch must be a PivotBatch, a dict of model inputs or a LongTensor of ids; "
                        f"got {type(batch).__name__}")
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-
-
-def model_accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes a keyword argument ``name`` (e.g. ``logits_to_keep``)."""
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def attribute(
@@ -427,11 +405,8 @@ def _prepare(model: nn.Module, batch: BatchLike, metric: Metric | None, logits_t
         metric = default_pivot_metric
         if logits_to_keep is None:
             logits_to_keep = 1
-    inputs = _model_inputs(batch, next(model.parameters()).device)
-    kwargs: dict[str, Any] = {}
-    if logits_to_keep and model_accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = int(logits_to_keep)
-    return metric, inputs, kwargs
+    inputs = _model_inputs(batch, runtime.input_device(model))
+    return metric, inputs, runtime.keep_kwargs(model, logits_to_keep)
 
 
 def attribute_by_caching(
@@ -476,7 +451,7 @@ def attribute_by_caching(
         else:
             handles.append(mod.register_forward_pre_hook(lambda _m, args, key=key: (keep(key, args[0]),) + tuple(args[1:])))
     try:
-        with frozen_weights(model), torch.enable_grad():
+        with runtime.frozen(model), torch.enable_grad():
             out = model(**inputs, use_cache=False, **kwargs)
             value = metric(out.logits, batch).sum()
             torch.autograd.backward(value, inputs=leaves + list(store.values()))

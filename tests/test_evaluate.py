@@ -8,7 +8,7 @@ import pytest
 from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError
 from cca_fast.evaluation.evaluate import EvalResult, evaluate, score, write_json_atomic
-from cca_fast.generation.decode import Generation, GenerationConfig, GenerationStats
+from cca_fast.generation import Generation, GenerationConfig, GenerationStats
 from cca_fast.evaluation.prompting import Exemplar, PromptConfig, build_prompt, encode_prompts
 from test_generation import ScriptedLM, char_tokenizer, scripts_for
 

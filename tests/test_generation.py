@@ -12,8 +12,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from cca_fast.errors import CCAError
-from cca_fast.generation.decode import (DecodeState, GenerationConfig, GenerationStats, StopScanner, common_prefix_len,
-                                 decode, eos_ids_for, generate, prefill, row_seed, sample_from_logits)
+from cca_fast.models import runtime
+from cca_fast.generation import (DecodeState, GenerationConfig, GenerationStats, StopScanner, common_prefix_len,
+                                 decode, generate, prefill, row_seed, sample_from_logits)
 from cca_fast.evaluation.prompting import ANSWER_PATTERN, PromptConfig, build_prompt
 from tiny_models import ARCHS, VOCAB, make_tiny
 
@@ -95,7 +96,7 @@ def test_greedy_matches_uncached_reference_every_arch(arch):
     refs = [reference_greedy(model, p, n) for p in prompts]
     # pick EOS ids so that rows stop at different steps (plus the model's own EOS id)
     extra = {refs[0][2], refs[3][5]}
-    eos = eos_ids_for(model, None, extra)
+    eos = runtime.eos_ids(model, None, extra)
     expected = []
     for r in refs:
         cut = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
@@ -156,7 +157,7 @@ def test_rows_are_removed_from_the_running_batch(llama):
     prompts = random_prompts([4, 6, 5, 3], seed=9)
     refs = [reference_greedy(llama, p, 9) for p in prompts]
     extra = {refs[1][1], refs[2][4]}
-    eos = eos_ids_for(llama, None, extra)
+    eos = runtime.eos_ids(llama, None, extra)
     expected = [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in refs]
     sizes: list[int] = []
     h = llama.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cca_fast.generation.decode import GenerationConfig, GenerationStats, generate, prefill
+from cca_fast.generation import GenerationConfig, GenerationStats, generate, prefill
 from cca_fast.stages.pivots.search import TraceJudge, pivot_for_pair
 from cca_fast.stages.pivots.algorithms import teacher_forced_argmax
 from cca_fast.generation.prefix import PrefixCache, weights_key

@@ -24,7 +24,7 @@ import torch
 
 from cca_fast.delta import SparseDelta
 from cca_fast.errors import CCAError
-from cca_fast.generation.decode import GenerationConfig, GenerationStats, generate
+from cca_fast.generation import GenerationConfig, GenerationStats, generate
 from cca_fast.io import read_jsonl
 from cca_fast.experiments.pipeline import RunConfig, procedure_settings, run_cca
 from test_generation import char_tokenizer

@@ -9,7 +9,7 @@ import pytest
 
 import cca_fast.stages.traces as traces
 from cca_fast.data.problem import Problem
-from cca_fast.generation.decode import GenerationConfig
+from cca_fast.generation import GenerationConfig
 from cca_fast.io import read_jsonl
 from cca_fast.stages.traces import GreedyTrace, TraceConfig, collect_traces, problem_seed, sample_flip
 

@@ -27,7 +27,7 @@ from torch import nn
 from cca_fast import ComponentSpace
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotBatch, PivotExample
-from cca_fast.generation.shared import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
+from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
 from cca_fast.stages.update import UpdateConfig, _Batches, run_update
 from helpers import assert_only_owned_rows_may_differ
 from tiny_models import VOCAB, make_tiny

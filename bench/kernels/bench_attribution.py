@@ -98,7 +98,8 @@ def make_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0):
 
 def plain_forward_backward(model, batch) -> None:
     """The floor: same frozen-weight graph (embedding output as the leaf), no scoring."""
-    from cca_fast.attribution import default_pivot_metric, frozen_weights
+    from cca_fast.attribution import default_pivot_metric
+    from cca_fast.models.runtime import frozen
 
     leaves = []
 
@@ -109,7 +110,7 @@ def plain_forward_backward(model, batch) -> None:
 
     h = model.get_input_embeddings().register_forward_hook(leaf)
     try:
-        with frozen_weights(model), torch.enable_grad():
+        with frozen(model), torch.enable_grad():
             out = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
             torch.autograd.grad(default_pivot_metric(out.logits, batch), leaves)
     finally:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment  # noqa: E402
 
 from cca_fast.data import load_problems  # noqa: E402
-from cca_fast.generation.decode import GenerationConfig, generate  # noqa: E402
+from cca_fast.generation import GenerationConfig, generate  # noqa: E402
 from cca_fast.io import atomic_write_json  # noqa: E402
 from cca_fast.models.loading import load_model  # noqa: E402
 from cca_fast.stages.pivots.search import compare_branching  # noqa: E402

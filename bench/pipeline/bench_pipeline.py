@@ -35,7 +35,7 @@ from common import environment  # noqa: E402
 from whole_run import pair_whole_run  # noqa: E402
 
 from cca_fast.data import load_problems  # noqa: E402
-from cca_fast.generation.decode import GenerationConfig  # noqa: E402
+from cca_fast.generation import GenerationConfig  # noqa: E402
 from cca_fast.io import atomic_write_json, atomic_write_text  # noqa: E402
 from cca_fast.models.components import ComponentSpace  # noqa: E402
 from cca_fast.models.loading import load_model  # noqa: E402

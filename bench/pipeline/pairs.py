@@ -24,9 +24,9 @@ from common import timed  # noqa: E402
 import cca_fast.stages.traces as traces_mod  # noqa: E402  (its extract_answer is the fake judge's on the GPU scale)
 from cca_fast.data.problem import Problem  # noqa: E402
 from cca_fast.delta import revert_delta  # noqa: E402
-from cca_fast.stages.examples import PivotExample, collate, pad_id_for  # noqa: E402
-from cca_fast.generation.decode import GenerationConfig, GenerationStats, generate  # noqa: E402
-from cca_fast.attribution import frozen_weights  # noqa: E402
+from cca_fast.stages.examples import PivotExample, collate  # noqa: E402
+from cca_fast.generation import GenerationConfig, GenerationStats, generate  # noqa: E402
+from cca_fast.models.runtime import frozen  # noqa: E402
 from cca_fast.stages.localize.dcm import DCMConfig, dcm_loss, run_dcm  # noqa: E402
 from cca_fast.stages.localize.select import select  # noqa: E402
 from cca_fast.stages.pivots.search import compare_branching  # noqa: E402
@@ -34,6 +34,7 @@ from cca_fast.stages.pivots.algorithms import prefix_pivot, to_example  # noqa: 
 from cca_fast.evaluation.prompting import is_correct  # noqa: E402
 from cca_fast.stages.traces import GreedyTrace, TraceConfig, TracePair, problem_seed  # noqa: E402
 from cca_fast.stages.update import UpdateConfig, run_update  # noqa: E402
+from cca_fast.models import runtime
 
 #: tolerances by dtype (see bench/pipeline/README.md)
 TOL = {
@@ -200,8 +201,8 @@ def pair_dcm(model, space, examples: Sequence[PivotExample], batch_size: int, dt
     end1 = max(s for e, s in stamps if e == 0)
     first, steady = end1 - t0, max(s for e, s in stamps if e == 1) - end1
     grads = {}
-    with frozen_weights(model):  # the mask gradient of the first step, both modes (same mask: ones)
-        batch = collate(list(examples[:batch_size]), pad_id_for(model), device)
+    with frozen(model):  # the mask gradient of the first step, both modes (same mask: ones)
+        batch = collate(list(examples[:batch_size]), runtime.pad_id(model), device)
         for mode in ("full", "last"):
             mask = torch.ones(space.total, dtype=torch.float32, device=batch.input_ids.device, requires_grad=True)
             dcm_loss(model, space, batch, mask, base.lambda_l1, mode)[0].backward()
@@ -238,7 +239,7 @@ def pair_attribution(model, examples: Sequence[PivotExample], dtype: torch.dtype
     einsum). Returns the result and the AtP scores."""
     from bench_attribution import method_fns, peak_mb
 
-    batch = collate(examples, pad_id_for(model), device)
+    batch = collate(examples, runtime.pad_id(model), device)
     fns = {k: v for k, v in method_fns(model, batch, backend=None).items()
            if k in ("floor", "fused_last", "caching_last")}
     times: dict[str, list[float]] = {k: [] for k in fns}

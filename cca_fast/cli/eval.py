@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cca_fast.cli.common import (add_data_args, add_generation_args, add_model_args, add_prompt_args, check_positive,
                load_model_from_args, load_problems_from_args)
+from cca_fast.models import runtime
 
 DESCRIPTION = """\
 Evaluate a model: build the 8-shot chain-of-thought prompt for each problem, decode greedily
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data, "split": args.split, "limit": args.limit, "seed": args.seed,
         "n_per_template": args.n_per_template, "hub_split": args.hub_split,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device), "attn_implementation": args.attn_implementation,
+        "device": str(runtime.input_device(model)), "attn_implementation": args.attn_implementation,
     }  # the prompt and generation configs are saved by evaluate() as prompt_config / generation_config
     path = result.save(Path(args.output) / "eval.json")
     print(f"eval: {result.summary()} -> {path}")

@@ -48,17 +48,16 @@ step: the draws do not depend on the device, the batch size or which other rows 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from cca_fast.errors import CCAError
 from cca_fast.evaluation.prompting import find_answer_end
-
-if TYPE_CHECKING:
-    from cca_fast.generation.prefix import PrefixCache
+from cca_fast.generation.prefix import PrefixCache, can_share, shared_len
+from cca_fast.generation.state import DecodeState, GenerationStats, prefill
+from cca_fast.models import runtime
 
 FINISH_REASONS = ("answer", "eos", "new_question", "length")
 NEW_QUESTION_MARKER = "\nQ:"
@@ -156,26 +155,6 @@ class DecodeResult:
     output_ids: list[int]
     finish_reason: str
     text: str
-
-
-@dataclass
-class GenerationStats:
-    """Token counters, accumulated over calls (pass the same object to several calls).
-
-    Attributes:
-        prefill_tokens: token positions run through the model in prefills (pads included).
-        generated_tokens: tokens generated (sum of ``n_generated``).
-        decode_steps: batched one-token forward passes.
-        sequences: sequences finished.
-        discarded_tokens: tokens decoded after a row's stop and thrown away
-            (``early_stop=False`` only).
-    """
-
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
-    decode_steps: int = 0
-    sequences: int = 0
-    discarded_tokens: int = 0
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -314,168 +293,6 @@ def final_text(tokenizer: Any, output_ids: Sequence[int], reason: str, *, marker
 # Prefill / decode
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class DecodeState:
-    """A batch ready to generate.
-
-    Attributes:
-        cache: the model's KV cache (``transformers`` ``DynamicCache``) holding every position of
-            ``attention_mask``.
-        next_logits: ``[B, V]`` logits for each row's next token.
-        attention_mask: ``LongTensor [B, L]``, 1 on real tokens, 0 on pad slots.
-        next_position: ``LongTensor [B]``, the position id of each row's next token (its number
-            of real tokens so far).
-    """
-
-    cache: Any
-    next_logits: torch.Tensor
-    attention_mask: torch.Tensor
-    next_position: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.next_logits.shape[0]
-
-    def select(self, rows: torch.Tensor | Sequence[int]) -> None:
-        """Keep only ``rows`` (in that order), in place."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.next_logits.device)
-        _cache_select(self.cache, idx)
-        self.next_logits = self.next_logits[idx]
-        self.attention_mask = self.attention_mask[idx]
-        self.next_position = self.next_position[idx]
-
-    def repeat(self, n: int) -> "DecodeState":
-        """A new state with each row repeated ``n`` times (``repeat_interleave``); the cache is
-        copied, this state is left untouched."""
-        with torch.no_grad():
-            cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(n)
-        return DecodeState(cache, self.next_logits.repeat_interleave(n, 0),
-                           self.attention_mask.repeat_interleave(n, 0), self.next_position.repeat_interleave(n, 0))
-
-
-def _cache_select(cache: Any, idx: torch.Tensor) -> None:
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(idx)
-    elif hasattr(cache, "reorder_cache"):
-        cache.reorder_cache(idx)
-    else:  # pragma: no cover - every transformers >= 4.56 cache has one of them
-        raise CCAError(f"cannot select batch rows of a {type(cache).__name__}")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs go: the input embedding's device (first parameter's as a fallback)."""
-    get_emb = getattr(model, "get_input_embeddings", None)
-    if callable(get_emb):
-        try:
-            return get_emb().weight.device
-        except (AttributeError, NotImplementedError):
-            pass
-    return next(model.parameters()).device
-
-
-def new_cache(model: torch.nn.Module) -> Any:
-    """An empty ``DynamicCache`` laid out for ``model`` (sliding-window layers included)."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - older signature
-        return DynamicCache()
-
-
-def _forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor, cache: Any, keep: int = 1) -> tuple[torch.Tensor, Any]:
-    """``(logits of the last keep positions [B, keep, V], the grown cache)``; the lm head runs on
-    those positions only (``logits_to_keep``). ``cache=None``: no cache is kept (one-shot scoring)."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=cache, use_cache=cache is not None)
-    try:
-        out = model(**kwargs, logits_to_keep=keep)
-    except TypeError as e:  # a (remote-code) model without logits_to_keep
-        if "logits_to_keep" not in str(e):
-            raise
-        out = model(**kwargs)
-    return out.logits[:, -keep:, :], out.past_key_values
-
-
-def prefill(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_id: int = 0,
-            prefix: DecodeState | None = None, stats: GenerationStats | None = None) -> DecodeState:
-    """Run ``sequences`` through ``model`` into a fresh :class:`DecodeState`.
-
-    Args:
-        sequences: ``B`` non-empty token id lists, left padded with ``pad_id`` (its value never
-            matters: pad slots are masked).
-        prefix: a state of batch 1 or ``B`` to continue from (it is copied, not modified): each
-            sequence is appended to its row (to the single row, repeated, when batch 1).
-    Returns:
-        The state after the last token of each sequence.
-    """
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise CCAError("prefill needs at least one sequence and no empty sequence")
-    B = len(sequences)
-    if prefix is not None and prefix.batch_size not in (1, B):
-        raise CCAError(f"prefix state has batch {prefix.batch_size}; need 1 or {B}")
-    base = None if prefix is None else prefix.repeat(B if prefix.batch_size == 1 else 1)
-    return extend_state(model, sequences, base, pad_id=pad_id, stats=stats)[0]
-
-
-def extend_state(model: torch.nn.Module, sequences: Sequence[Sequence[int]], base: DecodeState | None, *,
-                 pad_id: int = 0, stats: GenerationStats | None = None,
-                 keep_logits: int = 0) -> tuple[DecodeState, torch.Tensor | None]:
-    """:func:`prefill` on a state the caller gives away: ``base`` (batch ``B``, or ``None`` for
-    an empty cache) is grown in place, not copied.
-
-    Returns:
-        ``(state, logits)``: ``logits`` is ``[B, keep_logits, V]``, the logits of the last
-        ``keep_logits`` positions of the new tokens (``None`` when 0; only the next-token
-        logits, in ``state``, are computed then).
-    """
-    B = len(sequences)
-    device = model_device(model)
-    S = max(len(s) for s in sequences)
-    ids = torch.full((B, S), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((B, S), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, S - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, S - len(s):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    if base is None:
-        cache, full_mask = new_cache(model), mask
-    else:
-        if base.batch_size != B:
-            raise CCAError(f"base state has batch {base.batch_size}; need {B}")
-        cache = base.cache
-        full_mask = torch.cat([base.attention_mask, mask], dim=1)
-        pos = pos + base.next_position.unsqueeze(1)
-    with torch.no_grad():
-        out, cache = _forward(model, ids, full_mask, pos, cache, keep=max(1, keep_logits))
-    logits = out[:, -1, :]
-    if torch.isnan(logits).any():
-        attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
-        raise CCAError(
-            f"the model produced NaN logits (dtype {logits.dtype}, attention {attn!r}); with padding this is a "
-            "known transformers problem of float64 + eager attention (fully masked pad rows): use sdpa "
-            "attention, another dtype, or batch_size=1")
-    if stats is not None:
-        stats.prefill_tokens += B * S
-    next_position = pos[:, -1] + 1
-    return DecodeState(cache, logits, full_mask, next_position), (out if keep_logits else None)
-
-
-def eos_ids_for(model: torch.nn.Module | None, tokenizer: Any, extra: Sequence[int] = ()) -> set[int]:
-    """EOS ids: ``extra`` + the tokenizer's ``eos_token_id`` + the model generation config's."""
-    ids = {int(t) for t in extra}
-    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    gen_cfg = getattr(model, "generation_config", None) if model is not None else None
-    for v in (tok_eos, getattr(gen_cfg, "eos_token_id", None)):
-        if v is None:
-            continue
-        ids.update(int(t) for t in (v if isinstance(v, (list, tuple)) else [v]))
-    return ids
-
-
 def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig, *, tokenizer: Any = None,
            eos_token_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
            stats: GenerationStats | None = None) -> list[DecodeResult]:
@@ -488,7 +305,7 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
             here).
         tokenizer: needed for the text stops and :attr:`DecodeResult.text`; with ``None`` only
             EOS and length stop the rows and texts are empty.
-        eos_token_ids: ids that end a row (``None`` = :func:`eos_ids_for` the model and
+        eos_token_ids: ids that end a row (``None`` = :func:`cca_fast.models.runtime.eos_ids` of the model and
             tokenizer, plus ``config.eos_token_ids``); ignored if ``config.stop_on_eos`` is off.
         row_seeds: one generator seed per row for sampling (``None`` = :func:`row_seed`
             ``(config.seed, row)``).
@@ -496,7 +313,7 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
         One :class:`DecodeResult` per row of ``state``, in order.
     """
     B = state.batch_size
-    eos = set(eos_token_ids) if eos_token_ids is not None else eos_ids_for(model, tokenizer, config.eos_token_ids)
+    eos = set(eos_token_ids) if eos_token_ids is not None else runtime.eos_ids(model, tokenizer, config.eos_token_ids)
     if not config.stop_on_eos:
         eos = set()
     marker = config.new_question_marker if config.stop_on_new_question else None
@@ -563,8 +380,9 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
                 tokens = tokens[idx]
                 active = [active[j] for j in keep]
             mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(active), 1)], dim=1)
-            logits, state.cache = _forward(model, tokens.unsqueeze(1), mask, state.next_position.unsqueeze(1),
-                                           state.cache)
+            logits, state.cache = runtime.forward(model, input_ids=tokens.unsqueeze(1), attention_mask=mask,
+                                                  position_ids=state.next_position.unsqueeze(1), cache=state.cache,
+                                                  keep=1)
             logits = logits[:, -1, :]
             state.attention_mask, state.next_logits = mask, logits
             state.next_position = state.next_position + 1
@@ -576,27 +394,6 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
 # --------------------------------------------------------------------------------------------
 # High level
 # --------------------------------------------------------------------------------------------
-
-def common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of ``sequences``."""
-    if not sequences:
-        return 0
-    first, n = sequences[0], min(len(s) for s in sequences)
-    for s in sequences[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return n
-
-
-def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
-    for v in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-              getattr(getattr(model, "config", None), "pad_token_id", None)):
-        if isinstance(v, int):
-            return v
-    return 0
-
 
 def encode(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
     """Token ids of ``prompts``: id lists pass through; strings are encoded with the tokenizer's
@@ -612,14 +409,6 @@ def encode(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]]) -> 
         if not out[-1]:
             raise CCAError("empty prompt: every prompt needs at least one token")
     return out
-
-
-def _share_ok(model: torch.nn.Module, total_len: int) -> bool:
-    """Mid-sequence pad slots shift sliding windows (counted in cache slots, not positions);
-    only share a prefix when every sequence fits in the window."""
-    cfg = getattr(model, "config", None)
-    window = getattr(cfg, "sliding_window", None) if cfg is not None else None
-    return not (isinstance(window, int) and window > 0 and total_len > window)
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -649,16 +438,15 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
     if row_seeds is not None and len(row_seeds) != len(seqs):
         raise CCAError(f"row_seeds has {len(row_seeds)} entries for {len(seqs)} prompts")
     seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(len(seqs))]
-    pad = _pad_id(tokenizer, model)
-    eos = eos_ids_for(model, tokenizer, config.eos_token_ids)
+    pad = runtime.pad_id(model, tokenizer)
+    eos = runtime.eos_ids(model, tokenizer, config.eos_token_ids)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     results: list[Generation | None] = [None] * len(seqs)
 
     shared = 0
     if config.share_prefix and (len(seqs) > 1 or prefix_cache is not None):
-        shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
-        longest = max(len(s) for s in seqs) + config.max_new_tokens
-        if shared < max(1, config.min_shared_prefix) or not _share_ok(model, longest):
+        shared = shared_len(seqs, config.min_shared_prefix)
+        if shared and not can_share(model, max(len(s) for s in seqs) + config.max_new_tokens):
             shared = 0
     prefix_state = None
     if shared and prefix_cache is not None:  # (shared > 0 implies config.share_prefix)

@@ -1,52 +1,175 @@
-"""A key/value cache of one token prefix, kept across generation calls while the weights stay.
+"""The one prefix key/value mechanism: a token prefix common to many sequences runs once.
 
-Every prompt of a run starts with the same few-shot exemplars (~800 tokens for the paper's
-8-shot GSM8K prompt), and stage 1 works on one trace at a time: the teacher-forced pass over
-``prompt + sample`` and then the greedy completions of prefixes of that very sequence. Without
-reuse each of those calls prefills the whole prompt again (on 2 CPU cores, 850 tokens of
-SmolLM2-135M cost as much as ~30 decode steps). A :class:`PrefixCache` keeps the decode state of
-the last prefix it computed; the next call takes the longest common token prefix from it
-(cropped copy) and only runs the tokens after it.
+Every prompt of a run starts with the same few-shot exemplars (~800 tokens for the paper's 8-shot
+GSM8K prompt). Whoever runs many sequences that share a prefix uses the pieces here:
 
-Validity: the stored key/values depend on the weights. The cache is keyed by
+* :func:`common_prefix_len` / :func:`shared_len`: how many leading tokens a batch shares (each
+  row keeps at least one token of its own, whose logits are the output);
+* :func:`can_share`: whether sharing is exact and possible for the model: it must take a cache
+  (:func:`cca_fast.models.runtime.cache_keyword`, which warns once when it does not) and every
+  padded sequence must fit in its sliding window (mid-sequence pad slots count against a window
+  counted in cache slots);
+* :func:`run_prefix`: run the prefix into a fresh cache, once (with autograd when grad mode is
+  on: gradients then flow back through the cache into the weights);
+* :func:`expand`: the cache of batch 1 repeated to a batch (``repeat_interleave``,
+  differentiable: its backward sums the rows' gradients), :func:`crop_copy` (the first ``n``
+  positions, copied) and :func:`share` (a new cache object over the same tensors, for a cache
+  that is reused read-only across steps);
+* :class:`PrefixCache`: the decode state of the last prefix, kept across generation calls while
+  the weights stay unchanged.
+
+Users: generation (:func:`~cca_fast.generation.decode.generate`), the teacher-forced pass and
+completions of the branching pivot search, DCM's last-position mode (the frozen model's prefix
+keys/values, :func:`share`-d across steps), the stage-3 shared-prefix loss
+(:mod:`cca_fast.stages.batches`), the LoRA SFT loss and the side-effect log-likelihoods.
+
+Numerics: a prefix computed in one forward and its continuation in another give the values of one
+forward over everything up to floating-point reduction order; greedy outputs only differ at exact
+ties.
+
+:class:`PrefixCache` validity: the stored key/values depend on the weights. The cache is keyed by
 :func:`weights_key` (every parameter's storage address and in-place version counter), so any
 update, delta application or revert, ``load_state_dict`` or device move makes the next lookup a
 miss (code that writes parameters through raw pointers, like the Triton optimizer kernels, bumps
 the version counters with ``torch.autograd.graph.increment_version``). Forward hooks that change
 activations are not visible in the key: do not share a cache between hooked and plain calls.
-
-Numerics: a prefix computed in one forward and its continuation in another give the same values
-as one forward over everything up to floating-point reduction order (the same caveat as
-:func:`~cca_fast.generation.decode.prefill` with ``prefix=``); greedy outputs only differ at exact ties.
 """
 from __future__ import annotations
 
+import copy as _copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 
-from cca_fast.generation.decode import DecodeState, GenerationStats, common_prefix_len, extend_state, new_cache
-
-
-def weights_key(model: torch.nn.Module) -> tuple:
-    """A value that changes whenever a parameter of ``model`` is modified in place (autograd
-    version counter), replaced or moved (storage address)."""
-    return (id(model),) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+from cca_fast.generation.state import DecodeState, GenerationStats, extend_state
+from cca_fast.models import runtime
 
 
-def _cropped_copy(model: torch.nn.Module, cache, length: int):
+def common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``sequences``."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def shared_len(sequences: Sequence[Sequence[int]], min_shared: int = 1, *, keep: int = 1) -> int:
+    """Tokens of the common prefix worth sharing: at most ``min(len) - keep`` (each row keeps
+    ``keep`` tokens of its own), 0 when that is below ``min_shared`` (or below 1)."""
+    if not sequences:
+        return 0
+    P = min(common_prefix_len(sequences), min(len(s) for s in sequences) - keep)
+    return P if P >= max(1, min_shared) else 0
+
+
+def window_fits(model: nn.Module, total_len: int) -> bool:
+    """Whether ``total_len`` cache slots fit in the model's sliding window (or it has none)."""
+    w = runtime.sliding_window(model)
+    return w is None or total_len <= w
+
+
+def can_share(model: nn.Module, total_len: int) -> bool:
+    """Whether a prefix can be shared exactly by sequences of up to ``total_len`` slots (prefix,
+    padding and suffix): the model takes a cache (else a one-time warning names the cause) and
+    the sequences fit its sliding window."""
+    return window_fits(model, total_len) and runtime.cache_keyword(model) is not None
+
+
+def run_prefix(model: nn.Module, ids: Sequence[int] | torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, keep: int = 1) -> tuple[torch.Tensor, Any]:
+    """Run a prefix into a fresh cache: ``(logits of its last keep positions [B, keep, V], cache)``.
+
+    Args:
+        ids: a token list (batch 1) or ``LongTensor [B, P]``.
+        attention_mask, position_ids: ``[B, P]``; default all ones / ``0 .. P-1``.
+    The forward runs under the caller's grad mode: with autograd on, the cache carries the graph.
+    """
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.tensor([[int(t) for t in ids]], dtype=torch.long, device=runtime.input_device(model))
+    if attention_mask is None:
+        attention_mask = torch.ones_like(ids)
+    if position_ids is None:
+        position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    return runtime.forward(model, input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=runtime.new_cache(model), keep=keep)
+
+
+def expand(cache: Any, n: int, *, copy: bool = False) -> Any:
+    """Each batch row of ``cache`` repeated ``n`` times (``repeat_interleave``). In place on the
+    cache object (its tensors are rebound to new, differentiable ``[B*n, H, P, D]`` tensors);
+    ``copy=True`` leaves ``cache`` untouched and returns a new cache."""
+    if copy:
+        with torch.no_grad():
+            cache = _copy.deepcopy(cache)
+    if n != 1:
+        cache.batch_repeat_interleave(n)
+    return cache
+
+
+def crop_copy(model: nn.Module, cache: Any, length: int) -> Any:
     """A new cache holding the first ``length`` positions of ``cache`` (``None`` when its layers
     cannot be read). Built with ``update``, the one cache API stable across transformers 5.x
     (``crop``'s argument changed meaning)."""
     layers = getattr(cache, "layers", None)
     if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
         return None
-    out = new_cache(model)
+    out = runtime.new_cache(model)
     with torch.no_grad():
         for i, layer in enumerate(layers):  # [B, H_kv, T, D] per layer; update concatenates (copies)
             out.update(layer.keys[:, :, :length], layer.values[:, :, :length], i)
     return out
+
+
+def _tensors_in(obj: Any, seen: set[int] | None = None):
+    """Every tensor reachable from ``obj`` through attributes, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        for v in vars(obj).values():
+            yield from _tensors_in(v, seen)
+
+
+class SharedCache:
+    """A cache computed once and reused read-only: :meth:`fresh` gives a new cache object for one
+    forward (which may append to it) over the very same stored tensors, without copying them.
+
+    Raises ``RuntimeError`` from :meth:`fresh` when a stored tensor was modified in place (a
+    static cache written by the model), since the stored positions would then be wrong."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+        self._tensors = list(_tensors_in(cache)) if cache is not None else []
+        self._versions = [t._version for t in self._tensors]
+
+    def fresh(self) -> Any:
+        if self.cache is None:
+            return None
+        if any(t._version != v for t, v in zip(self._tensors, self._versions)):
+            raise RuntimeError("the stored key/value cache was modified in place by the model (a static cache?)")
+        return _copy.deepcopy(self.cache, {id(t): t for t in self._tensors})
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """A value that changes whenever a parameter of ``model`` is modified in place (autograd
+    version counter), replaced or moved (storage address)."""
+    return (id(model),) + tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 @dataclass
@@ -101,7 +224,7 @@ class PrefixCache:
         if c < self.min_reuse:
             self.stats.misses += 1
             return None, 0
-        cache = _cropped_copy(model, self._state.cache, c)
+        cache = crop_copy(model, self._state.cache, c)
         if cache is None:
             self.stats.misses += 1
             return None, 0

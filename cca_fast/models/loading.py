@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cca_fast.models import runtime
 from cca_fast.errors import CCAError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -230,8 +231,8 @@ def load_model(
                 if source.kind == "hub" else "")
         raise CCAError(f"could not load model {name!r}: {e}{hint}") from None
     model.to(dev).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:  # batch encoding needs a pad token: the id of runtime.pad_id's rule
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(runtime.pad_id(model, tokenizer))
     tokenizer.padding_side = "left"
     model.cca_source = source
     return model, tokenizer

@@ -115,17 +115,3 @@ def logit_diff(last_logits: torch.Tensor, desired: torch.Tensor, undesired: torc
     rows = torch.arange(last_logits.shape[0], device=last_logits.device)
     return last_logits[rows, desired] - last_logits[rows, undesired]
 
-
-def pad_id_for(model, pad_id: int | None = None) -> int:
-    """``pad_id``, else the model config's ``pad_token_id``, else its EOS id, else 0 (any id
-    works: padded positions are masked out)."""
-    if pad_id is not None:
-        return int(pad_id)
-    cfg = getattr(model, "config", None)
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, (list, tuple)):
-            v = v[0] if v else None
-        if v is not None:
-            return int(v)
-    return 0

@@ -22,7 +22,7 @@ Two execution modes give the same updated rows:
 ``scope="all"`` is the paper's no-mask baseline: the same update on every parameter (dense path).
 
 Each mini-batch's common token prefix (the few-shot header) runs once and its suffixes on the
-expanded key/value cache (``share_prefix``, :mod:`cca_fast.generation.shared`): the same loss and
+expanded key/value cache (``share_prefix``, :mod:`cca_fast.stages.batches`): the same loss and
 gradients, far fewer token positions.
 """
 from __future__ import annotations
@@ -38,12 +38,13 @@ from torch import nn
 
 from cca_fast.delta import SparseDelta
 from cca_fast.errors import CCAError
-from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff, pad_id_for
+from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff
 from cca_fast.kernels.row_grad import row_selective, zero_delta
 from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, compute_dtype,
                                    gather_rows, scatter_rows)
 from cca_fast.models.components import ComponentSpace, RowSelection
-from cca_fast.generation.shared import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
+from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
+from cca_fast.models import runtime
 
 Progress = Callable[[dict], None]
 
@@ -72,7 +73,7 @@ class UpdateConfig:
         pad_id: padding token id (default: the model config's pad, else eos, else 0).
         store_base_rows: keep the base rows in the returned delta (revert without a handle).
         share_prefix: run each mini-batch's longest common token prefix once and its suffixes on
-            the expanded key/value cache (:mod:`cca_fast.generation.shared`): the same loss and
+            the expanded key/value cache (:mod:`cca_fast.stages.batches`): the same loss and
             gradient up to summation order, far fewer token positions for few-shot prompts.
             ``False``: every full sequence runs (the reference path).
         min_shared_prefix: share only a common prefix of at least this many tokens.
@@ -171,15 +172,11 @@ def eval_steps(max_steps: int, every: int = 5, early_every: int = 2, early_steps
 # ---------------------------------------------------------------------------------------------
 # loss over the training set
 # ---------------------------------------------------------------------------------------------
-def _pad_id(model: nn.Module, config: UpdateConfig) -> int:
-    return pad_id_for(model, config.pad_id)
-
-
 class _Batches:
     """Mini-batches of the training set and the loss.
 
     ``share_prefix``: examples grouped in token order (long common prefixes per mini-batch), each
-    mini-batch run as a :class:`~cca_fast.generation.shared.SharedPrefixBatch` when that pays. When
+    mini-batch run as a :class:`~cca_fast.stages.batches.SharedPrefixBatch` when that pays. When
     no mini-batch shares (or ``share_prefix`` is off): sorted by length (little padding), run
     whole - exactly the plain path.
     """
@@ -187,8 +184,8 @@ class _Batches:
     def __init__(self, model: nn.Module, examples: Sequence[PivotExample], config: UpdateConfig):
         self.model = model
         self.n = len(examples)
-        self.device = next(model.parameters()).device
-        pad = _pad_id(model, config)
+        self.device = runtime.input_device(model)
+        pad = runtime.pad_id(model, explicit=config.pad_id)
         self.batches: list[PivotBatch | SharedPrefixBatch] = []
         if config.share_prefix:
             self.batches = [collate_for_loss(model, group, pad, self.device, config.min_shared_prefix)
@@ -397,23 +394,20 @@ def run_update(
     batches = _Batches(model, train_examples, config)
     schedule = set(eval_steps(config.max_steps, config.eval_every, config.eval_every_early, config.early_steps))
     dense = config.mode == "reference" or config.scope == "all"
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     base_rows = _snapshot(model, plan)
     history: list[dict[str, Any]] = []
     best_step, best_val, best_rows = config.max_steps, None, None
     bar = _bar(config.max_steps) if progress is True else None
     try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        stepper = (_ReferenceStepper if dense else _SparseStepper)(model, plan, config)
         with ExitStack() as stack:
+            stack.enter_context(runtime.eval_mode(model))
+            stack.enter_context(runtime.frozen(model))
+            stepper = (_ReferenceStepper if dense else _SparseStepper)(model, plan, config)
             stepper.context(stack)
             for step in range(config.max_steps + 1):
                 record: dict[str, Any] = {"step": step}
                 if step in schedule and validate is not None:
-                    with _frozen(model):
+                    with torch.no_grad(), runtime.eval_mode(model):
                         val = float(validate(model))
                     record["val"] = val
                     if best_val is None or val > best_val:
@@ -436,10 +430,8 @@ def run_update(
     finally:
         if bar is not None:
             bar.close()
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             p.grad = None
-            p.requires_grad_(flags[n])
-        model.train(was_training)
     meta = {
         "components": components,
         "n_components": len(components) if config.scope == "selected" else space.total,
@@ -453,21 +445,6 @@ def run_update(
     }
     delta = SparseDelta.from_rows(model, plan, base_rows, meta=meta, store_base=config.store_base_rows)
     return UpdateResult(best_step, best_val, history, delta, time.perf_counter() - t0, config.to_dict())
-
-
-class _frozen:
-    """Validation runs without autograd and in eval mode."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self._grad = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-
-    def __exit__(self, *exc):
-        torch.set_grad_enabled(self._grad)
-        self.model.eval()
 
 
 def _bar(total: int):

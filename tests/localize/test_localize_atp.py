@@ -12,8 +12,9 @@ from cca_fast.attribution import attribute
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotExample, collate
 from cca_fast.stages.localize import AtPConfig, dcm_loss, run_atp
-from cca_fast.stages.localize.atp import check_examples, pad_id_for
+from cca_fast.stages.localize.atp import check_examples
 from cca_fast.models.components import ComponentSpace
+from cca_fast.models import runtime
 from localize_helpers import examples, tiny
 
 TOL = 1e-12
@@ -62,10 +63,10 @@ def test_progress_callback_and_kinds():
 
 def test_pad_id_and_example_checks():
     model = tiny("llama")
-    assert pad_id_for(model, 5) == 5
-    assert pad_id_for(model) == model.config.pad_token_id == 0
+    assert runtime.pad_id(model, explicit=5) == 5
+    assert runtime.pad_id(model) == model.config.pad_token_id == 0
     model.config.pad_token_id = None
-    assert pad_id_for(model) == model.config.eos_token_id
+    assert runtime.pad_id(model) == model.config.eos_token_id
     with pytest.raises(CCAError, match="no pivot examples"):
         run_atp(model, [])
     with pytest.raises(CCAError, match="empty prefix"):

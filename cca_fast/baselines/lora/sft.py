@@ -12,7 +12,6 @@ target) follows it, padded. The loss and its gradients are those of running ever
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
@@ -22,6 +21,8 @@ from torch import nn
 
 from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError, DataError
+from cca_fast.generation.prefix import expand, run_prefix, shared_len
+from cca_fast.models import runtime
 from cca_fast.evaluation.prompting import _GOLD_RE, ANSWER_PREFIX, PromptConfig, build_prompt, encode_prompts
 
 _CALC_RE = re.compile(r"<<[^<>]*>>")
@@ -130,14 +131,7 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int, *, prefix_len: int 
 
 def shared_prefix_len(examples: Sequence[SFTExample]) -> int:
     """Longest common prompt prefix, leaving at least one prompt token per row."""
-    first = examples[0].prompt_ids
-    n = min(len(e.prompt_ids) for e in examples) - 1
-    for e in examples[1:]:
-        k = 0
-        while k < n and e.prompt_ids[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)
+    return shared_len([e.prompt_ids for e in examples])
 
 
 def sft_nll(model: nn.Module, examples: Sequence[SFTExample], *, pad_id: int = 0,
@@ -150,35 +144,24 @@ def sft_nll(model: nn.Module, examples: Sequence[SFTExample], *, pad_id: int = 0
         ``(nll, n_tokens)``: a scalar tensor (float32, or float64 for a float64 model; it carries
         the autograd graph when gradients are enabled) and an int.
     """
-    device = next(model.parameters()).device
+    device = runtime.input_device(model)
     P = len(prefix)
     batch = collate_sft(examples, pad_id, prefix_len=P, padding_side=padding_side, device=device)
     B, S = batch.input_ids.shape
-    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+    inputs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids,
+                              "attention_mask": batch.attention_mask}
+    cache = None
     if P:
-        from cca_fast.generation.decode import new_cache
-
-        cache = new_cache(model)
-        pre = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-        model(input_ids=pre, attention_mask=torch.ones_like(pre), position_ids=torch.arange(P, device=device)[None],
-              past_key_values=cache, use_cache=True, **_keep(model, 1))
-        if B > 1:
-            cache.batch_repeat_interleave(B)
-        kwargs.update(past_key_values=cache, use_cache=True,
-                      attention_mask=torch.cat([torch.ones((B, P), dtype=torch.long, device=device),
-                                                batch.attention_mask], dim=1))
-    else:
-        kwargs.update(attention_mask=batch.attention_mask, use_cache=False)
+        _, cache = run_prefix(model, prefix)
+        expand(cache, B)
+        inputs["attention_mask"] = torch.cat([torch.ones((B, P), dtype=torch.long, device=device),
+                                              batch.attention_mask], dim=1)
     valid = batch.labels[:, 1:] != -100  # [B, S-1]: logits at t predict the label at t + 1
     lo = int(valid.any(0).nonzero()[0])
-    logits = model(**kwargs, **_keep(model, S - lo)).logits
-    logits = logits[:, -(S - lo):][:, :-1]  # positions lo .. S-2
+    logits = runtime.forward(model, **inputs, cache=cache, keep=S - lo)[0][:, :-1]  # positions lo .. S-2
     if logits.dtype != torch.float64:
         logits = logits.float()
     nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels[:, lo + 1:].flatten(),
                                       ignore_index=-100, reduction="sum")
     return nll, int(valid.sum())
 
-
-def _keep(model: nn.Module, n: int) -> dict[str, int]:
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}

@@ -43,6 +43,8 @@ from cca_fast.baselines.lora.adapter import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT
 from cca_fast.baselines.lora.sft import (SFTBatch, SFTExample, build_sft_examples, collate_sft, gold_target, sft_nll,
                        shared_prefix_len, target_text)
 from cca_fast.evaluation.prompting import PromptConfig
+from cca_fast.generation.prefix import can_share
+from cca_fast.models import runtime
 
 __all__ = ["LoRAConfig", "LoRAResult", "MergedLoRA", "train_lora", "merge_lora", "load_lora", "gold_target",
            "target_text", "SFTExample", "SFTBatch", "build_sft_examples", "collate_sft", "sft_nll",
@@ -199,16 +201,16 @@ def train_lora(model: nn.Module, tokenizer: Any, problems: Sequence[Problem], pr
         raise CCAError("LoRA training needs at least one training problem")
     if any(hasattr(m, "base_layer") for m in model.modules()):
         raise CCAError("the model already holds peft adapter layers; pass a plain Hugging Face model")
-    from cca_fast.stages.examples import pad_id_for
-
     examples = build_sft_examples(problems, tokenizer, prompt)
-    pad = pad_id_for(model, config.pad_id)
-    prefix = examples[0].prompt_ids[:shared_prefix_len(examples)] if config.share_prefix and len(examples) > 1 else ()
-    window = getattr(model.config, "sliding_window", None)
-    if prefix and config.padding_side == "left" and isinstance(window, int) and window > 0 and \
-            max(len(e.prompt_ids) + len(e.target_ids) for e in examples) > window:
-        prefix = ()  # mid-sequence pad slots would shift sliding windows (see generation.py)
-    device = next(model.parameters()).device
+    pad = runtime.pad_id(model, tokenizer, config.pad_id)
+    prefix: tuple[int, ...] = ()
+    if config.share_prefix and len(examples) > 1:
+        P = shared_prefix_len(examples)
+        # right padding puts no pad slot between prefix and suffix: only left padding meets the window rule
+        longest = max(len(e.prompt_ids) + len(e.target_ids) for e in examples) if config.padding_side == "left" else 0
+        if P and can_share(model, longest):
+            prefix = examples[0].prompt_ids[:P]
+    device = runtime.input_device(model)
     targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
     from transformers.pytorch_utils import Conv1D
 

@@ -30,7 +30,9 @@ from typing import Any, Sequence
 import torch
 
 from cca_fast.errors import CCAError
-from cca_fast.generation.decode import DecodeState, _forward, _share_ok, common_prefix_len, model_device, prefill
+from cca_fast.generation.prefix import can_share, common_prefix_len, shared_len
+from cca_fast.generation.state import DecodeState, prefill
+from cca_fast.models import runtime
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -237,24 +239,23 @@ def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[
     stats = stats if stats is not None else LoglikStats()
     stats.requests += len(pairs)
     stats.rows += len(rows)
-    device = model_device(model)
+    device = runtime.input_device(model)
     want = _DTYPES[str(config.logprob_dtype).replace("torch.", "")]
     results: list[Loglik | None] = [None] * len(pairs)
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(pairs), desc="loglikelihood", unit="request")
-    was_training = model.training
-    model.eval()
     prefix_tokens: list[int] | None = None
     prefix_state: DecodeState | None = None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), runtime.eval_mode(model):
             for batch in batches:
                 P = 0
                 if config.share_prefix and len(batch) > 1:
-                    P = min(common_prefix_len([r.tokens for r in batch]), min(len(r.tokens) - r.need for r in batch))
-                    if P < max(1, config.min_shared_prefix) or not _share_ok(model, max(len(r.tokens) for r in batch)):
+                    # each row keeps its scored positions (r.need) out of the shared part
+                    P = shared_len([r.tokens[:len(r.tokens) - r.need + 1] for r in batch], config.min_shared_prefix)
+                    if P and not can_share(model, max(len(r.tokens) for r in batch)):
                         P = 0
                 if P:
                     if prefix_tokens != batch[0].tokens[:P]:
@@ -283,7 +284,6 @@ def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[
                 if bar is not None:
                     bar.update(sum(len(r.requests) for r in batch))
     finally:
-        model.train(was_training)
         if bar is not None:
             bar.close()
     return [r for r in results if r is not None]
@@ -309,7 +309,7 @@ def _run_batch(model: torch.nn.Module, seqs: list[list[int]], keep: int, device:
         pos = pos + prefix.next_position.unsqueeze(1)
     if cache is None and B == 1:
         full_mask = None  # nothing to mask: let the attention take its causal fast path
-    logits = _forward(model, ids, full_mask, pos, cache, keep=keep)[0]
+    logits = runtime.forward(model, input_ids=ids, attention_mask=full_mask, position_ids=pos, cache=cache, keep=keep)[0]
     if torch.isnan(logits).any():
         attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
         raise CCAError(f"the model produced NaN logits (dtype {logits.dtype}, attention {attn!r}); with padding this is "

@@ -17,11 +17,12 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
-from cca_fast.attribution import Attribution, AttributionSession, model_accepts, default_pivot_metric
+from cca_fast.attribution import Attribution, AttributionSession, default_pivot_metric
 from cca_fast.errors import CCAError
-from cca_fast.stages.examples import PivotExample, collate, pad_id_for  # noqa: F401 (re-exported for dcm)
+from cca_fast.stages.examples import PivotExample, collate
 from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import ComponentSpace
+from cca_fast.models import runtime
 
 Progress = Union[bool, Callable[[dict], None]]
 
@@ -92,12 +93,12 @@ def run_atp(model: nn.Module, examples: Sequence[PivotExample], config: AtPConfi
     config = config or AtPConfig()
     space = space if space is not None else ComponentSpace(model)
     check_examples(examples, getattr(model.config, "vocab_size", None))
-    device = next(model.parameters()).device
-    pad = pad_id_for(model, config.pad_id)
+    device = runtime.input_device(model)
+    pad = runtime.pad_id(model, explicit=config.pad_id)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prefix_ids))  # less padding
     bs = int(config.batch_size)
     chunks = [order[i : i + bs] for i in range(0, len(order), bs)]
-    kwargs = {"logits_to_keep": 1} if model_accepts(model, "logits_to_keep") else {}
+    kwargs = runtime.keep_kwargs(model, 1)
     update, close = make_progress(progress, len(chunks), "AtP")
     try:
         with AttributionSession(model, space, kinds=config.kinds, absolute=config.absolute,

@@ -27,20 +27,20 @@ default the counter is armed only once the count has changed at least once
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from cca_fast.attribution import frozen_weights, model_accepts
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff
 from cca_fast.models.hooks import scale_components
 from cca_fast.models.components import ComponentSpace
-from cca_fast.stages.localize.atp import AtPConfig, Progress, check_examples, make_progress, pad_id_for, run_atp
+from cca_fast.stages.localize.atp import AtPConfig, Progress, check_examples, make_progress, run_atp
+from cca_fast.generation.prefix import SharedCache, run_prefix
+from cca_fast.models import runtime
 
 MODES = ("last", "full")
 INITS = ("ones", "atp")
@@ -147,54 +147,28 @@ class DCMResult:
 
 # ---- prefix cache -----------------------------------------------------------------------------
 
-def _tensors_in(obj: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
-    """Every tensor reachable from ``obj`` through attributes, lists, tuples and dicts."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v, seen)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
-        for v in vars(obj).values():
-            yield from _tensors_in(v, seen)
-
-
-class PivotPrefixCache:
+class PivotPrefixCache(SharedCache):
     """Key/value cache of positions ``[0, T-1)`` of a left-padded batch, computed once with the
-    unmasked model (no grad). :meth:`fresh` gives a cache object for one step that shares the
-    stored tensors without copying them."""
+    unmasked, frozen model (no grad) through :func:`cca_fast.generation.prefix.run_prefix`;
+    :meth:`fresh` gives a cache object for one step over the same stored tensors (see
+    :class:`~cca_fast.generation.prefix.SharedCache`). ``cache`` is ``None`` when there is
+    nothing to cache (``T == 1``)."""
 
     def __init__(self, model: nn.Module, batch: PivotBatch):
         self.length = batch.input_ids.shape[1] - 1
-        self.cache = None
-        self._tensors: list[torch.Tensor] = []
-        if self.length == 0:
-            return
-        kwargs = {"logits_to_keep": 1} if model_accepts(model, "logits_to_keep") else {}
-        with torch.no_grad():
-            out = model(input_ids=batch.input_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
-                        position_ids=batch.position_ids[:, :-1], use_cache=True, **kwargs)
-        self.cache = out.past_key_values
-        if self.cache is None:
-            raise CCAError(f"{type(model).__name__} returned no key/value cache; use DCMConfig(mode='full')")
-        self._tensors = list(_tensors_in(self.cache))
-        self._versions = [t._version for t in self._tensors]
+        cache = None
+        if self.length > 0:
+            with torch.no_grad():
+                _, cache = run_prefix(model, batch.input_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
+                                      position_ids=batch.position_ids[:, :-1])
+        super().__init__(cache)
 
     def fresh(self) -> Any:
         """A cache for one step: same stored tensors, independent bookkeeping."""
-        if self.cache is None:
-            return None
-        if any(t._version != v for t, v in zip(self._tensors, self._versions)):
-            raise CCAError("the prefix key/value cache was modified in place by the model (a static cache?); "
-                           "use DCMConfig(mode='full')")
-        return copy.deepcopy(self.cache, {id(t): t for t in self._tensors})
+        try:
+            return super().fresh()
+        except RuntimeError as e:
+            raise CCAError(f"{e}; use DCMConfig(mode='full')") from None
 
 
 # ---- loss --------------------------------------------------------------------------------------
@@ -213,21 +187,17 @@ def dcm_loss(model: nn.Module, space: ComponentSpace, batch: PivotBatch, mask: t
     if mode not in MODES:
         raise CCAError(f"mode must be one of {MODES}, got {mode!r}")
     scales = 2.0 * mask
-    kwargs = {"logits_to_keep": 1} if model_accepts(model, "logits_to_keep") else {}
+    if mode == "last" and runtime.cache_keyword(model) is None:  # (warned once): same loss, full prefix
+        mode = "full"
     if mode == "full":
         with scale_components(model, space, scales, positions=-1):
-            logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits[:, -1]
+            logits = runtime.forward(model, **batch.model_inputs(), keep=1)[0][:, -1]
     else:
         prefix = prefix if prefix is not None else PivotPrefixCache(model, batch)
-        past = prefix.fresh()
-        inputs = dict(input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids[:, -1:])
         with scale_components(model, space, scales, positions=-1):
-            if past is None:
-                out = model(**inputs, use_cache=False, **kwargs)
-            else:
-                out = model(**inputs, past_key_values=past, use_cache=True, **kwargs)
-        logits = out.logits[:, -1]
+            logits = runtime.forward(model, input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids[:, -1:], cache=prefix.fresh(), use_cache=True,
+                                     keep=1)[0][:, -1]
     ld = logit_diff(logits, batch.desired, batch.undesired).mean()
     l1 = mask.abs().sum()
     return -ld + lambda_l1 * l1, ld, l1
@@ -255,19 +225,6 @@ def _batches(n: int, bs: int, gen: torch.Generator, shuffle: bool) -> list[list[
     """Example indices of each batch (one seeded permutation, or in order)."""
     order = (torch.randperm(n, generator=gen) if shuffle else torch.arange(n)).tolist()
     return [order[i : i + bs] for i in range(0, n, bs)]
-
-
-class _eval_mode:
-    """``model.eval()`` inside the block; the training flag is restored after."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
 
 
 def max_mask_travel(config: DCMConfig, n_examples: int) -> float:
@@ -307,8 +264,8 @@ def run_dcm(model: nn.Module, examples: Sequence[PivotExample], config: DCMConfi
                       f"{config.lr}, a mask can move by at most {travel:.2f} < {1 - config.threshold:.2f}: every "
                       "component will stay selected. Raise epochs (--dcm-epochs) or lr, use more examples, or a "
                       "smaller batch", stacklevel=2)
-    device = next(model.parameters()).device
-    pad = pad_id_for(model, config.pad_id)
+    device = runtime.input_device(model)
+    pad = runtime.pad_id(model, explicit=config.pad_id)
     n, bs = len(examples), int(config.batch_size)
     n_batches = math.ceil(n / bs)
     patience = n_batches * config.patience_fraction
@@ -319,7 +276,7 @@ def run_dcm(model: nn.Module, examples: Sequence[PivotExample], config: DCMConfi
     stopped, epochs_run = False, 0
     caches: dict[int, PivotPrefixCache] = {}
     try:
-        with frozen_weights(model), _eval_mode(model):
+        with runtime.frozen(model), runtime.eval_mode(model):
             mask = _initial_mask(model, examples, space, config, init_scores, device).requires_grad_(True)
             opt = torch.optim.Adam([mask], lr=config.lr)
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.decay_every, gamma=config.lr_decay)

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from cca_fast.stages.examples import PivotExample
+from cca_fast.models import runtime
 
 Complete = Callable[[list[list[int]]], list[list[int]]]
 Correct = Callable[[Sequence[int]], bool]
@@ -173,7 +174,7 @@ def teacher_forced_argmax(model, prompt_ids: Sequence[int], trace: Sequence[int]
     if prefix_cache is not None:
         logits = prefix_cache.logits(model, list(prompt_ids) + list(trace), P - 1)
         return logits[: len(trace)].argmax(-1).tolist()
-    device = next(model.parameters()).device
+    device = runtime.input_device(model)
     ids = torch.tensor([list(prompt_ids) + list(trace)], dtype=torch.long, device=device)
     logits = model(input_ids=ids).logits[0]
     return logits[P - 1 : P - 1 + len(trace)].argmax(-1).tolist()

@@ -17,16 +17,17 @@ from cca_fast.stages.pivots.algorithms import (PivotStats, branching_pivot_fast,
                      teacher_forced_argmax, to_example)
 from cca_fast.evaluation.prompting import extract_answer, find_answer_end, is_correct
 from cca_fast.stages.traces import TracePair
+from cca_fast.models import runtime
 
 
 class TraceJudge:
     """Correctness and stop state of traces of one problem."""
 
-    def __init__(self, tokenizer: Any, gold: float, marker: str):
+    def __init__(self, tokenizer: Any, gold: float, marker: str, eos: set[int] | None = None):
         self.tokenizer = tokenizer
         self.gold = gold
         self.marker = marker
-        self.eos = {int(t) for t in _eos_ids(tokenizer)}
+        self.eos = set(eos) if eos is not None else runtime.eos_ids(None, tokenizer)
 
     def text(self, trace: Sequence[int]) -> str:
         text = self.tokenizer.decode(list(trace), skip_special_tokens=True)
@@ -42,13 +43,6 @@ class TraceJudge:
             return True
         text = self.tokenizer.decode(list(trace), skip_special_tokens=True)
         return find_answer_end(text) is not None or self.marker in text
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
 def make_completer(model, tokenizer, prompt_ids: Sequence[int], judge: TraceJudge, gen: GenerationConfig,
@@ -85,7 +79,7 @@ def make_completer(model, tokenizer, prompt_ids: Sequence[int], judge: TraceJudg
 @torch.no_grad()
 def greedy_next_token(model, prompt_ids: Sequence[int], prefix: Sequence[int]) -> int:
     """The model's argmax next token after ``prompt + prefix`` (one forward pass)."""
-    device = next(model.parameters()).device
+    device = runtime.input_device(model)
     ids = torch.tensor([list(prompt_ids) + list(prefix)], dtype=torch.long, device=device)
     return int(model(input_ids=ids).logits[0, -1].argmax())
 
@@ -104,7 +98,8 @@ def pivot_for_pair(model, tokenizer, pair: TracePair, method: str, branching: st
     """
     if not pair.flipped:
         raise ValueError(f"problem {pair.problem_id} has no flipped sample")
-    judge = TraceJudge(tokenizer, pair.gold, marker or gen.new_question_marker)
+    judge = TraceJudge(tokenizer, pair.gold, marker or gen.new_question_marker,
+                       runtime.eos_ids(model, tokenizer, gen.eos_token_ids))
     if method == "prefix":
         pivot = prefix_pivot(pair.greedy_ids, pair.sample_ids, pair.greedy_correct)
         stats = PivotStats()

@@ -1,4 +1,4 @@
-"""Shared-prefix batches for the stage-3 loss: the common token prefix of a mini-batch runs once.
+"""Stage-3 loss batches: the common token prefix of a mini-batch runs once.
 
 Every stage-3 example is ``few-shot header + question + partial trace`` (hundreds of tokens, most
 of them identical across examples). For a mini-batch of ``B`` examples whose longest common token
@@ -21,11 +21,11 @@ Examples whose whole sequence is the common prefix keep one token as their suffi
 ``min length - 1``). Below ``min_shared`` shared tokens, for a batch of one, for a model whose
 forward takes no ``past_key_values``, or when a sequence exceeds the model's sliding window
 (mid-sequence pad slots would shift it), :func:`collate_for_loss` returns a plain
-:class:`~cca_fast.stages.examples.PivotBatch`.
+:class:`~cca_fast.stages.examples.PivotBatch`. The prefix mechanism itself (when sharing is
+possible, running the prefix once, expanding its cache) is :mod:`cca_fast.generation.prefix`.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from cca_fast.stages.examples import PivotBatch, PivotExample, collate
-from cca_fast.generation.decode import common_prefix_len, new_cache
+from cca_fast.generation.prefix import can_share, expand, run_prefix, shared_len
+from cca_fast.models import runtime
 
 
 @dataclass
@@ -73,19 +74,6 @@ def group_by_prefix(examples: Sequence[PivotExample], batch_size: int) -> list[l
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def supports_cache(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes ``past_key_values`` (explicitly or through ``**kwargs``)."""
-    params = inspect.signature(model.forward).parameters
-    return "past_key_values" in params
-
-
-def _window_ok(model: nn.Module, total_len: int) -> bool:
-    """Mid-sequence pad slots count against a sliding window (it is counted in cache slots, not
-    positions): share only when every padded sequence fits in the window."""
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
-    return not (isinstance(window, int) and window > 0 and total_len > window)
-
-
 def collate_for_loss(model: nn.Module, examples: Sequence[PivotExample], pad_id: int,
                      device: torch.device | str, min_shared: int = 16) -> PivotBatch | SharedPrefixBatch:
     """A :class:`SharedPrefixBatch` when sharing pays and is exact, else a plain
@@ -93,9 +81,9 @@ def collate_for_loss(model: nn.Module, examples: Sequence[PivotExample], pad_id:
     seqs = [e.prefix_ids for e in examples]
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("collate_for_loss needs at least one example and no empty prefix")
-    P = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)  # every row keeps >= 1 suffix token
+    P = shared_len(seqs, min_shared)  # every row keeps >= 1 suffix token
     S = max(len(s) for s in seqs) - P
-    if len(seqs) < 2 or P < max(1, min_shared) or not supports_cache(model) or not _window_ok(model, P + S):
+    if len(seqs) < 2 or not P or not can_share(model, P + S):
         return collate(examples, pad_id, device)
     B = len(seqs)
     ids = torch.full((B, S), int(pad_id), dtype=torch.long)
@@ -112,10 +100,6 @@ def collate_for_loss(model: nn.Module, examples: Sequence[PivotExample], pad_id:
     return SharedPrefixBatch(*(t.to(device) for t in (prefix, ids, mask, pos, desired, undesired)))
 
 
-def _keep_last(model: nn.Module) -> dict:
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
 def last_logits(model: nn.Module, batch: PivotBatch | SharedPrefixBatch) -> torch.Tensor:
     """Next-token logits at each row's last position, ``[B, V]`` (float16/bfloat16 upcast to
     float32), with autograd when grad mode is on.
@@ -123,21 +107,13 @@ def last_logits(model: nn.Module, batch: PivotBatch | SharedPrefixBatch) -> torc
     A :class:`SharedPrefixBatch` runs its prefix once and the suffixes on the expanded cache (see
     the module docstring); a :class:`PivotBatch` runs as is (``use_cache=False``).
     """
-    keep = _keep_last(model)
     if isinstance(batch, PivotBatch):
-        logits = model(**batch.model_inputs(), use_cache=False, **keep).logits[:, -1]
+        logits = runtime.forward(model, **batch.model_inputs(), keep=1)[0][:, -1]
     else:
-        P, B = batch.prefix_len, len(batch)
-        cache = new_cache(model)
-        ones = batch.attention_mask[:1, :P]
-        pos = torch.arange(P, device=batch.prefix_ids.device).unsqueeze(0)
-        out = model(input_ids=batch.prefix_ids, attention_mask=ones, position_ids=pos, past_key_values=cache,
-                    use_cache=True, **keep)
-        cache = out.past_key_values  # keys/values [1, H, P, D], part of the autograd graph
-        del out
-        cache.batch_repeat_interleave(B)  # out of place: rebinds each layer's tensors to [B, H, P, D] copies
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, past_key_values=cache, use_cache=True, **keep).logits[:, -1]
+        _, cache = run_prefix(model, batch.prefix_ids, attention_mask=batch.attention_mask[:1, :batch.prefix_len])
+        expand(cache, len(batch))  # [1, H, P, D] -> [B, H, P, D], differentiable
+        logits = runtime.forward(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids, cache=cache, keep=1)[0][:, -1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return logits
