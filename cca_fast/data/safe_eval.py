@@ -318,15 +318,19 @@ def _list(x: Any = ()) -> list[Any]:
     return list(_bounded(x, "list"))
 
 
-def _to_int(x: Any) -> int:
+def _text_as_number(x: Any, fn: str) -> Any:
+    """``x`` unwrapped; numeric text parsed (``fn`` names the builtin in the error)."""
     x = exact(unwrap(x))
     if isinstance(x, str):
         v = parse_number_text(x)
         if v is None:
-            raise TypeError(f"int() of non-numeric text {x!r}")
+            raise TypeError(f"{fn}() of non-numeric text {x!r}")
         x = v
-    v = _num(x, "int")
-    return int(v)
+    return x
+
+
+def _to_int(x: Any) -> int:
+    return int(_num(_text_as_number(x, "int"), "int"))
 
 
 def _round(x: Any, ndigits: Any = None) -> Number:
@@ -348,13 +352,7 @@ def _divides(a: Any, b: Any) -> bool:
 
 
 def _fraction(a: Any, b: Any = None) -> Number:
-    a = exact(unwrap(a))
-    if isinstance(a, str):
-        v = parse_number_text(a)
-        if v is None:
-            raise TypeError(f"Fraction() of non-numeric text {a!r}")
-        a = v
-    a = _num(a, "Fraction")
+    a = _num(_text_as_number(a, "Fraction"), "Fraction")
     if b is None:
         return normalize(Fraction(a))
     b = _num(b, "Fraction")
