@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 
@@ -88,15 +88,33 @@ def resolve_backend(device: torch.device | str, backend: Backend | None = None, 
     return "torch"
 
 
-def jit_lazily(fn: Callable[..., Any]) -> Callable[[], Any]:
-    """Return ``get()`` giving ``triton.jit(fn)``, decorated on first use."""
+_JITTED: dict[Callable[..., Any], Any] = {}
+
+
+def _jit_once(fn: Callable[..., Any]) -> Any:
+    """``triton.jit(fn)``, made once per source function."""
+    if fn not in _JITTED:
+        import triton  # noqa: PLC0415 (lazy on purpose: TRITON_INTERPRET must be pinned first)
+
+        _JITTED[fn] = triton.jit(fn)
+    return _JITTED[fn]
+
+
+def jit_lazily(fn: Callable[..., Any], helpers: Sequence[Callable[..., Any]] = ()) -> Callable[[], Any]:
+    """Return ``get()`` giving ``triton.jit(fn)``, decorated on first use.
+
+    ``helpers`` are the plain functions ``fn`` calls as ``@triton.jit`` functions (shared code
+    of several kernels). Triton looks a kernel's callees up by name in the kernel's module
+    globals when it compiles, and they must be JIT functions then: ``get()`` decorates each
+    helper (once, whichever kernel comes first) and binds it under its own name in ``fn``'s
+    globals before decorating ``fn``. Give every helper a name of its own in the module."""
     cache: list[Any] = []
 
     def get() -> Any:
         if not cache:
-            import triton  # noqa: PLC0415 (lazy on purpose)
-
-            cache.append(triton.jit(fn))
+            for h in helpers:
+                fn.__globals__[h.__name__] = _jit_once(h)
+            cache.append(_jit_once(fn))
         return cache[0]
 
     return get

@@ -154,36 +154,66 @@ def scatter_rows(param: torch.Tensor, dim: int, index: torch.Tensor, rows: torch
 # interpreter truncates that conversion; compiled Triton rounds to nearest even by default).
 # ``UNIT_STRIDE`` (every chunk contiguous) and ``ALIGNED`` (offsets and lengths multiples of 16) are
 # checked on the host; they only let the compiler emit wide vector loads and stores.
-def _sparse_sgd_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, buf_ptr, hp_ptr,
-                           HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                           RTNE_BF16: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
-                           BLOCK: tl.constexpr):
+# What the two kernels share (finding the chunk, loading the weight, writing it back) lives in
+# the ``_chunk_*`` helpers below: plain functions here, ``@triton.jit`` functions once a kernel is
+# first used (``dispatch.jit_lazily(..., helpers=...)`` binds them under these names).
+def _chunk_pointers(anchor_ptr, table_ptr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """This program's chunk: ``(pptr, k, mask)``, the parameter element pointers, the packed
+    offsets (into grad / master / state buffers) and the in-chunk mask."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 4
     p_off = tl.load(row)
     p_stride = tl.load(row + 1)
     n = tl.load(row + 2)
     k_off = tl.load(row + 3)
-    lr = tl.load(hp_ptr)
-    mu = tl.load(hp_ptr + 1)
-    damp = tl.load(hp_ptr + 2)
-    wd = tl.load(hp_ptr + 3)
-    first = tl.load(hp_ptr + 4)
-    j = tl.arange(0, BLOCK).to(tl.int64)
-    mask = j < n
     if ALIGNED:  # offsets and lengths are multiples of 16 elements: lets the compiler vectorise
         p_off = tl.multiple_of(p_off, 16)
         k_off = tl.multiple_of(k_off, 16)
         n = tl.multiple_of(n, 16)
+    j = tl.arange(0, BLOCK).to(tl.int64)
+    mask = j < n
     k = k_off + j
     if UNIT_STRIDE:  # contiguous rows (nn.Linear): keep the contiguity visible to the compiler
         pptr = anchor_ptr + p_off + j
     else:  # Conv1D columns: strided
         pptr = anchor_ptr + p_off + j * p_stride
+    return pptr, k, mask
+
+
+def _chunk_load(pptr, grad_ptr, master_ptr, k, mask, HAS_MASTER: tl.constexpr):
+    """``(g, w)``: the gradient and the weight (fp32 master rows, or the parameter converted to
+    the compute dtype) of this chunk."""
     g = tl.load(grad_ptr + k, mask=mask, other=0.0)
     if HAS_MASTER:
         w = tl.load(master_ptr + k, mask=mask, other=0.0)
     else:
         w = tl.load(pptr, mask=mask, other=0.0).to(g.dtype)
+    return g, w
+
+
+def _chunk_store(anchor_ptr, pptr, master_ptr, k, w, mask, HAS_MASTER: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Write the updated weight ``w``: into the master rows, and rounded into the parameter."""
+    if HAS_MASTER:
+        tl.store(master_ptr + k, w, mask=mask)
+    if RTNE_BF16:
+        b = w.to(tl.uint32, bitcast=True)
+        b = b + (((b >> 16) & 1) + 0x7FFF)
+        tl.store(pptr, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(pptr, w.to(anchor_ptr.dtype.element_ty), mask=mask)
+
+
+def _sparse_sgd_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, buf_ptr, hp_ptr,
+                           HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                           RTNE_BF16: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    pptr, k, mask = _chunk_pointers(anchor_ptr, table_ptr, UNIT_STRIDE, ALIGNED, BLOCK)
+    lr = tl.load(hp_ptr)
+    mu = tl.load(hp_ptr + 1)
+    damp = tl.load(hp_ptr + 2)
+    wd = tl.load(hp_ptr + 3)
+    first = tl.load(hp_ptr + 4)
+    g, w = _chunk_load(pptr, grad_ptr, master_ptr, k, mask, HAS_MASTER)
     d = g + wd * w
     if HAS_MOMENTUM:
         buf = tl.load(buf_ptr + k, mask=mask, other=0.0)
@@ -194,24 +224,13 @@ def _sparse_sgd_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, buf_ptr,
         else:
             d = buf
     w = w - lr * d
-    if HAS_MASTER:
-        tl.store(master_ptr + k, w, mask=mask)
-    if RTNE_BF16:
-        b = w.to(tl.uint32, bitcast=True)
-        b = b + (((b >> 16) & 1) + 0x7FFF)
-        tl.store(pptr, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(pptr, w.to(anchor_ptr.dtype.element_ty), mask=mask)
+    _chunk_store(anchor_ptr, pptr, master_ptr, k, w, mask, HAS_MASTER, RTNE_BF16)
 
 
 def _sparse_adamw_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, hp_ptr,
                              HAS_MASTER: tl.constexpr, RTNE_BF16: tl.constexpr, UNIT_STRIDE: tl.constexpr,
                              ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    row = table_ptr + tl.program_id(0).to(tl.int64) * 4
-    p_off = tl.load(row)
-    p_stride = tl.load(row + 1)
-    n = tl.load(row + 2)
-    k_off = tl.load(row + 3)
+    pptr, k, mask = _chunk_pointers(anchor_ptr, table_ptr, UNIT_STRIDE, ALIGNED, BLOCK)
     lr = tl.load(hp_ptr)
     beta1 = tl.load(hp_ptr + 1)
     beta2 = tl.load(hp_ptr + 2)
@@ -219,22 +238,7 @@ def _sparse_adamw_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, m_ptr,
     wd = tl.load(hp_ptr + 4)
     step_size = tl.load(hp_ptr + 5)  # lr / (1 - beta1 ** t)
     bc2_sqrt = tl.load(hp_ptr + 6)  # sqrt(1 - beta2 ** t)
-    j = tl.arange(0, BLOCK).to(tl.int64)
-    mask = j < n
-    if ALIGNED:  # offsets and lengths are multiples of 16 elements: lets the compiler vectorise
-        p_off = tl.multiple_of(p_off, 16)
-        k_off = tl.multiple_of(k_off, 16)
-        n = tl.multiple_of(n, 16)
-    k = k_off + j
-    if UNIT_STRIDE:  # contiguous rows (nn.Linear): keep the contiguity visible to the compiler
-        pptr = anchor_ptr + p_off + j
-    else:  # Conv1D columns: strided
-        pptr = anchor_ptr + p_off + j * p_stride
-    g = tl.load(grad_ptr + k, mask=mask, other=0.0)
-    if HAS_MASTER:
-        w = tl.load(master_ptr + k, mask=mask, other=0.0)
-    else:
-        w = tl.load(pptr, mask=mask, other=0.0).to(g.dtype)
+    g, w = _chunk_load(pptr, grad_ptr, master_ptr, k, mask, HAS_MASTER)
     m = tl.load(m_ptr + k, mask=mask, other=0.0)
     v = tl.load(v_ptr + k, mask=mask, other=0.0)
     w = w * (1.0 - lr * wd)
@@ -243,18 +247,12 @@ def _sparse_adamw_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, m_ptr,
     w = w - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
     tl.store(m_ptr + k, m, mask=mask)
     tl.store(v_ptr + k, v, mask=mask)
-    if HAS_MASTER:
-        tl.store(master_ptr + k, w, mask=mask)
-    if RTNE_BF16:
-        b = w.to(tl.uint32, bitcast=True)
-        b = b + (((b >> 16) & 1) + 0x7FFF)
-        tl.store(pptr, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(pptr, w.to(anchor_ptr.dtype.element_ty), mask=mask)
+    _chunk_store(anchor_ptr, pptr, master_ptr, k, w, mask, HAS_MASTER, RTNE_BF16)
 
 
-_sparse_sgd_kernel = jit_lazily(_sparse_sgd_kernel_src) if triton is not None else None
-_sparse_adamw_kernel = jit_lazily(_sparse_adamw_kernel_src) if triton is not None else None
+_CHUNK_HELPERS = (_chunk_pointers, _chunk_load, _chunk_store)
+_sparse_sgd_kernel = jit_lazily(_sparse_sgd_kernel_src, _CHUNK_HELPERS) if triton is not None else None
+_sparse_adamw_kernel = jit_lazily(_sparse_adamw_kernel_src, _CHUNK_HELPERS) if triton is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
