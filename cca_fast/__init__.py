@@ -15,7 +15,7 @@ from cca_fast.attribution import Attribution, AttributionSession, attribute, att
 from cca_fast.data import load_problems, split_problems
 from cca_fast.data.problem import Problem
 from cca_fast.delta import SparseDelta, apply_delta, merge_delta, revert_delta
-from cca_fast.errors import CCAError
+from cca_fast.errors import CCAError, KernelError
 from cca_fast.evaluation.evaluate import EvalResult, evaluate
 from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff
 from cca_fast.generation.decode import GenerationConfig, generate
@@ -41,7 +41,7 @@ __all__ = [
     "Attribution", "AttributionSession", "attribute", "attribute_by_caching",
     "load_problems", "split_problems", "Problem",
     "SparseDelta", "apply_delta", "merge_delta", "revert_delta",
-    "CCAError", "EvalResult", "evaluate",
+    "CCAError", "KernelError", "EvalResult", "evaluate",
     "PivotBatch", "PivotExample", "collate", "logit_diff",
     "GenerationConfig", "generate", "PrefixCache", "read_components", "scale_components",
     "AtPConfig", "run_atp", "DCMConfig", "DCMResult", "run_dcm", "Selection", "select",

@@ -32,7 +32,8 @@ from torch import nn
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotBatch, logit_diff
 from cca_fast.models.hooks import position_mask
-from cca_fast.kernels.attribution import Segment, TapSpec, acc_dtype, tap
+from cca_fast.kernels.attribution import Segment, TapSpec, tap
+from cca_fast.kernels.dispatch import Backend, accumulation_dtype
 from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import Component, ComponentSpace
 from cca_fast.models import runtime
@@ -171,7 +172,7 @@ class AttributionSession:
 
     def __init__(self, model: nn.Module, space: ComponentSpace | None = None, *,
                  kinds: tuple[str, ...] = KINDS, absolute: bool = False, per_position: bool = False,
-                 backend: str | None = None):
+                 backend: Backend | None = None):
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
             raise CCAError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
@@ -329,7 +330,7 @@ class AttributionSession:
         else:
             pp, scores = None, self.scores
         if scores is None:
-            scores = torch.zeros(self.space.total, dtype=acc_dtype(next(self.model.parameters()).dtype), device=dev)
+            scores = torch.zeros(self.space.total, dtype=accumulation_dtype(next(self.model.parameters()).dtype), device=dev)
         return Attribution(self.space, scores, pp, self.kinds, self.absolute, self.metric_value, self.n_batches)
 
 
@@ -362,7 +363,7 @@ def attribute(
     kinds: tuple[str, ...] = KINDS,
     absolute: bool = False,
     per_position: bool = False,
-    backend: str | None = None,
+    backend: Backend | None = None,
     space: ComponentSpace | None = None,
     logits_to_keep: int | None = None,
 ) -> Attribution:
@@ -461,7 +462,7 @@ def attribute_by_caching(
     any_act = next(iter(store.values()))
     B, T = any_act.shape[:2]
     rows = resolve_positions(positions, B, T, any_act.device, inputs.get("attention_mask"))
-    acc = acc_dtype(any_act.dtype)
+    acc = accumulation_dtype(any_act.dtype)
     weight = torch.zeros(B, T, dtype=acc, device=any_act.device)
     if rows.rows is None:
         weight.fill_(1.0)

@@ -8,7 +8,7 @@ tokens, ``n`` components of ``w`` channels each: a head has ``w = head_dim``, an
 
 and the op returns either ``s * weights[:, None]`` (``[N, n]``, ``per_row=True``) or
 ``sum_r weights[r] * s[r, k]`` (``[n]``). Accumulation is fp32 for bf16 / fp16 / fp32 inputs
-and fp64 for fp64 inputs; the result has that accumulation dtype.
+and fp64 for fp64 inputs (``dispatch.accumulation_dtype``); the result has that dtype.
 
 Pieces (Liger-Kernel style):
 
@@ -27,9 +27,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from cca_fast.errors import CCAError
-
-from .dispatch import jit_lazily, num_programs_hint, resolve_backend  # pins TRITON_INTERPRET first
+from .dispatch import (Backend, accumulation_dtype, jit_lazily, num_programs_hint,  # pins TRITON_INTERPRET first
+                       resolve_backend)
+from .errors import ShapeError
 
 try:  # guarded: CPU users without triton still get the PyTorch path
     import triton
@@ -139,11 +139,6 @@ def plan_launch(n_rows: int, n_comp: int, width: int, per_row: bool, device: tor
     return LaunchPlan(block_r, block_k, block_w, grid_k, grid_r, rows_per_program)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and result) dtype for inputs of ``dtype``: fp64 for fp64, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def launch_component_scores(act: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor | None,
                             out: torch.Tensor, n_comp: int, width: int, plan: LaunchPlan, *,
                             absolute: bool = False, per_row: bool = False) -> torch.Tensor:
@@ -156,13 +151,15 @@ def launch_component_scores(act: torch.Tensor, grad: torch.Tensor, weights: torc
             accumulation dtype.
     """
     n_rows = act.shape[0]
-    fp64 = out.dtype == torch.float64
+    acc = accumulation_dtype(act.dtype)
+    if out.dtype != acc:
+        raise ShapeError(f"out must be in the accumulation dtype {acc} for {act.dtype} inputs, got {out.dtype}")
     _kernel()[(plan.grid_k, plan.grid_r)](
         act, grad, weights if weights is not None else out, out,
         n_rows, n_comp, width,
         act.stride(0), grad.stride(0),
         plan.rows_per_program,
-        HAS_WEIGHTS=weights is not None, ABSOLUTE=absolute, PER_ROW=per_row, ACC_FP64=fp64,
+        HAS_WEIGHTS=weights is not None, ABSOLUTE=absolute, PER_ROW=per_row, ACC_FP64=acc == torch.float64,
         BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, BLOCK_W=plan.block_w,
     )
     return out
@@ -171,11 +168,11 @@ def launch_component_scores(act: torch.Tensor, grad: torch.Tensor, weights: torc
 def component_scores_reference(act: torch.Tensor, grad: torch.Tensor, n_comp: int, width: int,
                                weights: torch.Tensor | None = None, *, absolute: bool = False,
                                per_row: bool = False) -> torch.Tensor:
-    """PyTorch reference: ``[N, n]`` (``per_row``) or ``[n]``, in :func:`acc_dtype`.
+    """PyTorch reference: ``[N, n]`` (``per_row``) or ``[n]``, in the accumulation dtype.
 
     Rows are processed in chunks of at most ``REF_CHUNK_ELEMS`` elements, so the fp32
     temporaries stay bounded (a few MiB) however many rows are scored."""
-    acc = acc_dtype(act.dtype)
+    acc = accumulation_dtype(act.dtype)
     n_rows = act.shape[0]
     step = max(1, REF_CHUNK_ELEMS // max(1, n_comp * width))
     out = torch.empty((n_rows, n_comp) if per_row else (n_comp,), dtype=acc, device=act.device)
@@ -197,22 +194,23 @@ def component_scores_reference(act: torch.Tensor, grad: torch.Tensor, n_comp: in
 
 def _check(act: torch.Tensor, grad: torch.Tensor, n_comp: int, width: int, weights: torch.Tensor | None) -> None:
     if act.dim() != 2 or grad.shape != act.shape:
-        raise CCAError(f"component_scores needs act and grad of the same shape [N, n*w]; got "
-                       f"{tuple(act.shape)} and {tuple(grad.shape)}")
+        raise ShapeError(f"component_scores needs act and grad of the same shape [N, n*w]; got "
+                         f"{tuple(act.shape)} and {tuple(grad.shape)}")
     if act.shape[1] != n_comp * width:
-        raise CCAError(f"act has {act.shape[1]} channels but n_comp * width = {n_comp} * {width}")
+        raise ShapeError(f"act has {act.shape[1]} channels but n_comp * width = {n_comp} * {width}; "
+                         "pass the component count and width of the tapped channels")
     for name, t in (("act", act), ("grad", grad)):
         if t.dtype not in SUPPORTED_DTYPES:
-            raise CCAError(f"{name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
+            raise ShapeError(f"{name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES} (convert it first)")
     if act.device != grad.device:
-        raise CCAError(f"act on {act.device} but grad on {grad.device}")
+        raise ShapeError(f"act on {act.device} but grad on {grad.device}; move both to one device")
     if weights is not None and tuple(weights.shape) != (act.shape[0],):
-        raise CCAError(f"weights must be [N] = [{act.shape[0]}], got {tuple(weights.shape)}")
+        raise ShapeError(f"weights must be [N] = [{act.shape[0]}] (one per row), got {tuple(weights.shape)}")
 
 
 def component_scores(act: torch.Tensor, grad: torch.Tensor, n_comp: int, width: int,
                      weights: torch.Tensor | None = None, *, absolute: bool = False,
-                     per_row: bool = False, backend: str | None = None) -> torch.Tensor:
+                     per_row: bool = False, backend: Backend | None = None) -> torch.Tensor:
     """Per-component ``activation x gradient`` scores (see the module docstring).
 
     Args:
@@ -226,7 +224,7 @@ def component_scores(act: torch.Tensor, grad: torch.Tensor, n_comp: int, width: 
         fp32 (fp64 for fp64 inputs) ``[N, n_comp]`` or ``[n_comp]``.
     """
     _check(act, grad, n_comp, width, weights)
-    acc = acc_dtype(act.dtype)
+    acc = accumulation_dtype(act.dtype)
     if resolve_backend(act.device, backend) == "torch":
         return component_scores_reference(act, grad, n_comp, width, weights, absolute=absolute, per_row=per_row)
     n_rows = act.shape[0]
@@ -280,7 +278,7 @@ class TapSpec:
     sink: Callable[[int, torch.Tensor], None]
     absolute: bool = False
     per_row: bool = False
-    backend: str | None = None
+    backend: Backend | None = None
 
 
 def _rows_of(x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None, lo: int, hi: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 For a projection ``Y = X W^T + b`` (``nn.Linear``, ``W [out, in]``) or ``Y = X W + b`` (GPT-2
 ``Conv1D``, ``W [in, out]``) whose output channels ``R`` may change, the gradient of those rows is
 
-    ``dW_R [R, in] = dY[:, R]^T X``  (the packed layout of :mod:`cca_fast.kernels.sparse_optim`:
+    ``dW_R [R, in] = dY[:, R]^T X``  (the packed layout of :mod:`.sparse_optim`:
     row ``r`` is ``W[R[r], :]`` for ``Linear`` and the column ``W[:, R[r]]`` for ``Conv1D``),
     ``db_R [R] = sum_n dY[n, R]``,
 
@@ -24,12 +24,13 @@ the result is written in the accumulation dtype, so fp16/bf16 models get fp32 ro
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from .dispatch import interpret_mode, jit_lazily, resolve_backend
+from .dispatch import Backend, accumulation_dtype, interpret_mode, jit_lazily, resolve_backend
+from .errors import ShapeError, StateError
 
 try:  # guarded: CPU users without triton get the PyTorch path
     import triton
@@ -37,18 +38,6 @@ try:  # guarded: CPU users without triton get the PyTorch path
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
-
-Backend = Literal["auto", "triton", "torch"]
-
-
-def pick_backend(device: torch.device, backend: Backend = "auto") -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device`` (``kernels.dispatch`` rules)."""
-    return resolve_backend(device, backend)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +100,7 @@ def row_grad_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
 
 
 def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype | None = None,
-             backend: Backend = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+             backend: Backend | None = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """``dW_R = dY[:, rows]^T X`` (see module docstring).
 
     Args:
@@ -125,17 +114,19 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
         ``[R, in]`` (``out`` when given).
     """
     if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
-        raise ValueError(f"row_grad expects dy [N, out] and x [N, in], got {tuple(dy.shape)} and {tuple(x.shape)}")
+        raise ShapeError(f"row_grad expects dy [N, out] and x [N, in] with the same N (flatten batch and "
+                         f"sequence first), got {tuple(dy.shape)} and {tuple(x.shape)}")
     if dy.dtype != x.dtype:
-        raise ValueError(f"dy and x must share a dtype, got {dy.dtype} and {x.dtype}")
+        raise ShapeError(f"dy and x must share a dtype, got {dy.dtype} and {x.dtype}; convert one of them")
     rows = rows.to(device=dy.device, dtype=torch.long)
     N, C = x.shape
     R = rows.numel()
     acc = accumulation_dtype(dy.dtype)
     if out is not None:
         if tuple(out.shape) != (R, C) or out.dtype != acc or (C > 1 and out.stride(1) != 1):
-            raise ValueError(f"out must be [{R}, {C}] {acc} with unit column stride, got {tuple(out.shape)} {out.dtype}")
-    if pick_backend(dy.device, backend) == "torch":
+            raise ShapeError(f"out must be [{R}, {C}] {acc} with unit column stride, got {tuple(out.shape)} "
+                             f"{out.dtype}; allocate it like torch.empty(({R}, {C}), dtype={acc})")
+    if resolve_backend(dy.device, backend) == "torch":
         res = row_grad_reference(dy, x, rows, out_dtype)
         if out is None:
             return res
@@ -152,7 +143,7 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
             upcast = dy.dtype == torch.float32 or (interpret_mode() and dy.dtype == torch.bfloat16)
             _row_grad_kernel()[grid](dy, x, rows, out, N, R, C, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
                                    out.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_N=bn,
-                                   UPCAST=upcast, F64=dy.dtype == torch.float64)
+                                   UPCAST=upcast, F64=acc == torch.float64)
     return out if out_dtype in (None, acc) else out.to(out_dtype)
 
 
@@ -213,7 +204,7 @@ def zero_delta(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 @contextmanager
 def row_selective(module: nn.Module, w_rows: torch.Tensor, b_rows: torch.Tensor | None,
                   delta_w: torch.Tensor, delta_b: torch.Tensor | None, *, transposed: bool,
-                  backend: Backend = "auto") -> Iterator[None]:
+                  backend: Backend | None = "auto") -> Iterator[None]:
     """Within the block, ``module`` (an ``nn.Linear``, or a ``Conv1D`` with ``transposed=True``)
     computes its output through :class:`RowSelectiveProjection`; forward hooks still run.
 
@@ -224,14 +215,17 @@ def row_selective(module: nn.Module, w_rows: torch.Tensor, b_rows: torch.Tensor 
     """
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"row_selective needs a module with a 2-D weight, got {type(module).__name__}")
+        raise ShapeError(f"row_selective needs a module with a 2-D weight (nn.Linear, or Conv1D with "
+                         f"transposed=True), got {type(module).__name__}")
     in_features = weight.shape[0] if transposed else weight.shape[1]
     if tuple(delta_w.shape) != (w_rows.numel(), in_features):
-        raise ValueError(f"delta_w must be [{w_rows.numel()}, {in_features}], got {tuple(delta_w.shape)}")
+        raise ShapeError(f"delta_w must be [{w_rows.numel()}, {in_features}] (rows x input features), got "
+                         f"{tuple(delta_w.shape)}; make it with zero_delta")
     w_rows = w_rows.to(weight.device)
     b_rows = None if b_rows is None else b_rows.to(weight.device)
     if "forward" in module.__dict__:
-        raise RuntimeError(f"{type(module).__name__} already has a patched forward")
+        raise StateError(f"{type(module).__name__} already has a patched forward; leave the enclosing "
+                         "row_selective block (or remove the other patch) first")
 
     def forward(x):
         return RowSelectiveProjection.apply(x, module.weight, module.bias, w_rows, b_rows, delta_w, delta_b,

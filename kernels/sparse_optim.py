@@ -29,7 +29,8 @@ itemsize``, checked to be exact); all tensors of a group share device and dtype,
 
 Rows outside the selection are never addressed: they stay bit-identical.
 
-Math (per element, in the compute dtype: float32, or float64 for float64 parameters), matching
+Math (per element, in the compute dtype ``dispatch.accumulation_dtype``: float32, or float64 for
+float64 parameters), matching
 ``torch.optim`` (single-tensor implementation):
 
 * SGD: ``d = g + wd * w``; with momentum ``buf = d`` on the first step, else
@@ -46,11 +47,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Union
+from typing import Iterable, Union
 
 import torch
 
-from .dispatch import interpret_mode, jit_lazily, resolve_backend
+from .dispatch import Backend, accumulation_dtype, interpret_mode, jit_lazily, resolve_backend
+from .errors import ConfigError, ShapeError, StateError
 
 try:  # Triton is optional: CPU users without it get the PyTorch path
     import triton
@@ -59,18 +61,11 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
 
-Backend = Literal["auto", "triton", "torch"]
-
 # 1024 elements per program: a whole 1024-wide row (or a quarter of a 4096-wide one) per program,
 # 4 fp32 vectors per thread at 8 warps; large enough to amortise the 4 table loads per program,
 # small enough that the last, partly masked chunk of a row wastes little.
 DEFAULT_BLOCK = 1024
 _TABLE_COLS = 4  # param offset, param stride, length, packed offset
-
-
-def pick_backend(device: torch.device, backend: Backend = "auto") -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device`` (``kernels.dispatch`` rules)."""
-    return resolve_backend(device, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,9 +83,11 @@ class SGDConfig:
 
     def __post_init__(self):
         if self.lr < 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError(f"SGD lr, momentum and weight_decay must be >= 0: {self}")
+            raise ConfigError(f"SGD lr, momentum and weight_decay must be >= 0: {self}")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("Nesterov momentum requires momentum > 0 and dampening = 0")
+            raise ConfigError("Nesterov momentum requires momentum > 0 and dampening = 0 "
+                              f"(got momentum={self.momentum}, dampening={self.dampening}); set both or "
+                              "use nesterov=False")
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,8 @@ class AdamWConfig:
     def __post_init__(self):
         b1, b2 = self.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1) or self.lr < 0 or self.eps < 0 or self.weight_decay < 0:
-            raise ValueError(f"invalid AdamW hyper-parameters: {self}")
+            raise ConfigError(f"invalid AdamW hyper-parameters: {self}; need 0 <= betas < 1 and lr, eps, "
+                              "weight_decay >= 0")
 
 
 OptimConfig = Union[SGDConfig, AdamWConfig]
@@ -126,10 +124,11 @@ def packed_shape(param: torch.Tensor, dim: int, n_rows: int) -> tuple[int, ...]:
     2-D parameter (``C`` = the other dimension), ``[R]`` for a 1-D one."""
     if param.dim() == 1:
         if dim != 0:
-            raise ValueError("a 1-D parameter has rows along dim 0 only")
+            raise ShapeError(f"a 1-D parameter has rows along dim 0 only, got dim {dim}; pass dim=0")
         return (n_rows,)
     if param.dim() != 2 or dim not in (0, 1):
-        raise ValueError(f"row selection needs a 1-D or 2-D parameter and dim 0/1, got {tuple(param.shape)}, dim {dim}")
+        raise ShapeError(f"row selection needs a 1-D or 2-D parameter and dim 0/1, got {tuple(param.shape)}, "
+                         f"dim {dim}")
     return (n_rows, param.shape[1 - dim])
 
 
@@ -146,11 +145,6 @@ def scatter_rows(param: torch.Tensor, dim: int, index: torch.Tensor, rows: torch
         param.index_copy_(dim, index.to(param.device), src.to(param.dtype))
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of optimizer state and arithmetic: float64 for float64 weights, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
@@ -160,36 +154,66 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # interpreter truncates that conversion; compiled Triton rounds to nearest even by default).
 # ``UNIT_STRIDE`` (every chunk contiguous) and ``ALIGNED`` (offsets and lengths multiples of 16) are
 # checked on the host; they only let the compiler emit wide vector loads and stores.
-def _sparse_sgd_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, buf_ptr, hp_ptr,
-                           HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                           RTNE_BF16: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
-                           BLOCK: tl.constexpr):
+# What the two kernels share (finding the chunk, loading the weight, writing it back) lives in
+# the ``_chunk_*`` helpers below: plain functions here, ``@triton.jit`` functions once a kernel is
+# first used (``dispatch.jit_lazily(..., helpers=...)`` binds them under these names).
+def _chunk_pointers(anchor_ptr, table_ptr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """This program's chunk: ``(pptr, k, mask)``, the parameter element pointers, the packed
+    offsets (into grad / master / state buffers) and the in-chunk mask."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 4
     p_off = tl.load(row)
     p_stride = tl.load(row + 1)
     n = tl.load(row + 2)
     k_off = tl.load(row + 3)
-    lr = tl.load(hp_ptr)
-    mu = tl.load(hp_ptr + 1)
-    damp = tl.load(hp_ptr + 2)
-    wd = tl.load(hp_ptr + 3)
-    first = tl.load(hp_ptr + 4)
-    j = tl.arange(0, BLOCK).to(tl.int64)
-    mask = j < n
     if ALIGNED:  # offsets and lengths are multiples of 16 elements: lets the compiler vectorise
         p_off = tl.multiple_of(p_off, 16)
         k_off = tl.multiple_of(k_off, 16)
         n = tl.multiple_of(n, 16)
+    j = tl.arange(0, BLOCK).to(tl.int64)
+    mask = j < n
     k = k_off + j
     if UNIT_STRIDE:  # contiguous rows (nn.Linear): keep the contiguity visible to the compiler
         pptr = anchor_ptr + p_off + j
     else:  # Conv1D columns: strided
         pptr = anchor_ptr + p_off + j * p_stride
+    return pptr, k, mask
+
+
+def _chunk_load(pptr, grad_ptr, master_ptr, k, mask, HAS_MASTER: tl.constexpr):
+    """``(g, w)``: the gradient and the weight (fp32 master rows, or the parameter converted to
+    the compute dtype) of this chunk."""
     g = tl.load(grad_ptr + k, mask=mask, other=0.0)
     if HAS_MASTER:
         w = tl.load(master_ptr + k, mask=mask, other=0.0)
     else:
         w = tl.load(pptr, mask=mask, other=0.0).to(g.dtype)
+    return g, w
+
+
+def _chunk_store(anchor_ptr, pptr, master_ptr, k, w, mask, HAS_MASTER: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Write the updated weight ``w``: into the master rows, and rounded into the parameter."""
+    if HAS_MASTER:
+        tl.store(master_ptr + k, w, mask=mask)
+    if RTNE_BF16:
+        b = w.to(tl.uint32, bitcast=True)
+        b = b + (((b >> 16) & 1) + 0x7FFF)
+        tl.store(pptr, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(pptr, w.to(anchor_ptr.dtype.element_ty), mask=mask)
+
+
+def _sparse_sgd_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, buf_ptr, hp_ptr,
+                           HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                           RTNE_BF16: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    pptr, k, mask = _chunk_pointers(anchor_ptr, table_ptr, UNIT_STRIDE, ALIGNED, BLOCK)
+    lr = tl.load(hp_ptr)
+    mu = tl.load(hp_ptr + 1)
+    damp = tl.load(hp_ptr + 2)
+    wd = tl.load(hp_ptr + 3)
+    first = tl.load(hp_ptr + 4)
+    g, w = _chunk_load(pptr, grad_ptr, master_ptr, k, mask, HAS_MASTER)
     d = g + wd * w
     if HAS_MOMENTUM:
         buf = tl.load(buf_ptr + k, mask=mask, other=0.0)
@@ -200,24 +224,13 @@ def _sparse_sgd_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, buf_ptr,
         else:
             d = buf
     w = w - lr * d
-    if HAS_MASTER:
-        tl.store(master_ptr + k, w, mask=mask)
-    if RTNE_BF16:
-        b = w.to(tl.uint32, bitcast=True)
-        b = b + (((b >> 16) & 1) + 0x7FFF)
-        tl.store(pptr, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(pptr, w.to(anchor_ptr.dtype.element_ty), mask=mask)
+    _chunk_store(anchor_ptr, pptr, master_ptr, k, w, mask, HAS_MASTER, RTNE_BF16)
 
 
 def _sparse_adamw_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, hp_ptr,
                              HAS_MASTER: tl.constexpr, RTNE_BF16: tl.constexpr, UNIT_STRIDE: tl.constexpr,
                              ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    row = table_ptr + tl.program_id(0).to(tl.int64) * 4
-    p_off = tl.load(row)
-    p_stride = tl.load(row + 1)
-    n = tl.load(row + 2)
-    k_off = tl.load(row + 3)
+    pptr, k, mask = _chunk_pointers(anchor_ptr, table_ptr, UNIT_STRIDE, ALIGNED, BLOCK)
     lr = tl.load(hp_ptr)
     beta1 = tl.load(hp_ptr + 1)
     beta2 = tl.load(hp_ptr + 2)
@@ -225,22 +238,7 @@ def _sparse_adamw_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, m_ptr,
     wd = tl.load(hp_ptr + 4)
     step_size = tl.load(hp_ptr + 5)  # lr / (1 - beta1 ** t)
     bc2_sqrt = tl.load(hp_ptr + 6)  # sqrt(1 - beta2 ** t)
-    j = tl.arange(0, BLOCK).to(tl.int64)
-    mask = j < n
-    if ALIGNED:  # offsets and lengths are multiples of 16 elements: lets the compiler vectorise
-        p_off = tl.multiple_of(p_off, 16)
-        k_off = tl.multiple_of(k_off, 16)
-        n = tl.multiple_of(n, 16)
-    k = k_off + j
-    if UNIT_STRIDE:  # contiguous rows (nn.Linear): keep the contiguity visible to the compiler
-        pptr = anchor_ptr + p_off + j
-    else:  # Conv1D columns: strided
-        pptr = anchor_ptr + p_off + j * p_stride
-    g = tl.load(grad_ptr + k, mask=mask, other=0.0)
-    if HAS_MASTER:
-        w = tl.load(master_ptr + k, mask=mask, other=0.0)
-    else:
-        w = tl.load(pptr, mask=mask, other=0.0).to(g.dtype)
+    g, w = _chunk_load(pptr, grad_ptr, master_ptr, k, mask, HAS_MASTER)
     m = tl.load(m_ptr + k, mask=mask, other=0.0)
     v = tl.load(v_ptr + k, mask=mask, other=0.0)
     w = w * (1.0 - lr * wd)
@@ -249,18 +247,12 @@ def _sparse_adamw_kernel_src(anchor_ptr, table_ptr, grad_ptr, master_ptr, m_ptr,
     w = w - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
     tl.store(m_ptr + k, m, mask=mask)
     tl.store(v_ptr + k, v, mask=mask)
-    if HAS_MASTER:
-        tl.store(master_ptr + k, w, mask=mask)
-    if RTNE_BF16:
-        b = w.to(tl.uint32, bitcast=True)
-        b = b + (((b >> 16) & 1) + 0x7FFF)
-        tl.store(pptr, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(pptr, w.to(anchor_ptr.dtype.element_ty), mask=mask)
+    _chunk_store(anchor_ptr, pptr, master_ptr, k, w, mask, HAS_MASTER, RTNE_BF16)
 
 
-_sparse_sgd_kernel = jit_lazily(_sparse_sgd_kernel_src) if triton is not None else None
-_sparse_adamw_kernel = jit_lazily(_sparse_adamw_kernel_src) if triton is not None else None
+_CHUNK_HELPERS = (_chunk_pointers, _chunk_load, _chunk_store)
+_sparse_sgd_kernel = jit_lazily(_sparse_sgd_kernel_src, _CHUNK_HELPERS) if triton is not None else None
+_sparse_adamw_kernel = jit_lazily(_sparse_adamw_kernel_src, _CHUNK_HELPERS) if triton is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +311,8 @@ def build_chunk_table(params: list[PackedParam], anchor: torch.Tensor, block: in
     for p in params:
         delta = p.param.data_ptr() - anchor.data_ptr()
         if delta % item:
-            raise RuntimeError(f"{p.name}: storage not aligned to its element size; cannot address it from the anchor")
+            raise StateError(f"{p.name}: storage not aligned to its element size, so it cannot be addressed "
+                             "from the anchor parameter's; make it a separate, aligned tensor (e.g. .clone())")
         rel = delta // item
         for off, stride, length, k in _segments(p):
             for c0 in range(0, length, block):
@@ -335,7 +328,7 @@ class _Group:
     def __init__(self, specs: list[RowSpec], config: OptimConfig, master_weights: bool, block: int):
         p0 = specs[0].param
         self.device, self.dtype = p0.device, p0.dtype
-        self.cdtype = compute_dtype(self.dtype)
+        self.cdtype = accumulation_dtype(self.dtype)
         self.block = block
         self.params: list[PackedParam] = []
         off = 0
@@ -396,24 +389,25 @@ class RowSparseOptimizer:
     """
 
     def __init__(self, specs: Iterable[RowSpec], config: OptimConfig, *, master_weights: bool = True,
-                 backend: Backend = "auto", block: int = DEFAULT_BLOCK):
+                 backend: Backend | None = "auto", block: int = DEFAULT_BLOCK):
         specs = list(specs)
         if not specs:
-            raise ValueError("RowSparseOptimizer needs at least one RowSpec")
+            raise ConfigError("RowSparseOptimizer needs at least one RowSpec (rows to update)")
         if block <= 0 or block & (block - 1):
-            raise ValueError(f"block must be a power of two, got {block}")
+            raise ConfigError(f"block must be a power of two, got {block}")
         seen: set[str] = set()
         groups: dict[tuple[torch.device, torch.dtype], list[RowSpec]] = {}
         for s in specs:
             if s.name in seen:
-                raise ValueError(f"parameter {s.name} given twice")
+                raise ConfigError(f"parameter {s.name} given twice; merge its rows into one RowSpec")
             seen.add(s.name)
             idx = s.index
             if idx.dim() != 1 or idx.dtype != torch.long:
-                raise ValueError(f"{s.name}: index must be a 1-D LongTensor")
+                raise ShapeError(f"{s.name}: index must be a 1-D LongTensor, got {idx.dtype} "
+                                 f"{tuple(idx.shape)}")
             n = s.param.shape[s.dim]
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel()):
-                raise ValueError(f"{s.name}: row indices must be unique and in [0, {n})")
+                raise ShapeError(f"{s.name}: row indices must be unique and in [0, {n})")
             groups.setdefault((s.param.device, s.param.dtype), []).append(s)
         self.config = config
         self.backend = backend
@@ -441,9 +435,10 @@ class RowSparseOptimizer:
         """Packed optimizer state ``key`` (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``,
         ``master``) of ``name``."""
         g, p = self._by_name[name]
-        flat = g.master if key == "master" else g.state[key]
+        flat = g.master if key == "master" else g.state.get(key)
         if flat is None:
-            raise KeyError(f"no {key} state")
+            kept = sorted(g.state) + (["master"] if g.master is not None else [])
+            raise StateError(f"{name} has no {key!r} state; this optimizer keeps {kept}")
         return p.view(flat)
 
     def state_numel(self) -> dict[str, int]:
@@ -493,7 +488,7 @@ class RowSparseOptimizer:
             if g.numel == 0:
                 continue
             hp = self._hyper()
-            if pick_backend(g.device, self.backend) == "triton":
+            if resolve_backend(g.device, self.backend) == "triton":
                 self._step_triton(g, torch.tensor(hp, dtype=g.cdtype).to(g.device, non_blocking=True))
             else:
                 self._step_torch(g, hp)
@@ -525,7 +520,7 @@ class RowSparseOptimizer:
                                      NESTEROV=self.config.nesterov, RTNE_BF16=rtne, UNIT_STRIDE=g.unit_stride,
                                      ALIGNED=g.aligned, BLOCK=g.block, num_warps=nw)
         # the kernels write the weights through raw pointers: tell autograd's version counters,
-        # so that whatever keys on them (cca_fast.generation.prefix) sees the change
+        # so that whatever keys on them (e.g. a cache of prefix key/values) sees the change
         for p in g.params:
             torch.autograd.graph.increment_version(p.param)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cca_fast.cli.main import COMMANDS, build_parser, main
-from cca_fast.errors import CCAError
+from cca_fast.errors import CCAError, KernelError
 from test_generation import char_tokenizer
 from tiny_models import make_tiny
 
@@ -129,6 +129,23 @@ def test_debug_flag_raises_and_argparse_errors(workdir, tmp_path, capsys):
     assert e.value.code == 2
     assert main([]) == 2  # no command: help on stderr
     assert "usage: cca" in capsys.readouterr().err
+
+
+def test_kernel_errors_are_user_errors(workdir, tmp_path, capsys, monkeypatch):
+    """A KernelError (the kernels' own family, not a CCAError) is reported like a CCAError: one
+    line, status 2; ``--debug`` re-raises it."""
+    import cca_fast.cli.eval as eval_cmd
+
+    def refuse(args):
+        raise KernelError("backend='triton' needs CUDA tensors (got cpu)")
+
+    monkeypatch.setattr(eval_cmd, "run", refuse)
+    argv = ["eval", "--data", str(workdir / "data.jsonl"), "--output", str(tmp_path), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "error: backend='triton' needs CUDA tensors (got cpu)\n"
+    with pytest.raises(KernelError):
+        main(["--debug"] + argv)
 
 
 def test_console_process_exit_status(tmp_path):

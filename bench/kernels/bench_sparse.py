@@ -184,7 +184,8 @@ def _versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 def bench_optimizer(p: Preset, fraction: float, device: torch.device, dtype: torch.dtype, warmup: int,
                     repeats: int) -> dict[str, Any]:
-    from cca_fast.kernels.sparse_optim import AdamWConfig, RowSparseOptimizer, RowSpec, pick_backend
+    from cca_fast.kernels.dispatch import resolve_backend
+    from cca_fast.kernels.sparse_optim import AdamWConfig, RowSparseOptimizer, RowSpec
 
     shapes = owning_shapes(p)
     sel = selection_rows(p, fraction)
@@ -247,7 +248,7 @@ def bench_optimizer(p: Preset, fraction: float, device: torch.device, dtype: tor
     out = {
         "fraction_components": fraction, "rows_selected": sel_rows, "elements_selected": sel_elems,
         "elements_total": n_elems, "fraction_elements": sel_elems / n_elems,
-        "dense_impl": dense_impl, "sparse_backend": pick_backend(device, "auto"),
+        "dense_impl": dense_impl, "sparse_backend": resolve_backend(device, "auto"),
         "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
         "dense_state_bytes": dense_state, "dense_grad_bytes": dense_grads,
         "sparse_state_bytes": sparse_state, "sparse_grad_bytes": sparse_grads,
@@ -268,7 +269,8 @@ def bench_optimizer(p: Preset, fraction: float, device: torch.device, dtype: tor
 # ---------------------------------------------------------------------------------------------
 def bench_backward(p: Preset, fraction: float, device: torch.device, dtype: torch.dtype, warmup: int,
                    repeats: int) -> list[dict[str, Any]]:
-    from cca_fast.kernels.row_grad import RowSelectiveProjection, pick_backend, zero_delta
+    from cca_fast.kernels.dispatch import resolve_backend
+    from cca_fast.kernels.row_grad import RowSelectiveProjection, zero_delta
 
     g = torch.Generator().manual_seed(2)
     out = []
@@ -299,7 +301,7 @@ def bench_backward(p: Preset, fraction: float, device: torch.device, dtype: torc
         sparse_mem = peak_extra_bytes(sparse, device)
         out.append({
             "fraction_components": fraction, "projection": kind, "shape": [n_out, n_in], "tokens": p.tokens,
-            "rows_selected": int(rows.numel()), "backend": pick_backend(device, "auto"),
+            "rows_selected": int(rows.numel()), "backend": resolve_backend(device, "auto"),
             "dense_ms": dense_ms, "row_selective_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
             "dense_peak_bytes": dense_mem, "row_selective_peak_bytes": sparse_mem,
             "memory_ratio": sparse_mem / dense_mem if dense_mem else None,

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from cca_fast.errors import CCAError
+from cca_fast.errors import USER_ERRORS, CCAError
 
 NAME = "apply"
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except CCAError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

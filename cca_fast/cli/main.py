@@ -6,8 +6,9 @@ sets ``func=<callable(args) -> int>`` as a default. ``COMMANDS`` lists the modul
 ``cca --help`` shows them.
 
 Errors: a :class:`~cca_fast.errors.CCAError` (a user mistake: missing file, bad option value...)
-prints ``error: <message>`` on stderr and exits with status 2, without a traceback; ``--debug``
-(before or after the subcommand) shows the traceback instead. Argument errors also exit 2.
+or a :class:`~cca_fast.errors.KernelError` (a kernel refusing its input or backend) prints
+``error: <message>`` on stderr and exits with status 2, without a traceback; ``--debug`` (before
+or after the subcommand) shows the traceback instead. Argument errors also exit 2.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 from typing import Sequence
 
 from cca_fast import __version__
-from cca_fast.errors import CCAError
+from cca_fast.errors import USER_ERRORS
 
 COMMANDS = ["eval", "run", "study", "apply", "suites"]
 
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(func(args) or 0)
-    except CCAError as e:
+    except USER_ERRORS as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

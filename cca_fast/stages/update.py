@@ -37,11 +37,12 @@ import torch
 from torch import nn
 
 from cca_fast.delta import SparseDelta
-from cca_fast.errors import CCAError
+from cca_fast.errors import CCAError, KernelError
 from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff
+from cca_fast.kernels.dispatch import BACKENDS, Backend, accumulation_dtype
 from cca_fast.kernels.row_grad import row_selective, zero_delta
-from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, compute_dtype,
-                                   gather_rows, scatter_rows)
+from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, gather_rows,
+                                           scatter_rows)
 from cca_fast.models.components import ComponentSpace, RowSelection
 from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
 from cca_fast.models import runtime
@@ -95,7 +96,7 @@ class UpdateConfig:
     eval_every: int = 5
     eval_every_early: int = 2
     early_steps: int = 10
-    backend: Literal["auto", "triton", "torch"] = "auto"
+    backend: Backend = "auto"
     pad_id: int | None = None
     store_base_rows: bool = True
     share_prefix: bool = True
@@ -109,8 +110,8 @@ class UpdateConfig:
             raise CCAError(f"update mode must be 'sparse' or 'reference', got {self.mode!r}")
         if self.scope not in ("selected", "all"):
             raise CCAError(f"update scope must be 'selected' or 'all', got {self.scope!r}")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise CCAError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise CCAError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
         if self.max_steps < 0 or self.batch_size < 1:
             raise CCAError(f"max_steps must be >= 0 and batch_size >= 1 (got {self.max_steps}, {self.batch_size})")
         if self.min_shared_prefix < 1:
@@ -121,7 +122,7 @@ class UpdateConfig:
             raise CCAError("eval_every and eval_every_early must be >= 1, early_steps >= 0")
         try:
             self.optim_config()
-        except ValueError as e:
+        except KernelError as e:
             raise CCAError(f"invalid optimizer settings: {e}") from None
 
     def optim_config(self) -> SGDConfig | AdamWConfig:
@@ -290,7 +291,7 @@ class _ReferenceStepper:
             if full and not master:
                 self.rows[name] = p  # the whole parameter: step it in place
             else:
-                dt = compute_dtype(p.dtype) if master else p.dtype
+                dt = accumulation_dtype(p.dtype) if master else p.dtype
                 self.rows[name] = gather_rows(p, sel.dim, sel.index.to(p.device)).to(dt).requires_grad_()
         oc = config.optim_config()
         leaves = list(self.rows.values())

@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 
-from cca_fast.errors import CCAError
 from cca_fast.kernels import dispatch
 from cca_fast.kernels.attribution import (AttributionTap, Segment, TapSpec, component_scores,
                                           component_scores_reference, launch_component_scores, plan_launch)
+from cca_fast.kernels.errors import BackendUnavailable, KernelError
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 UNIT = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -24}
@@ -120,15 +120,15 @@ def test_zero_rows_give_zeros():
     assert component_scores(a, a, 3, 4, per_row=True, backend="triton").shape == (0, 3)
 
 
-def test_bad_inputs_raise_cca_error():
+def test_bad_inputs_raise_kernel_error():
     a = torch.zeros(4, 12)
-    with pytest.raises(CCAError, match="n_comp"):
+    with pytest.raises(KernelError, match="n_comp"):
         component_scores(a, a, 5, 2)
-    with pytest.raises(CCAError, match="same shape"):
+    with pytest.raises(KernelError, match="same shape"):
         component_scores(a, a[:3], 3, 4)
-    with pytest.raises(CCAError, match="dtype"):
+    with pytest.raises(KernelError, match="dtype"):
         component_scores(a.long(), a.long(), 3, 4)
-    with pytest.raises(CCAError, match="weights"):
+    with pytest.raises(KernelError, match="weights"):
         component_scores(a, a, 3, 4, torch.ones(5))
 
 
@@ -139,9 +139,9 @@ def test_dispatch_rules():
     assert dispatch.resolve_backend("cpu", None, interpret=False) == "torch"  # CPU users get PyTorch
     assert dispatch.resolve_backend("cpu", "auto", interpret=False) == "torch"
     assert dispatch.resolve_backend("cuda", None, interpret=False) == "triton"  # (no tensor is made)
-    with pytest.raises(CCAError, match="TRITON_INTERPRET"):
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
         dispatch.resolve_backend("cpu", "triton", interpret=False)
-    with pytest.raises(CCAError, match="unknown kernel backend"):
+    with pytest.raises(BackendUnavailable, match="unknown kernel backend"):
         dispatch.resolve_backend("cpu", "cuda")
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from cca_fast.attribution import Attribution, AttributionSession, default_pivot_metric
 from cca_fast.errors import CCAError
+from cca_fast.kernels.dispatch import Backend
 from cca_fast.stages.examples import PivotExample, collate
 from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import ComponentSpace
@@ -44,7 +45,7 @@ class AtPConfig:
     pad_id: int | None = None
     absolute: bool = False
     kinds: tuple[str, ...] = KINDS
-    backend: str | None = None
+    backend: Backend | None = None
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
