@@ -14,7 +14,7 @@ from cca_fast.stages.examples import PivotExample, collate
 from cca_fast.stages.localize import AtPConfig, dcm_loss, run_atp
 from cca_fast.stages.localize.atp import check_examples, pad_id_for
 from cca_fast.models.components import ComponentSpace
-from localize_helpers import examples, tiny
+from helpers import examples, tiny
 
 TOL = 1e-12
 
