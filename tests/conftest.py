@@ -1,5 +1,6 @@
-"""Test set-up: Triton kernels run under the CPU interpreter when no GPU is present; fixtures
-shared by several modules (their helpers are in ``helpers.py``, importable from every sub-folder through ``pythonpath`` in ``pytest.ini``)."""
+"""Test set-up: Triton kernels run under the CPU interpreter when no GPU is present; tests marked
+``cuda`` are skipped without one; fixtures shared by several modules (their helpers are in
+``helpers.py``, importable from every sub-folder through ``pythonpath`` in ``pytest.ini``)."""
 import os
 from pathlib import Path
 
@@ -13,6 +14,16 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     torch = None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``cuda`` when CUDA is unavailable."""
+    if torch is not None and torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from helpers import assert_only_owned_rows_may_differ
 from helpers import run_config as config
 
 
+@pytest.mark.slow
 def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config(workdir, out)

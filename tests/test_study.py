@@ -60,6 +60,7 @@ def _study(workdir: Path, out: Path, side: Path) -> StudyConfig:
                        bootstrap=400)
 
 
+@pytest.mark.slow
 def test_study_every_condition_and_resume(workdir, tmp_path):
     side = _side_data(tmp_path / "side")
     out = tmp_path / "study"
