@@ -14,7 +14,7 @@ from cca_fast import ComponentSpace
 from cca_fast.errors import UnsupportedArchitectureError
 from cca_fast.models.hooks import read_components, scale_components
 from cca_fast.models.adapters import get_adapter
-from tiny_models import ARCHS, VOCAB, make_tiny
+from helpers import ARCHS, VOCAB, make_tiny
 
 TOL = 1e-10
 PER_HEAD_QK_NORM = {"qwen3", "gemma3_text"}

@@ -24,7 +24,7 @@ from cca_fast.kernels import dispatch
 from cca_fast.stages.examples import PivotExample, collate, logit_diff
 from cca_fast.models.hooks import scale_components
 from cca_fast.models.components import ComponentSpace
-from tiny_models import VOCAB, make_tiny
+from helpers import VOCAB, make_tiny
 from torch.overrides import TorchFunctionMode
 
 FD_TOL = 1e-8

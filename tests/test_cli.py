@@ -12,8 +12,7 @@ import torch
 
 from cca_fast.cli.main import COMMANDS, build_parser, main
 from cca_fast.errors import CCAError, KernelError
-from test_generation import char_tokenizer
-from tiny_models import make_tiny
+from helpers import char_tokenizer, make_tiny
 
 PROBLEMS = [
     {"question": "Ann has 2 apples and buys 3 more. How many apples?", "answer": "2 + 3 = 5\n#### 5"},

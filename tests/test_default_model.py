@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cca_fast.cli.main import main
 from cca_fast.models.loading import load_model
 
 
+@pytest.mark.slow
 def test_cca_eval_limit_16_on_the_default_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["eval", "--limit", "16", "--output", str(tmp_path), "--quiet"]) == 0

@@ -15,8 +15,7 @@ from cca_fast.delta import (CONFIG_NAME, WEIGHTS_NAME, SparseDelta, apply_delta,
                             revert_delta)
 from cca_fast.errors import CCAError
 from cca_fast.cli import apply as apply_command
-from helpers import run_cli
-from tiny_models import make_tiny
+from helpers import make_tiny, run_cli
 
 
 def _state(model):

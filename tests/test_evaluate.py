@@ -10,7 +10,7 @@ from cca_fast.errors import CCAError
 from cca_fast.evaluation.evaluate import EvalResult, evaluate, score, write_json_atomic
 from cca_fast.generation import Generation, GenerationConfig, GenerationStats
 from cca_fast.evaluation.prompting import Exemplar, PromptConfig, build_prompt, encode_prompts
-from test_generation import ScriptedLM, char_tokenizer, scripts_for
+from helpers import ScriptedLM, char_tokenizer, scripts_for
 
 SHOTS = [Exemplar("What is 1 + 1?", "1 + 1 = 2. The final answer is 2.")]
 

@@ -4,39 +4,17 @@ inverse CDF and reproducible per row."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cca_fast.errors import CCAError
 from cca_fast.models import runtime
 from cca_fast.generation import (DecodeState, GenerationConfig, GenerationStats, StopScanner, common_prefix_len,
                                  decode, generate, prefill, row_seed, sample_from_logits)
 from cca_fast.evaluation.prompting import ANSWER_PATTERN, PromptConfig, build_prompt
-from tiny_models import ARCHS, VOCAB, make_tiny
-
-CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,:?'$-*+=/\n")
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (ids 4..78), specials 0-3; fits the tiny models' 97-token vocab."""
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + CHARS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
-def smol_dir() -> str:
-    """The real default model: the local copy if present, else the converted embedded GGUF."""
-    if Path("/tmp/smolcache/config.json").exists():
-        return "/tmp/smolcache"
-    from cca_fast.models.loading import cached_gguf_dir, default_gguf_path
-    return str(cached_gguf_dir(default_gguf_path())[0])
+from helpers import ARCHS, VOCAB, ScriptedLM, char_tokenizer, make_tiny, scripts_for, smol_dir
 
 
 @pytest.fixture(scope="module")
@@ -176,45 +154,6 @@ def test_rows_are_removed_from_the_running_batch(llama):
 
 
 # ---------------------------------------------------------------- scripted stops
-
-def prompt_key(ids) -> int:
-    """A hash of a whole token sequence (identifies a prompt inside :class:`ScriptedLM`)."""
-    return sum((i + 1) * int(t) for i, t in enumerate(ids)) % 1_000_003
-
-
-class ScriptedLM(torch.nn.Module):
-    """A stand-in LM that emits a fixed script per prompt (keyed by :func:`prompt_key` of the
-    prompt), through a real ``DynamicCache``: the row key is stored as the cached "key" value, so
-    row selection goes through the cache API. Use with ``share_prefix=False`` (a prompt must
-    arrive in one prefill). Records the batch size of every forward."""
-
-    def __init__(self, scripts: dict[int, tuple[int, list[int]]], vocab: int = VOCAB):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.config = None
-        self.scripts, self.vocab, self.batch_sizes = scripts, vocab, []
-
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache=True, logits_to_keep=1):
-        B, S = input_ids.shape
-        self.batch_sizes.append(B)
-        if past_key_values.get_seq_length() == 0:
-            key = torch.tensor([float(prompt_key(input_ids[r][attention_mask[r].bool()].tolist())) for r in range(B)],
-                               dtype=torch.float64)
-        else:
-            key = past_key_values.layers[0].keys[:, 0, -1, 0]
-        kv = key.view(B, 1, 1, 1).expand(B, 1, S, 1).contiguous()
-        past_key_values.update(kv, kv.clone(), 0)
-        logits = torch.full((B, 1, self.vocab), -5.0)
-        for r in range(B):
-            plen, script = self.scripts[int(key[r])]
-            k = int(position_ids[r, -1]) + 1 - plen
-            logits[r, 0, script[k] if k < len(script) else 4] = 5.0
-        return type("Out", (), {"logits": logits, "past_key_values": past_key_values})()
-
-
-def scripts_for(prompt_ids: list[list[int]], output_ids: list[list[int]]) -> dict[int, tuple[int, list[int]]]:
-    return {prompt_key(p): (len(p), list(o)) for p, o in zip(prompt_ids, output_ids)}
-
 
 def _script(tok, prompts: list[str], outputs: list[str], eos_at: dict[int, int] | None = None):
     ids = [tok(p)["input_ids"] for p in prompts]

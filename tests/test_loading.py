@@ -6,7 +6,7 @@ import torch
 
 from cca_fast.errors import CCAError
 from cca_fast.models.loading import default_gguf_path, load_model, resolve_dtype
-from tiny_models import make_tiny
+from helpers import make_tiny
 
 
 def test_local_directory_roundtrip(tmp_path):

@@ -18,8 +18,7 @@ from cca_fast.baselines.lora import train as L
 from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError, DataError
 from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts, extract_answer, gold_from_answer
-from test_generation import char_tokenizer
-from tiny_models import CONFIGS, make_tiny
+from helpers import CONFIGS, char_tokenizer, make_tiny
 
 # peft (in the tests' own get_peft_model / from_pretrained calls) reads a deprecated transformers property
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

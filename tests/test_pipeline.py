@@ -8,7 +8,6 @@ real (if meaningless) data in seconds. The real default model runs the same code
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,35 +19,12 @@ from cca_fast.errors import CCAError
 from cca_fast.io import read_jsonl
 from cca_fast.models.components import ComponentSpace
 from cca_fast.models.loading import load_model
-from cca_fast.experiments.pipeline import RunConfig, run_cca
-from test_generation import char_tokenizer
+from cca_fast.experiments.pipeline import run_cca
 from helpers import assert_only_owned_rows_may_differ
-from tiny_models import make_biased_tiny
+from helpers import run_config as config
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pipeline")
-    tok = char_tokenizer()
-    model = make_biased_tiny(tok)  # see module docstring
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    rows = [{"id": f"t{t}-{i}", "question": f"What is {t} {i}?", "answer": f"#### {(i + t) % 2}",
-             "gold": (i + t) % 2, "template": f"t{t}"} for t in range(4) for i in range(10)]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "shots.json").write_text(json.dumps([{"question": "What is 1?", "target": "The final answer is 1."}]))
-    return d
-
-
-def config(d: Path, out: Path, **kw) -> RunConfig:
-    cfg = dict(output=str(out), model=str(d / "model"), dtype="float32", device="cpu", data=str(d / "data.jsonl"),
-               shots=str(d / "shots.json"), n_shots=1, weak_threshold=1.01, max_train_problems=None,
-               max_new_tokens=12, batch_size=8, dcm={"epochs": 4, "lambda_l1": 0.01},
-               update={"max_steps": 4, "lr": 1e-2})
-    cfg.update(kw)
-    return RunConfig(**cfg)
-
-
+@pytest.mark.slow
 def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config(workdir, out)

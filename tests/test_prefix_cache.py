@@ -10,7 +10,7 @@ from cca_fast.stages.pivots.search import TraceJudge, pivot_for_pair
 from cca_fast.stages.pivots.algorithms import teacher_forced_argmax
 from cca_fast.generation.prefix import PrefixCache, weights_key
 from cca_fast.stages.traces import TracePair
-from tiny_models import VOCAB, make_tiny
+from helpers import VOCAB, make_tiny
 
 # float64 tiny models: a reused prefix and a fresh one differ only in reduction order; 1e-10 is
 # ~1e5 ulps of float64 on logits of size ~1, far above that round-off and far below any real error

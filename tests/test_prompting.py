@@ -14,7 +14,7 @@ from cca_fast.evaluation.prompting import (DEFAULT_INSTRUCTION, Exemplar, Prompt
 def smol_tokenizer():
     from transformers import AutoTokenizer
 
-    from test_generation import smol_dir
+    from helpers import smol_dir
     return AutoTokenizer.from_pretrained(smol_dir())
 
 

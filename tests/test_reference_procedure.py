@@ -27,9 +27,7 @@ from cca_fast.errors import CCAError
 from cca_fast.generation import GenerationConfig, GenerationStats, generate
 from cca_fast.io import read_jsonl
 from cca_fast.experiments.pipeline import RunConfig, procedure_settings, run_cca
-from test_generation import char_tokenizer
-from test_pipeline import workdir  # noqa: F401  (the tiny biased model and data, a module fixture)
-from tiny_models import make_biased_tiny
+from helpers import char_tokenizer, make_biased_tiny
 
 
 def _config(d: Path, out: Path, procedure: str) -> RunConfig:

@@ -21,7 +21,7 @@ from cca_fast.models import runtime
 from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss
 from cca_fast.stages.examples import PivotExample, collate
 from cca_fast.stages.localize.dcm import PivotPrefixCache
-from tiny_models import ARCHS, VOCAB, make_tiny
+from helpers import ARCHS, VOCAB, make_tiny
 
 
 def _examples(n=4, prefix=20, seed=0):

@@ -21,8 +21,7 @@ from cca_fast.errors import CCAError
 from cca_fast.evaluation.evaluate import summarize
 from cca_fast.io import read_json, read_jsonl
 from cca_fast.experiments.study import StudyConfig, run_study, seed_from_shared
-from test_pipeline import config as run_config
-from test_pipeline import workdir  # noqa: F401  (the tiny model and data, a module fixture)
+from helpers import run_config
 
 pytest.importorskip("peft")
 
@@ -61,7 +60,8 @@ def _study(workdir: Path, out: Path, side: Path) -> StudyConfig:
                        bootstrap=400)
 
 
-def test_study_every_condition_and_resume(workdir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_study_every_condition_and_resume(workdir, tmp_path):
     side = _side_data(tmp_path / "side")
     out = tmp_path / "study"
     study = run_study(_study(workdir, out, side), progress=False)
@@ -136,7 +136,7 @@ def test_study_every_condition_and_resume(workdir, tmp_path):  # noqa: F811
         run_study(other, progress=False)
 
 
-def test_study_config_errors(workdir, tmp_path):  # noqa: F811
+def test_study_config_errors(workdir, tmp_path):
     bad = _study(workdir, tmp_path / "s", tmp_path)
     bad.selectors = ["random"]
     with pytest.raises(CCAError, match="controls"):

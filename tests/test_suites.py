@@ -16,21 +16,9 @@ from cca_fast.evaluation.suites import SuiteConfig, compare, run_suites
 from cca_fast.evaluation.suites import mmlu, perplexity, truthfulqa
 from cca_fast.evaluation.suites.common import resolve_data_root, seeded_subset
 from cca_fast.evaluation.suites.loglik import Loglik, LoglikConfig, encode_pair
-from test_generation import char_tokenizer
-from tiny_models import make_tiny
+from helpers import MMLU_HEADER, TQA, char_tokenizer, make_tiny, write_mmlu
 
-HEADER = "question,choice0,choice1,choice2,choice3,answer\n"
-
-
-def write_mmlu(root: Path, sizes: dict[str, int]) -> None:
-    """Synthetic MMLU: 5 dev rows and ``sizes[subject]`` test rows per subject."""
-    for split in ("dev", "test"):
-        (root / "mmlu" / split).mkdir(parents=True, exist_ok=True)
-    for s, n in sizes.items():
-        dev = "".join(f"{s} dev q{i}?,d{i}a,d{i}b,d{i}c,d{i}d,{i % 4}\n" for i in range(5))
-        test = "".join(f"{s} test q{i}?,t{i}a,t{i}b,t{i}c,t{i}d,{(i + 1) % 4}\n" for i in range(n))
-        (root / "mmlu" / "dev" / f"{s}_dev.csv").write_text(HEADER + dev)
-        (root / "mmlu" / "test" / f"{s}_test.csv").write_text(HEADER + test)
+HEADER = MMLU_HEADER
 
 
 # ---------------------------------------------------------------- MMLU
@@ -110,11 +98,6 @@ def test_mmlu_scoring_argmax_and_per_subject(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- TruthfulQA
-
-TQA = ("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-       'Adversarial,Misc,Is the sky green?,No it is blue,No; Blue,"Yes it is green; It is red;  ; Green ",s\n'
-       "Adversarial,Misc,What is 2+2?,Four,4,Five; Three,s\n"
-       "Adversarial,Misc,Tie question?,Tie best,x,Tie wrong,s\n")
 
 
 def test_truthfulqa_parsing_and_prompt(tmp_path):

@@ -14,11 +14,8 @@ from cca_fast.delta import SparseDelta, bitwise_equal
 from cca_fast.evaluation.suites import SuiteConfig, mmlu, perplexity, run_suites, truthfulqa
 from cca_fast.evaluation.suites.lm_eval import GROUP, TASK_DIR, TASKS
 from cca_fast.evaluation.suites.lm_eval import utils as lm_utils
-from test_generation import char_tokenizer
-from test_suites import TQA, write_mmlu
 from cca_fast.cli import suites as suites_command
-from helpers import run_cli
-from tiny_models import make_tiny
+from helpers import TQA, char_tokenizer, make_tiny, run_cli, write_mmlu
 
 GSM = [{"question": "2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}, {"question": "4-1?", "answer": "4-1=3\n#### 3"},
        {"question": "7*2?", "answer": "7*2=14\n#### 14"}]

@@ -9,8 +9,7 @@ import torch
 
 from cca_fast.errors import CCAError
 from cca_fast.evaluation.suites.loglik import LoglikConfig, LoglikStats, encode_pair, loglikelihood, loglikelihood_tokens
-from test_generation import char_tokenizer, smol_dir
-from tiny_models import VOCAB, make_tiny
+from helpers import VOCAB, char_tokenizer, make_tiny, smol_dir
 
 # float64 models: batching, left padding and a shared-prefix KV cache only change the reduction
 # order of float64 sums, ~1e-15 relative on O(10) log-probs; 1e-9 would still catch any

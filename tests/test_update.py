@@ -14,8 +14,7 @@ from cca_fast.delta import apply_delta, bitwise_equal
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotExample, collate, logit_diff
 from cca_fast.stages.update import UpdateConfig, eval_steps, run_update
-from helpers import assert_only_owned_rows_may_differ
-from tiny_models import VOCAB, make_tiny
+from helpers import VOCAB, assert_only_owned_rows_may_differ, make_tiny
 
 ARCHS = ["llama", "phi3", "gpt2", "qwen2", "gemma2"]  # separate / fused q|k|v and gate|up, Conv1D, biases, softcaps
 

@@ -29,8 +29,7 @@ from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotBatch, PivotExample
 from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
 from cca_fast.stages.update import UpdateConfig, _Batches, run_update
-from helpers import assert_only_owned_rows_may_differ
-from tiny_models import VOCAB, make_tiny
+from helpers import VOCAB, assert_only_owned_rows_may_differ, make_tiny
 
 PREFIX = 23
 SUFFIXES = (0, 1, 3, 7, 4)

@@ -15,7 +15,7 @@ from cca_fast.stages.localize import AtPConfig, dcm_loss, run_atp
 from cca_fast.stages.localize.atp import check_examples
 from cca_fast.models.components import ComponentSpace
 from cca_fast.models import runtime
-from localize_helpers import examples, tiny
+from helpers import examples, tiny
 
 TOL = 1e-12
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_models
+import helpers
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import collate
 from cca_fast.stages.localize import DCMConfig, PivotPrefixCache, dcm_loss, run_atp, run_dcm
 from cca_fast.models.components import ComponentSpace
-from localize_helpers import examples, tiny
+from helpers import examples, tiny
 
 EXACT = 1e-12
 ARCHS = ["llama", "gpt2", "phi3", "qwen3", "gemma2", "gemma3_text", "olmo2"]
@@ -48,8 +48,8 @@ def test_last_position_equals_full_prefix(arch):
 @pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
 def test_last_position_with_sliding_window_shorter_than_prefix(arch, monkeypatch):
     """Sliding-window layers (window 3 < prefix 8) keep only part of the prefix cache."""
-    cfg = dict(tiny_models.CONFIGS[arch], sliding_window=3)
-    monkeypatch.setitem(tiny_models.CONFIGS, arch, cfg)
+    cfg = dict(helpers.CONFIGS[arch], sliding_window=3)
+    monkeypatch.setitem(helpers.CONFIGS, arch, cfg)
     model = tiny(arch)
     space = ComponentSpace(model)
     batch = collate(examples(arch, n=3, seed=4, min_len=6, max_len=9), pad_id=0)

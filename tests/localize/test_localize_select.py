@@ -12,7 +12,7 @@ from cca_fast.errors import CCAError
 from cca_fast.stages.localize import (Selection, select, select_atp_fraction, select_atp_topk, select_dcm,
                                select_random)
 from cca_fast.models.components import ComponentSpace
-from localize_helpers import tiny
+from helpers import tiny
 
 
 @pytest.fixture(scope="module")
