@@ -89,6 +89,7 @@ def _by(key: str, rows) -> dict:
     return {r[key]: r for r in rows}
 
 
+@pytest.mark.slow
 def test_reference_and_fast_runs_give_the_same_results(workdir, tmp_path):
     reports, out = {}, {}
     for proc in ("fast", "reference"):
@@ -153,6 +154,7 @@ def test_reference_and_fast_runs_give_the_same_results(workdir, tmp_path):
         assert reports["fast"][key] == reports["reference"][key], key
 
 
+@pytest.mark.slow
 def test_gpu_scale_benchmark_runs_tiny_on_cpu(tmp_path):
     """The GPU scale of bench/pipeline (random Llama, fake judge, fixed-length traces, bf16) at toy
     size on the CPU: every pair, the whole run included, gives the same result both ways."""
