@@ -13,7 +13,8 @@ from cca_fast.errors import CCAError
 from cca_fast.models import runtime
 from cca_fast.generation import (DecodeState, GenerationConfig, GenerationStats, StopScanner, common_prefix_len,
                                  decode, generate, prefill, row_seed, sample_from_logits)
-from cca_fast.evaluation.prompting import ANSWER_PATTERN, PromptConfig, build_prompt
+from cca_fast.evaluation.prompting import ANSWER_PATTERN, PromptConfig, build_prompt, paper_stops
+from cca_fast.generation.stops import PatternStop
 from helpers import ARCHS, VOCAB, ScriptedLM, char_tokenizer, make_tiny, scripts_for, smol_dir
 
 
@@ -175,7 +176,7 @@ def test_text_stops_cut_points_and_row_removal(tok):
                " The final answer is 3.50. x"]             # decimal: the sentence ends at the first dot
     ids, scripts = _script(tok, prompts, outputs, eos_at={2: 5})
     model = ScriptedLM(scripts)
-    gens = generate(model, tok, ids, GenerationConfig(max_new_tokens=30, batch_size=5))
+    gens = generate(model, tok, ids, GenerationConfig(max_new_tokens=30, batch_size=5, stops=paper_stops()))
     assert [g.finish_reason for g in gens] == ["answer", "new_question", "eos", "length", "answer"]
     assert gens[0].text == " 2+2=4. So the answer is 4."
     assert gens[0].output_ids == tok(" 2+2=4. So the answer is 4.")["input_ids"]
@@ -190,12 +191,15 @@ def test_text_stops_cut_points_and_row_removal(tok):
 
 def test_stop_flags_can_be_disabled(tok):
     ids, scripts = _script(tok, ["a"], [" the answer is 4.\nQ: x"])
-    cfg = GenerationConfig(max_new_tokens=15, stop_on_answer=False, stop_on_new_question=False)
+    cfg = GenerationConfig(max_new_tokens=15)  # no text stop rules: decoding knows no prompt format
     g = generate(ScriptedLM(scripts), tok, ids, cfg)[0]
     assert g.finish_reason == "length" and g.text == " the answer is 4.\nQ: x"[:15]
-    cfg = GenerationConfig(max_new_tokens=30, stop_on_answer=False)
+    cfg = GenerationConfig(max_new_tokens=30, stops=paper_stops()[1:])  # the new-question marker only
     g = generate(ScriptedLM(scripts), tok, ids, cfg)[0]
     assert g.finish_reason == "new_question" and g.text == " the answer is 4."
+    cfg = GenerationConfig(max_new_tokens=30, stops=(PatternStop(r"is \d", reason="digit"),))  # any rule
+    g = generate(ScriptedLM(scripts), tok, ids, cfg)[0]
+    assert g.finish_reason == "digit" and g.text == " the answer is 4"
 
 
 def _brute_force_stop(tokenizer, ids, marker="\nQ:"):
@@ -220,7 +224,7 @@ def test_stop_scanner_matches_brute_force_on_real_tokenizer():
         text = "".join(pieces[int(i)] for i in torch.randint(0, len(pieces), (k,), generator=g))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         expected = _brute_force_stop(tokenizer, ids)
-        sc = StopScanner(tokenizer)
+        sc = StopScanner(tokenizer, paper_stops())
         got = None
         for i, t in enumerate(ids):
             if sc.push(t) is not None:
@@ -331,7 +335,8 @@ def test_greedy_matches_hf_generate_real_model(smol):
     hf = model.generate(**enc, do_sample=False, max_new_tokens=32, pad_token_id=tokenizer.pad_token_id)
     T = enc["input_ids"].shape[1]
     for share in (False, True):
-        gens = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=32, batch_size=3, share_prefix=share))
+        gens = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=32, batch_size=3, share_prefix=share,
+                                                                        stops=paper_stops()))
         for i, g in enumerate(gens):
             ref = hf[i, T:].tolist()
             assert g.output_ids == ref[:g.n_generated], (share, i)

@@ -24,6 +24,7 @@ import torch
 
 from cca_fast.delta import SparseDelta
 from cca_fast.errors import CCAError
+from cca_fast.generation.stops import MarkerStop
 from cca_fast.generation import GenerationConfig, GenerationStats, generate
 from cca_fast.io import read_jsonl
 from cca_fast.experiments.pipeline import RunConfig, procedure_settings, run_cca
@@ -48,7 +49,8 @@ def test_no_early_stop_gives_the_same_generations():
     prompts = [f"Q: What is {i}?\nA:" + " 1" * (i % 3) for i in range(6)]
     # "1" is a frequent token: rows stop (new_question marker) at different steps
     for sample in (False, True):
-        base = GenerationConfig(max_new_tokens=16, batch_size=6, new_question_marker="1", do_sample=sample,
+        base = GenerationConfig(max_new_tokens=16, batch_size=6, stops=(MarkerStop("1", reason="new_question"),),
+                                do_sample=sample,
                                 temperature=1.3, seed=5)
         fast_stats, ref_stats = GenerationStats(), GenerationStats()
         fast = generate(model, tok, prompts, base, stats=fast_stats)

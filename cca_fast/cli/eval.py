@@ -35,13 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cca_fast.evaluation.evaluate import evaluate
     from cca_fast.generation.decode import GenerationConfig
-    from cca_fast.evaluation.prompting import PromptConfig
+    from cca_fast.evaluation.prompting import PromptConfig, paper_stops
 
     check_positive("--batch-size", args.batch_size)
     check_positive("--max-new-tokens", args.max_new_tokens)
     prompt = PromptConfig(mode=args.prompt_mode, exemplars=args.shots, n_shots=args.n_shots)
     prompt.shots()  # read and check the exemplar file before the (slow) model load
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                  stops=paper_stops())  # written into eval.json's meta as decoded
     problems = load_problems_from_args(args)
     model, tokenizer = load_model_from_args(args)
     result = evaluate(model, tokenizer, problems, prompt=prompt, generation=generation, progress=not args.quiet)

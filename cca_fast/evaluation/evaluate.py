@@ -3,6 +3,8 @@ the answer-sentence stop, the paper's answer extractor, exact float match, accur
 averaged over templates."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import time
@@ -13,7 +15,8 @@ from typing import Any, Sequence
 from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError
 from cca_fast.generation.decode import Generation, GenerationConfig, GenerationStats, generate
-from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts, extract_answer, is_correct
+from cca_fast.evaluation.prompting import (PromptConfig, build_prompt, encode_prompts, extract_answer, is_correct,
+                                          paper_stops)
 
 
 @dataclass
@@ -133,7 +136,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], *, prompt:
     Args:
         problems: the problems (their ``gold`` and ``template`` are used).
         prompt: how to build prompts (default: the paper's plain 8-shot prompt).
-        generation: decoding settings (default: greedy, stops of METHOD section 0).
+        generation: decoding settings (default: greedy); without ``stops`` of its own, the
+            paper's stops of METHOD section 0 (:func:`~cca_fast.evaluation.prompting.paper_stops`).
         progress: show a tqdm bar over problems.
         stats: token counters to accumulate into.
     Returns:
@@ -143,6 +147,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], *, prompt:
         raise CCAError("no problems to evaluate; check the data source, split and --limit")
     prompt = prompt or PromptConfig()
     generation = generation or GenerationConfig()
+    if not generation.stops:  # the paper prompt's stops (METHOD section 0) unless the caller chose others
+        generation = dataclasses.replace(generation, stops=paper_stops())
     stats = stats if stats is not None else GenerationStats()
     texts = [build_prompt(p.question, prompt, tokenizer) for p in problems]
     ids = encode_prompts(texts, tokenizer, prompt)

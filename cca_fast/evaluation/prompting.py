@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 from cca_fast.errors import CCAError, DataError
+from cca_fast.generation.stops import MarkerStop, PatternStop, StopRule
 
 DEFAULT_INSTRUCTION = "As an expert problem solver, solve step by step the following mathematical questions."
 ANSWER_PREFIX = "Let's think step by step."
@@ -50,6 +51,8 @@ ANSWER_PREFIX = "Let's think step by step."
 ANSWER_PATTERN = r"answer is[^.]*\."
 NUMBER_PATTERN = r"-?\d+\.?\d*"
 PROMPT_MODES = ("plain", "chat")
+#: The start of the next few-shot question: generation stops before it (METHOD section 0).
+NEW_QUESTION_MARKER = "\nQ:"
 
 _ANSWER_RE = re.compile(ANSWER_PATTERN)
 _NUMBER_RE = re.compile(NUMBER_PATTERN)
@@ -222,6 +225,15 @@ def encode_prompts(prompts: Sequence[str], tokenizer: Any, config: PromptConfig 
     chat prompts do not (the template already wrote them)."""
     add_special = (config or PromptConfig()).mode == "plain"
     return [list(tokenizer(p, add_special_tokens=add_special)["input_ids"]) for p in prompts]
+
+
+def paper_stops(marker: str | None = NEW_QUESTION_MARKER) -> tuple[StopRule, ...]:
+    """The paper's text stop rules for :class:`~cca_fast.generation.GenerationConfig` ``stops``:
+    the answer sentence (``"answer"``, the text keeps it up to its dot; it never spans a dot
+    except at its end) and, unless ``marker`` is ``None``, the next few-shot question
+    (``"new_question"``, the text ends before the marker)."""
+    answer = PatternStop(ANSWER_PATTERN, reason="answer", boundary=".")
+    return (answer,) if not marker else (answer, MarkerStop(marker, reason="new_question"))
 
 
 def find_answer_end(text: str) -> int | None:

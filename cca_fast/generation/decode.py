@@ -21,13 +21,14 @@ each row from 0 (as Hugging Face ``generate`` does for left padding), and the 2-
 hides the pad slots, so each row computes what it would compute alone (up to floating point
 reduction order).
 
-Stopping (METHOD section 0) is checked on the decoded text, incrementally: each step decodes
-only the new token with a little context (enough to get SentencePiece spaces and multi-byte
-characters right) and scans only the new text for
+Stopping is checked on the decoded text, incrementally: each step decodes only the new token
+with a little context (enough to get SentencePiece spaces and multi-byte characters right) and
+asks each rule of ``GenerationConfig.stops`` (:mod:`~cca_fast.generation.stops`, passed in by the
+caller; decoding knows no prompt format) about the new text. A row stops at
 
-* the answer sentence ``answer is[^.]*\\.`` (finish reason ``"answer"``; the text keeps the
-  sentence up to its dot),
-* the new-question marker ``"\\nQ:"`` (``"new_question"``; the text ends before the marker),
+* the first text stop (its rule's ``reason``; e.g. the paper's rules from
+  :func:`cca_fast.evaluation.prompting.paper_stops`: ``"answer"`` keeps the answer sentence up to
+  its dot, ``"new_question"`` ends the text before the next ``Q:``),
 * an EOS token id (``"eos"``; the text excludes it): the tokenizer's, the model's generation
   config's and ``GenerationConfig.eos_token_ids``,
 * otherwise ``max_new_tokens`` (``"length"``).
@@ -54,13 +55,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cca_fast.errors import CCAError
-from cca_fast.evaluation.prompting import find_answer_end
 from cca_fast.generation.prefix import PrefixCache, can_share, shared_len
 from cca_fast.generation.state import DecodeState, GenerationStats, prefill
+from cca_fast.generation.stops import StopRule
 from cca_fast.models import runtime
 
-FINISH_REASONS = ("answer", "eos", "new_question", "length")
-NEW_QUESTION_MARKER = "\nQ:"
+TOKEN_REASONS = ("eos", "length")  # besides the reasons of the text stop rules
 
 
 @dataclass
@@ -77,10 +77,9 @@ class GenerationConfig:
         seed: sampling seed; row ``i`` of the prompt list uses a generator seeded from
             ``(seed, i)``.
         batch_size: sequences decoded together.
-        stop_on_answer: stop at the answer sentence ``answer is[^.]*\\.``.
+        stops: text stop rules (:mod:`~cca_fast.generation.stops`), e.g.
+            :func:`cca_fast.evaluation.prompting.paper_stops`; none by default.
         stop_on_eos: stop at an EOS token.
-        stop_on_new_question: stop when the model starts a new question (``new_question_marker``).
-        new_question_marker: the text that starts a new question.
         eos_token_ids: extra EOS ids (the tokenizer's and the model's are always included).
         share_prefix: prefill the prompts' longest common token prefix once and copy its cache.
         min_shared_prefix: only share a common prefix of at least this many tokens.
@@ -96,10 +95,8 @@ class GenerationConfig:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 8
-    stop_on_answer: bool = True
+    stops: tuple[StopRule, ...] = ()
     stop_on_eos: bool = True
-    stop_on_new_question: bool = True
-    new_question_marker: str = NEW_QUESTION_MARKER
     eos_token_ids: tuple[int, ...] = ()
     share_prefix: bool = True
     min_shared_prefix: int = 16
@@ -117,12 +114,15 @@ class GenerationConfig:
             raise CCAError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise CCAError(f"top_k must be >= 0, got {self.top_k}")
-        if self.stop_on_new_question and not self.new_question_marker:
-            raise CCAError("new_question_marker must be non-empty when stop_on_new_question is set")
+        self.stops = tuple(self.stops)
+        bad = [s for s in self.stops if not isinstance(s, StopRule)]
+        if bad:
+            raise CCAError(f"stops must be stop rules (cca_fast.generation.stops), got {bad[0]!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["stops"] = [{"type": type(s).__name__, **asdict(s)} for s in self.stops]
         return d
 
 
@@ -135,7 +135,8 @@ class Generation:
         output_ids: new tokens only, up to and including the token that triggered the stop.
         text: the decoded new tokens, cut at the stop point (``""`` without a tokenizer).
         prompt_len: ``len(prompt_ids)``.
-        finish_reason: ``"answer"``, ``"eos"``, ``"new_question"`` or ``"length"``.
+        finish_reason: a text stop rule's reason (the paper's: ``"answer"``, ``"new_question"``), ``"eos"`` or
+            ``"length"``.
         n_generated: ``len(output_ids)``.
     """
 
@@ -208,24 +209,20 @@ def greedy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 class StopScanner:
-    """Decodes one sequence's new tokens incrementally and reports the first stop in the text.
+    """Decodes one sequence's new tokens incrementally and reports the first text stop.
 
     Each :meth:`push` decodes only the tail ``ids[prefix_offset:]`` (the last emitted token as
     context plus the new ones); text is emitted once it no longer ends in an incomplete
-    character (``"\\ufffd"``). The answer sentence cannot span a dot except at its end, so only
-    the text after the last dot seen needs searching; the marker search looks at the new text
-    plus ``len(marker) - 1`` characters before it.
+    character (``"\\ufffd"``). Each rule is asked about the new text only (``new_from``).
     """
 
-    def __init__(self, tokenizer: Any, *, answer: bool = True, marker: str | None = NEW_QUESTION_MARKER):
+    def __init__(self, tokenizer: Any, rules: Sequence[StopRule]):
         self.tokenizer = tokenizer
-        self.answer = answer
-        self.marker = marker or None
+        self.rules = tuple(rules)
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0
         self._read = 0
-        self._segment = 0  # start of the text after the last dot
 
     def _delta(self) -> str:
         dec = self.tokenizer.decode
@@ -245,47 +242,32 @@ class StopScanner:
             return None
         start = len(self.text)
         self.text += delta
-        hits: list[tuple[int, str, int]] = []  # (completed at, reason, cut)
-        if self.answer:
-            seg = self.text[self._segment:]
-            end = find_answer_end(seg)
-            if end is not None:
-                hits.append((self._segment + end, "answer", self._segment + end))
-            else:
-                dot = seg.rfind(".")
-                if dot >= 0:
-                    self._segment += dot + 1
-        if self.marker:
-            i = self.text.find(self.marker, max(0, start - len(self.marker) + 1))
-            if i >= 0:
-                hits.append((i + len(self.marker), "new_question", i))
+        hits = [(hit[0], rule.reason, hit[1]) for rule in self.rules
+                if (hit := rule.find(self.text, start)) is not None]  # (completed at, reason, cut)
         if not hits:
             return None
         _, reason, cut = min(hits)
         return reason, cut
 
 
-def final_text(tokenizer: Any, output_ids: Sequence[int], reason: str, *, marker: str = NEW_QUESTION_MARKER,
+def final_text(tokenizer: Any, output_ids: Sequence[int], reason: str, rules: Sequence[StopRule] = (), *,
                scanner_text: str | None = None, cut: int | None = None) -> str:
     """The decoded ``output_ids`` cut at the stop point of ``reason`` (see module docstring).
 
-    The whole sequence is decoded once; if that text does not show the stop (a tokenizer whose
-    piecewise decoding differs from whole decoding), the scanner's own text and cut are used.
+    The whole sequence is decoded once and the rule of ``reason`` cuts it; if that text does not
+    show the stop (a tokenizer whose piecewise decoding differs from whole decoding), the
+    scanner's own text and cut are used.
     """
     if tokenizer is None:
         return ""
     ids = list(output_ids[:-1]) if reason == "eos" else list(output_ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    if reason == "answer":
-        end = find_answer_end(text)
-        if end is not None:
-            return text[:end]
-    elif reason == "new_question":
-        i = text.find(marker)
-        if i >= 0:
-            return text[:i]
-    else:
+    rule = next((r for r in rules if r.reason == reason), None)
+    if rule is None:
         return text
+    hit = rule.find(text)
+    if hit is not None:
+        return text[:hit[1]]
     return scanner_text[:cut] if scanner_text is not None and cut is not None else text
 
 
@@ -316,10 +298,8 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
     eos = set(eos_token_ids) if eos_token_ids is not None else runtime.eos_ids(model, tokenizer, config.eos_token_ids)
     if not config.stop_on_eos:
         eos = set()
-    marker = config.new_question_marker if config.stop_on_new_question else None
-    text_stops = tokenizer is not None and (config.stop_on_answer or marker)
-    scanners = [StopScanner(tokenizer, answer=config.stop_on_answer, marker=marker) if text_stops else None
-                for _ in range(B)]
+    text_stops = tokenizer is not None and bool(config.stops)
+    scanners = [StopScanner(tokenizer, config.stops) if text_stops else None for _ in range(B)]
     generators: list[torch.Generator] = []
     if config.do_sample:
         seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(B)]
@@ -362,7 +342,7 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
                     keep.append(j)
                     continue
                 sc = scanners[r]
-                text = final_text(tokenizer, outputs[r], stop[0], marker=marker or NEW_QUESTION_MARKER,
+                text = final_text(tokenizer, outputs[r], stop[0], config.stops,
                                   scanner_text=sc.text if sc else None, cut=stop[1])
                 results[r] = DecodeResult(outputs[r], stop[0], text)
                 n_done += 1

@@ -15,7 +15,7 @@ from cca_fast.generation.decode import GenerationConfig, generate
 from cca_fast.generation.prefix import PrefixCache
 from cca_fast.stages.pivots.algorithms import (PivotStats, branching_pivot_fast, branching_pivot_reference, prefix_pivot,
                      teacher_forced_argmax, to_example)
-from cca_fast.evaluation.prompting import extract_answer, find_answer_end, is_correct
+from cca_fast.evaluation.prompting import NEW_QUESTION_MARKER, extract_answer, find_answer_end, is_correct
 from cca_fast.stages.traces import TracePair
 from cca_fast.models import runtime
 
@@ -98,7 +98,7 @@ def pivot_for_pair(model, tokenizer, pair: TracePair, method: str, branching: st
     """
     if not pair.flipped:
         raise ValueError(f"problem {pair.problem_id} has no flipped sample")
-    judge = TraceJudge(tokenizer, pair.gold, marker or gen.new_question_marker,
+    judge = TraceJudge(tokenizer, pair.gold, marker or NEW_QUESTION_MARKER,
                        runtime.eos_ids(model, tokenizer, gen.eos_token_ids))
     if method == "prefix":
         pivot = prefix_pivot(pair.greedy_ids, pair.sample_ids, pair.greedy_correct)
