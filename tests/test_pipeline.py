@@ -20,7 +20,11 @@ from cca_fast.errors import CCAError
 from cca_fast.io import read_jsonl
 from cca_fast.models.components import ComponentSpace
 from cca_fast.models.loading import load_model
+from cca_fast.evaluation.prompting import PromptConfig
+from cca_fast.experiments.config import GenerationSettings
 from cca_fast.experiments.pipeline import RunConfig, run_cca
+from cca_fast.stages.localize.dcm import DCMConfig
+from cca_fast.stages.update import UpdateConfig
 from test_generation import char_tokenizer
 from helpers import assert_only_owned_rows_may_differ
 from tiny_models import make_biased_tiny
@@ -42,9 +46,9 @@ def workdir(tmp_path_factory) -> Path:
 
 def config(d: Path, out: Path, **kw) -> RunConfig:
     cfg = dict(output=str(out), model=str(d / "model"), dtype="float32", device="cpu", data=str(d / "data.jsonl"),
-               shots=str(d / "shots.json"), n_shots=1, weak_threshold=1.01, max_train_problems=None,
-               max_new_tokens=12, batch_size=8, dcm={"epochs": 4, "lambda_l1": 0.01},
-               update={"max_steps": 4, "lr": 1e-2})
+               prompt=PromptConfig(exemplars=str(d / "shots.json"), n_shots=1), weak_threshold=1.01,
+               max_train_problems=None, generation=GenerationSettings(max_new_tokens=12, batch_size=8),
+               dcm=DCMConfig(epochs=4, lambda_l1=0.01), update=UpdateConfig(max_steps=4, lr=1e-2))
     cfg.update(kw)
     return RunConfig(**cfg)
 
@@ -81,7 +85,7 @@ def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch)
 
     # the report has what issue 3 asks for, and consistent numbers
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk == json.loads(json.dumps(report.to_dict()))
     space = ComponentSpace(load_model(cfg.model, dtype="float32")[0])
     assert report["components_total"] == space.total == 2 * (6 + 2 + 2 + 22)
     assert 0 < report["components_selected"] <= space.total
