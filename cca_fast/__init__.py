@@ -7,7 +7,8 @@ The stages as plain functions (see README for the data flow):
 * stage 1: :func:`collect_traces`, :func:`pivot_for_pair` (prefix / branching)
 * stage 2: :func:`attribute` (gradient x activation, any metric), :func:`run_atp`, :func:`run_dcm`, :func:`select`
 * stage 3: :func:`run_update` -> :class:`SparseDelta` (:func:`apply_delta`, :func:`revert_delta`, :func:`merge_delta`)
-* everything: :func:`run_cca` with a :class:`RunConfig` (the ``cca run`` command)
+* everything: :func:`run_cca` with a :class:`RunConfig` (the ``cca run`` command; typed nested
+  configurations, the same defaults), returning a :class:`RunReport`
 * does it work: :func:`run_study` with a :class:`StudyConfig` (``cca study``): controls, the LoRA
   baseline (:func:`train_lora`, :func:`merge_lora`), side-effect suites (:func:`run_suites`)
 """
@@ -27,7 +28,9 @@ from cca_fast.stages.localize.select import Selection, select
 from cca_fast.baselines.lora.train import LoRAConfig, LoRAResult, load_lora, merge_lora, train_lora
 from cca_fast.models import Component, ComponentSpace, get_adapter, supported_model_types
 from cca_fast.models.loading import load_model
+from cca_fast.experiments.config import GenerationSettings
 from cca_fast.experiments.pipeline import RunConfig, run_cca
+from cca_fast.experiments.report import RunReport
 from cca_fast.stages.pivots.search import pivot_for_pair
 from cca_fast.evaluation.prompting import PromptConfig, build_prompt, extract_answer
 from cca_fast.evaluation.stats import StratifiedBootstrap
@@ -46,7 +49,7 @@ __all__ = [
     "GenerationConfig", "generate", "PrefixCache", "read_components", "scale_components",
     "AtPConfig", "run_atp", "DCMConfig", "DCMResult", "run_dcm", "Selection", "select",
     "Component", "ComponentSpace", "get_adapter", "supported_model_types", "load_model",
-    "RunConfig", "run_cca", "pivot_for_pair", "PromptConfig", "build_prompt", "extract_answer",
+    "RunConfig", "GenerationSettings", "RunReport", "run_cca", "pivot_for_pair", "PromptConfig", "build_prompt", "extract_answer",
     "TraceConfig", "collect_traces", "UpdateConfig", "UpdateResult", "run_update",
     "LoRAConfig", "LoRAResult", "load_lora", "merge_lora", "train_lora",
     "StratifiedBootstrap", "StudyConfig", "run_study", "SuiteConfig", "run_suites", "__version__",

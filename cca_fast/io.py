@@ -94,19 +94,32 @@ def _default(o: Any) -> Any:
 
 def check_or_write_config(path: str | os.PathLike, new: dict[str, Any], defaults: dict[str, Any], what: str) -> None:
     """Write the configuration ``new`` to ``path``, or, when ``path`` exists (a resumed run), check
-    that it holds the same one. A key the saved file lacks (a field added since) counts at its
-    value in ``defaults``; ``output`` may differ. ``what`` names the directory in the error."""
+    that it holds the same one. Nested dicts (nested configurations) are compared key by key and
+    differences named by their dotted path (``dcm.epochs``). A key the saved file lacks (a field
+    added since) counts at its value in ``defaults``; the top-level ``output`` may differ. ``what``
+    names the directory in the error."""
     from cca_fast.errors import CCAError
 
     if not Path(path).exists():
         atomic_write_json(path, new)
         return
-    old = read_json(path)
-    old = {**{k: defaults[k] for k in set(defaults) - set(old)}, **old}
-    diff = sorted(k for k in set(old) | set(new) if k != "output" and old.get(k) != new.get(k))
+    old, new_flat, default_flat = _flatten(read_json(path)), _flatten(new), _flatten(defaults)
+    old = {**{k: default_flat[k] for k in set(default_flat) - set(old)}, **old}
+    diff = sorted(k for k in set(old) | set(new_flat) if k != "output" and old.get(k) != new_flat.get(k))
     if diff:
         raise CCAError(f"{what} holds a run with a different configuration (differs in: {', '.join(diff)}); "
                        "use another --output directory, or delete it to start over")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (an empty nested dict stays a leaf)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def add_seconds(path: str | os.PathLike, name: str, seconds: float) -> None:

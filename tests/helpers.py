@@ -228,9 +228,14 @@ def make_pipeline_workdir(d: Path) -> Path:
 def run_config(d: Path, out: Path, **kw) -> RunConfig:
     """The pipeline tests' small run of the tiny model in ``d`` (:func:`make_pipeline_workdir`),
     written to ``out``; ``kw`` overrides fields."""
+    from cca_fast.evaluation.prompting import PromptConfig
+    from cca_fast.experiments.config import GenerationSettings
+    from cca_fast.stages.localize.dcm import DCMConfig
+    from cca_fast.stages.update import UpdateConfig
+
     cfg = dict(output=str(out), model=str(d / "model"), dtype="float32", device="cpu", data=str(d / "data.jsonl"),
-               shots=str(d / "shots.json"), n_shots=1, weak_threshold=1.01, max_train_problems=None,
-               max_new_tokens=12, batch_size=8, dcm={"epochs": 4, "lambda_l1": 0.01},
-               update={"max_steps": 4, "lr": 1e-2})
+               prompt=PromptConfig(exemplars=str(d / "shots.json"), n_shots=1), weak_threshold=1.01,
+               max_train_problems=None, generation=GenerationSettings(max_new_tokens=12, batch_size=8),
+               dcm=DCMConfig(epochs=4, lambda_l1=0.01), update=UpdateConfig(max_steps=4, lr=1e-2))
     cfg.update(kw)
     return RunConfig(**cfg)

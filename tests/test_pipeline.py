@@ -57,7 +57,7 @@ def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch)
 
     # the report has what issue 3 asks for, and consistent numbers
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk == json.loads(json.dumps(report.to_dict()))
     space = ComponentSpace(load_model(cfg.model, dtype="float32")[0])
     assert report["components_total"] == space.total == 2 * (6 + 2 + 2 + 22)
     assert 0 < report["components_selected"] <= space.total

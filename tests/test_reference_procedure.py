@@ -27,19 +27,24 @@ from cca_fast.errors import CCAError
 from cca_fast.generation.stops import MarkerStop
 from cca_fast.generation import GenerationConfig, GenerationStats, generate
 from cca_fast.io import read_jsonl
+from cca_fast.evaluation.prompting import PromptConfig
+from cca_fast.experiments.config import GenerationSettings
 from cca_fast.experiments.pipeline import RunConfig, procedure_settings, run_cca
 from helpers import char_tokenizer, make_biased_tiny
+from cca_fast.stages.localize.dcm import DCMConfig
+from cca_fast.stages.update import UpdateConfig
 
 
 def _config(d: Path, out: Path, procedure: str) -> RunConfig:
     # float64: batched and one-at-a-time forwards differ by ~1e-15, so greedy/sampled tokens and
     # the DCM threshold decisions cannot be flipped by summation order
     return RunConfig(output=str(out), model=str(d / "model"), dtype="float64", device="cpu",
-                     data=str(d / "data.jsonl"), shots=str(d / "shots.json"), n_shots=1, weak_threshold=1.01,
-                     max_train_problems=8, max_val_problems=6, max_new_tokens=12, batch_size=8,
-                     dcm={"epochs": 3, "lambda_l1": 0.05, "lr": 0.1, "batch_size": 4, "mode": "last",
-                          "reuse_prefix_cache": True},
-                     update={"max_steps": 4, "lr": 1e-2, "eval_every": 2, "eval_every_early": 2},
+                     data=str(d / "data.jsonl"), prompt=PromptConfig(exemplars=str(d / "shots.json"), n_shots=1),
+                     weak_threshold=1.01, max_train_problems=8, max_val_problems=6,
+                     generation=GenerationSettings(max_new_tokens=12, batch_size=8),
+                     dcm=DCMConfig(epochs=3, lambda_l1=0.05, lr=0.1, batch_size=4, mode="last",
+                                   reuse_prefix_cache=True),
+                     update=UpdateConfig(max_steps=4, lr=1e-2, eval_every=2, eval_every_early=2),
                      procedure=procedure)
 
 
@@ -68,20 +73,20 @@ def test_no_early_stop_gives_the_same_generations():
 
 
 def test_procedure_settings_and_validation():
-    cfg = RunConfig(dcm={"mode": "last", "reuse_prefix_cache": True, "epochs": 3}, update={"lr": 1e-3},
+    cfg = RunConfig(dcm=DCMConfig(mode="last", reuse_prefix_cache=True, epochs=3), update=UpdateConfig(lr=1e-3),
                     procedure="reference")
     s = procedure_settings(cfg)
-    assert s.generation == {"max_new_tokens": cfg.max_new_tokens, "batch_size": 1, "share_prefix": False,
-                            "early_stop": False}
+    assert s.generation == GenerationConfig(max_new_tokens=cfg.generation.max_new_tokens, batch_size=1,
+                                            share_prefix=False, early_stop=False)
     assert s.branching == "reference" and s.trace.sample_batch == 1 and s.trace.k == cfg.trace.k
     # full mode has no prefix cache; reuse_prefix_cache keeps the batch schedule the same
-    assert s.dcm == {"mode": "full", "reuse_prefix_cache": True, "epochs": 3}
-    assert s.update["mode"] == "reference" and s.update["lr"] == 1e-3
-    from cca_fast.stages.update import UpdateConfig
-    UpdateConfig(**s.update).check()  # every override is a real field
+    assert s.dcm == DCMConfig(mode="full", reuse_prefix_cache=True, epochs=3)
+    assert s.update.mode == "reference" and s.update.lr == 1e-3
+    s.update.check()  # every override is a real field
     fast = procedure_settings(dataclasses.replace(cfg, procedure="fast"))
     assert fast.dcm == cfg.dcm and fast.update == cfg.update and fast.branching == cfg.branching
-    assert fast.generation == {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    assert fast.generation == GenerationConfig(max_new_tokens=cfg.generation.max_new_tokens,
+                                               batch_size=cfg.generation.batch_size)
     with pytest.raises(CCAError, match="unknown procedure"):
         RunConfig(procedure="slow").validate()
     assert RunConfig.from_dict(cfg.to_dict()).procedure == "reference"

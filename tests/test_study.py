@@ -20,6 +20,8 @@ from cca_fast.cli.main import main
 from cca_fast.errors import CCAError
 from cca_fast.evaluation.evaluate import summarize
 from cca_fast.io import read_json, read_jsonl
+from cca_fast.baselines.lora.train import LoRAConfig
+from cca_fast.evaluation.suites import SuiteConfig
 from cca_fast.experiments.study import StudyConfig, run_study, seed_from_shared
 from helpers import run_config
 
@@ -54,9 +56,9 @@ def _study(workdir: Path, out: Path, side: Path) -> StudyConfig:
     run = run_config(workdir, out / "unused")
     return StudyConfig(output=str(out), run=run, selectors=["dcm", "atp-fraction"], select_fraction=0.05,
                        controls=["random", "none", "lora"], random_like="atp-fraction",
-                       lora={"epochs": 2, "lr": 1e-3, "batch_size": 4},
-                       suites={"data_root": str(side), "mmlu_limit": 4, "truthfulqa_limit": 3, "ppl_limit": 3,
-                               "batch_size": 4},
+                       lora=LoRAConfig(epochs=2, lr=1e-3, batch_size=4),
+                       suites=SuiteConfig(data_root=str(side), mmlu_limit=4, truthfulqa_limit=3, ppl_limit=3,
+                                          batch_size=4),
                        bootstrap=400)
 
 
@@ -105,13 +107,13 @@ def test_study_every_condition_and_resume(workdir, tmp_path):
     assert kept, "the tiny study should have a condition whose update was rejected"
     from cca_fast.delta import SparseDelta, apply_delta
     from cca_fast.models.loading import load_model
-    from cca_fast.evaluation.suites import SuiteConfig, run_suites
+    from cca_fast.evaluation.suites import run_suites
 
     model, tok = load_model(str(workdir / "model"), dtype="float32", device="cpu")
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
     apply_delta(model, SparseDelta.load(out / kept[0] / "delta"))
     assert all(torch.equal(base_sd[k], v) for k, v in model.state_dict().items())
-    fresh = run_suites(model, tok, SuiteConfig(**_study(workdir, out, side).suites))
+    fresh = run_suites(model, tok, _study(workdir, out, side).suites)
     reused = read_json(out / "side_effects" / f"{kept[0]}.json")
     assert reused["same_weights_as"] == "base"
     for suite in ("mmlu", "truthfulqa", "perplexity"):

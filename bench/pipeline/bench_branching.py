@@ -23,7 +23,8 @@ from cca_fast.generation import GenerationConfig, generate  # noqa: E402
 from cca_fast.io import atomic_write_json  # noqa: E402
 from cca_fast.models.loading import load_model  # noqa: E402
 from cca_fast.stages.pivots.search import compare_branching  # noqa: E402
-from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts, extract_answer, is_correct  # noqa: E402
+from cca_fast.evaluation.prompting import (PromptConfig, build_prompt, encode_prompts, extract_answer,  # noqa: E402
+                                          is_correct, paper_stops)
 from cca_fast.stages.traces import GreedyTrace, TraceConfig, sample_flip  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model, device=args.device)
     problems = load_problems(None, n_per_template=3, seed=args.seed)
     prompt = PromptConfig(n_shots=args.n_shots)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stops=paper_stops())
     pairs = flipped_pairs(model, tok, problems, prompt, gen, TraceConfig(k=10, seed=args.seed), args.pairs)
     with torch.no_grad():
         result = compare_branching(model, tok, pairs, gen)

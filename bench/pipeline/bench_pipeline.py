@@ -39,8 +39,11 @@ from cca_fast.generation import GenerationConfig  # noqa: E402
 from cca_fast.io import atomic_write_json, atomic_write_text  # noqa: E402
 from cca_fast.models.components import ComponentSpace  # noqa: E402
 from cca_fast.models.loading import load_model  # noqa: E402
+from cca_fast.experiments.config import GenerationSettings  # noqa: E402
 from cca_fast.experiments.pipeline import RunConfig  # noqa: E402
-from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts  # noqa: E402
+from cca_fast.stages.localize.dcm import DCMConfig  # noqa: E402
+from cca_fast.stages.update import UpdateConfig  # noqa: E402
+from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts, paper_stops  # noqa: E402
 from cca_fast.stages.traces import TraceConfig  # noqa: E402
 
 TARGETS = {"branching": 10.0, "dcm": 20.0, "whole_run": 5.0}  # issue 5 (benchmarks, not tests)
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     space = ComponentSpace(model)
     prompts = encode_prompts([build_prompt(p.question, prompt, tok) for p in bench_problems], tok, prompt)
     res["prompt_tokens"] = [len(p) for p in prompts]
-    gen = GenerationConfig(max_new_tokens=S.max_new_tokens, batch_size=S.batch_size, **gen_extra)
+    gen = GenerationConfig(max_new_tokens=S.max_new_tokens, batch_size=S.batch_size, **{"stops": paper_stops(), **gen_extra})
     trace = TraceConfig(k=S.k, seed=args.seed)
     say = (lambda m: print(m, flush=True)) if not args.quiet else (lambda m: None)
 
@@ -227,13 +230,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cfg = RunConfig(output="", model="synthetic" if synthetic_model else None,
                             dtype=None if not synthetic_model else args.dtype, device=str(device),
                             n_per_template=2, seed=args.seed, weak_threshold=1.01, max_train_problems=None,
-                            max_val_problems=None, max_test_problems=None, shots=shots, n_shots=S.n_shots,
-                            max_new_tokens=S.max_new_tokens, batch_size=S.run_batch,
-                            trace=TraceConfig(k=S.run_k, seed=args.seed),
-                            dcm={"lambda_l1": 0.01, "epochs": S.run_dcm_epochs, "mode": "last", "seed": args.seed,
-                                 "reuse_prefix_cache": True, "init": "atp", "atp_fraction": S.update_fraction},
-                            update={"optimizer": "sgd", "lr": S.run_lr, "max_steps": S.run_update_steps,
-                                    "mode": "sparse"})
+                            max_val_problems=None, max_test_problems=None,
+                            prompt=PromptConfig(exemplars=shots, n_shots=S.n_shots),
+                            generation=GenerationSettings(max_new_tokens=S.max_new_tokens, batch_size=S.run_batch),
+                            trace=TraceConfig(k=S.run_k),  # its seed is RunConfig.seed
+                            dcm=DCMConfig(lambda_l1=0.01, epochs=S.run_dcm_epochs, mode="last",
+                                          reuse_prefix_cache=True, init="atp", atp_fraction=S.update_fraction),
+                            update=UpdateConfig(optimizer="sgd", lr=S.run_lr, max_steps=S.run_update_steps,
+                                                mode="sparse"))
             with_flip = {p.problem_id for p in flipped}
             train = sorted(bench_problems, key=lambda p: p.id not in with_flip)[:S.run_train]  # stable: flips first
             if not with_flip & {p.id for p in train}:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import zlib
 from typing import Any, Iterator, Sequence
 
@@ -52,7 +51,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 #: top-k of the synthetic workload's sampling (see the module docstring)
 TOP_K = 8
 #: GenerationConfig settings of the synthetic workload: fixed-length traces, top-k sampling
-GENERATION = {"stop_on_answer": False, "stop_on_eos": False, "stop_on_new_question": False, "top_k": TOP_K}
+GENERATION = {"stops": (), "stop_on_eos": False, "top_k": TOP_K}
 
 
 class Float32Head(nn.Module):
@@ -163,18 +162,21 @@ def fake_answer(text: str) -> float:
 def fake_judge(*extra_modules: Any) -> Iterator[None]:
     """Judge traces with :func:`fake_answer` and generate as :data:`GENERATION` says (fixed-length
     traces, top-k sampling) inside the block: patches ``extract_answer`` where traces are judged
-    and ``GenerationConfig`` where ``run_cca`` builds it. Restored on exit."""
+    and ``GenerationSettings.config`` where ``run_cca`` builds its ``GenerationConfig``. Restored
+    on exit."""
     import importlib
 
     # (``cca_fast.evaluation.evaluate`` the attribute is the function: import the modules by name)
-    evaluate, pipeline, pivot_search, traces = (importlib.import_module(f"cca_fast.{m}") for m in (
-        "evaluation.evaluate", "experiments.pipeline", "stages.pivots.search", "stages.traces"))
+    evaluate, pivot_search, traces = (importlib.import_module(f"cca_fast.{m}") for m in (
+        "evaluation.evaluate", "stages.pivots.search", "stages.traces"))
     saved = []
     for mod in (evaluate, pivot_search, traces, *extra_modules):
         saved.append((mod, "extract_answer", mod.extract_answer))
         mod.extract_answer = fake_answer
-    saved.append((pipeline, "GenerationConfig", pipeline.GenerationConfig))
-    pipeline.GenerationConfig = functools.partial(pipeline.GenerationConfig, **GENERATION)
+    settings = importlib.import_module("cca_fast.experiments.config").GenerationSettings
+    real = settings.config
+    saved.append((settings, "config", real))
+    settings.config = lambda self: dataclasses.replace(real(self), **GENERATION)
     try:
         yield
     finally:

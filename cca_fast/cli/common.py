@@ -5,12 +5,16 @@ help=..., description=...)`` (the parser class already shows defaults and adds `
 adds its arguments (every one with a ``help``), and sets ``func=run`` where ``run(args) -> int``.
 
 The helpers below give commands the same flags for the same things (model, data, prompt,
-decoding) and turn them into library calls.
+decoding) and turn them into library calls. Commands that build a configuration dataclass
+(``cca run``, ``cca study``) only map flags to its fields (:class:`FieldFlag`): a flag not given
+leaves the field at the dataclass's default, which is also what ``--help`` shows
+(:func:`bind_flags`), so every default is written once, in the dataclass.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from cca_fast.errors import CCAError
 
@@ -123,3 +127,87 @@ def load_problems_from_args(args: argparse.Namespace) -> list:
         raise CCAError(f"the {args.split!r} split of {args.data or 'the built-in data'} is empty; "
                        "use more problems or --split all")
     return round_robin(problems, args.limit)
+
+
+# ---- flags -> configuration fields ------------------------------------------------------------------
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class FieldFlag:
+    """How one command-line flag sets configuration fields.
+
+    Attributes:
+        dest: the argparse destination (``dcm_epochs`` for ``--dcm-epochs``).
+        path: the dotted field path it sets (``dcm.epochs``; ``run.dcm.epochs`` in a study).
+        to_field: flag value -> field value (e.g. ``0`` -> ``None`` for "0 = all").
+        to_flag: field value -> flag value, for the default shown in ``--help``.
+        also: flag value -> ``{path: value}`` of further fields the same flag sets.
+    """
+
+    dest: str
+    path: str
+    to_field: Callable[[Any], Any] = _same
+    to_flag: Callable[[Any], Any] = _same
+    also: Callable[[Any], dict[str, Any]] | None = None
+
+    def under(self, prefix: str) -> "FieldFlag":
+        """The same flag setting fields of a configuration nested at ``prefix`` (``"run"``)."""
+        also = self.also
+        return FieldFlag(self.dest, f"{prefix}.{self.path}", self.to_field, self.to_flag,
+                         None if also is None else (lambda v: {f"{prefix}.{k}": x for k, x in also(v).items()}))
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """The value of the dotted field ``path`` of ``obj``."""
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def bind_flags(parser: argparse.ArgumentParser, flags: Sequence[FieldFlag], base: Any) -> None:
+    """Make the arguments of ``flags`` (already added to ``parser``) leave their fields alone when
+    not given (``argparse.SUPPRESS``), and append the default read from ``base`` (the
+    configuration a command starts from) to their help."""
+    by_dest = {f.dest: f for f in flags}
+    missing = set(by_dest) - {a.dest for a in parser._actions}
+    if missing:
+        raise ValueError(f"flags without an argument: {sorted(missing)}")
+    for action in parser._actions:
+        flag = by_dest.get(action.dest)
+        if flag is None:
+            continue
+        action.default = argparse.SUPPRESS
+        shown = flag.to_flag(get_path(base, flag.path))
+        if shown is not None and shown is not False:
+            if isinstance(shown, (list, tuple)):
+                shown = ",".join(map(str, shown))
+            action.help = f"{action.help} (default: {shown})"
+
+
+def overrides_from_args(args: argparse.Namespace, flags: Sequence[FieldFlag]) -> dict[str, Any]:
+    """The nested dict of the fields set by the flags given in ``args`` (for ``from_dict``)."""
+    given = vars(args)
+    out: dict[str, Any] = {}
+    for flag in flags:
+        if flag.dest not in given:
+            continue
+        value = given[flag.dest]
+        fields = {flag.path: flag.to_field(value), **(flag.also(value) if flag.also else {})}
+        for path, v in fields.items():
+            *parents, leaf = path.split(".")
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = v
+    return out
+
+
+def zero_is_none(value: int | None) -> int | None:
+    """``0`` on the command line means "no cap" (``None``)."""
+    return value or None
+
+
+def none_is_zero(value: int | None) -> int | None:
+    return 0 if value is None else value

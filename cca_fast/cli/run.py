@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from cca_fast.cli.common import add_generation_args, add_model_args, add_prompt_args, check_positive
+from cca_fast.cli.common import (FieldFlag, add_generation_args, add_model_args, add_prompt_args, bind_flags,
+                                 none_is_zero, overrides_from_args, zero_is_none)
+from cca_fast.experiments.config import BRANCHINGS, PIVOT_METHODS, PROCEDURES
 
 DESCRIPTION = """\
 Run Constructive Circuit Amplification end to end on a model and data set:
@@ -30,87 +32,103 @@ minutes on 2 CPU cores. Paper-size configuration (GPU): --n-per-template 50 --ma
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from cca_fast.experiments.config import SELECTORS, RunConfig
+    from cca_fast.experiments.stages import STAGE_NAMES
+
     p = subparsers.add_parser("run", help="the whole CCA method end to end (resumable)", description=DESCRIPTION)
     add_run_args(p)
     s2 = p.add_argument_group("selection")
-    s2.add_argument("--selector", default="dcm", choices=["dcm", "atp-topk", "atp-fraction", "random", "none"],
+    s2.add_argument("--selector", choices=SELECTORS,
                     help="component selection; random = the control; none = the no-mask baseline "
                          "(update every weight)")
-    s2.add_argument("--select-k", type=int, default=None, metavar="K", help="components for atp-topk")
-    s2.add_argument("--select-fraction", type=float, default=None, metavar="F",
+    s2.add_argument("--select-k", type=int, metavar="K", help="components for atp-topk")
+    s2.add_argument("--select-fraction", type=float, metavar="F",
                     help="fraction of components for atp-fraction or random")
-    s2.add_argument("--select-count", type=int, default=None, metavar="N", help="components for random")
+    s2.add_argument("--select-count", type=int, metavar="N", help="components for random")
     o = p.add_argument_group("output")
-    o.add_argument("--output", default="runs/cca", metavar="DIR", help="run directory (resumable)")
-    o.add_argument("--until", default=None, metavar="STAGE",
-                   help="stop after this stage (data, base_eval, traces, pivots, localize, update, cca_eval)")
+    o.add_argument("--output", metavar="DIR", help="run directory (resumable)")
+    o.add_argument("--until", default=None, choices=STAGE_NAMES, metavar="STAGE",
+                   help=f"stop after this stage ({', '.join(STAGE_NAMES)})")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    bind_flags(p, RUN_FLAGS + RUN_ONLY_FLAGS, RunConfig())
     p.set_defaults(func=run)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags of every pipeline setting except the selector and the output (shared by
-    ``cca run`` and ``cca study``, which may override defaults with ``p.set_defaults``)."""
+    ``cca run`` and ``cca study``); :data:`RUN_FLAGS` maps them to :class:`RunConfig` fields,
+    whose defaults :func:`~cca_fast.cli.common.bind_flags` shows."""
     add_model_args(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, metavar="D",
+    g.add_argument("--data", metavar="D",
                    help="built-in templates (default), a template folder or file, a JSONL file, or a hub name")
-    g.add_argument("--n-per-template", type=int, default=8, metavar="N", help="instances per template")
-    g.add_argument("--seed", type=int, default=0, metavar="S", help="seed of instances, splits, samples")
-    g.add_argument("--max-train-problems", type=int, default=12, metavar="N",
+    g.add_argument("--n-per-template", type=int, metavar="N", help="instances per template")
+    g.add_argument("--seed", type=int, metavar="S",
+                   help="seed of instances, splits, stage-1 samples, DCM shuffles and the random control")
+    g.add_argument("--max-train-problems", type=int, metavar="N",
                    help="at most N training problems go to stage 1 (0 = all)")
-    g.add_argument("--max-val-problems", type=int, default=12, metavar="N",
+    g.add_argument("--max-val-problems", type=int, metavar="N",
                    help="cap on validation problems, evaluated at every validation step (0 = all)")
-    g.add_argument("--max-test-problems", type=int, default=0, metavar="N", help="cap on test problems (0 = all)")
-    g.add_argument("--weak-threshold", type=float, default=0.8, metavar="A",
+    g.add_argument("--max-test-problems", type=int, metavar="N", help="cap on test problems (0 = all)")
+    g.add_argument("--weak-threshold", type=float, metavar="A",
                    help="templates with base training accuracy below A give training examples")
     add_prompt_args(p)
-    add_generation_args(p, max_new_tokens=160)
-    g.add_argument("--procedure", default="fast", choices=["fast", "reference"],
+    add_generation_args(p)
+    g.add_argument("--procedure", choices=PROCEDURES,
                    help="reference: the authors' procedure (one sequence at a time without early stop, literal "
                         "branching, full-prefix DCM, dense-gradient update): the same results, slower; for "
                         "benchmarks and checks")
     s1 = p.add_argument_group("stage 1")
-    s1.add_argument("--k", type=int, default=10, help="samples drawn per problem to find a flipped trace")
-    s1.add_argument("--pivot-method", default="branching", choices=["branching", "prefix"],
-                    help="how the pivotal token is found")
-    s1.add_argument("--branching", default="fast", choices=["fast", "reference"],
+    s1.add_argument("--k", type=int, help="samples drawn per problem to find a flipped trace")
+    s1.add_argument("--pivot-method", choices=PIVOT_METHODS, help="how the pivotal token is found")
+    s1.add_argument("--branching", choices=BRANCHINGS,
                     help="fast: pruned batched search (same pivots); reference: the literal per-position loop")
     s2 = p.add_argument_group("stage 2")
-    s2.add_argument("--dcm-lambda", type=float, default=0.01, help="DCM L1 weight (paper 0.01)")
-    s2.add_argument("--dcm-epochs", type=int, default=50, help="DCM epochs (paper 50)")
-    s2.add_argument("--dcm-mode", default="last", choices=["last", "full"],
-                    help="last: prefix K/V computed once, only the last token re-run; full: the reference")
+    s2.add_argument("--dcm-lambda", type=float, help="DCM L1 weight (paper 0.01)")
+    s2.add_argument("--dcm-epochs", type=int, help="DCM epochs (paper 50)")
+    s2.add_argument("--dcm-mode", choices=["last", "full"],
+                    help="last: prefix K/V computed once and kept for the whole run, only the last token re-run; "
+                         "full: the reference (no prefix cache)")
     s3 = p.add_argument_group("stage 3")
-    s3.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="paper: sgd")
-    s3.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper 1e-4)")
-    s3.add_argument("--update-steps", type=int, default=8, help="optimizer steps (paper 50)")
-    s3.add_argument("--update-mode", default="sparse", choices=["sparse", "reference"],
+    s3.add_argument("--optimizer", choices=["sgd", "adamw"], help="paper: sgd")
+    s3.add_argument("--lr", type=float, help="learning rate (paper 1e-4)")
+    s3.add_argument("--update-steps", type=int, help="optimizer steps (paper 50)")
+    s3.add_argument("--update-mode", choices=["sparse", "reference"],
                     help="sparse: row-selective gradients + row-sparse step; reference: dense gradients")
 
 
-def config_from_args(args: argparse.Namespace):
-    from cca_fast.experiments.pipeline import RunConfig
-    from cca_fast.stages.traces import TraceConfig
+#: the pipeline flags of :func:`add_run_args` -> :class:`RunConfig` fields (``cca run`` and ``cca study``)
+RUN_FLAGS: list[FieldFlag] = [
+    *(FieldFlag(name, name) for name in ("model", "dtype", "device", "attn_implementation", "data",
+                                         "n_per_template", "seed", "weak_threshold", "procedure",
+                                         "pivot_method", "branching")),
+    *(FieldFlag(name, name, zero_is_none, none_is_zero)
+      for name in ("max_train_problems", "max_val_problems", "max_test_problems")),
+    FieldFlag("shots", "prompt.exemplars"),
+    FieldFlag("n_shots", "prompt.n_shots"),
+    FieldFlag("prompt_mode", "prompt.mode"),
+    FieldFlag("batch_size", "generation.batch_size"),
+    FieldFlag("max_new_tokens", "generation.max_new_tokens"),
+    FieldFlag("k", "trace.k"),
+    FieldFlag("dcm_lambda", "dcm.lambda_l1"),
+    FieldFlag("dcm_epochs", "dcm.epochs"),
+    # "last" keeps each batch's prefix K/V for the whole run (memory for speed; exact); "full" has none
+    FieldFlag("dcm_mode", "dcm.mode", also=lambda mode: {"dcm.reuse_prefix_cache": mode == "last"}),
+    FieldFlag("optimizer", "update.optimizer"),
+    FieldFlag("lr", "update.lr"),
+    FieldFlag("update_steps", "update.max_steps"),
+    FieldFlag("update_mode", "update.mode"),
+]
+#: the flags only ``cca run`` has (a study sets the selection per condition)
+RUN_ONLY_FLAGS: list[FieldFlag] = [FieldFlag(name, name) for name in
+                                   ("selector", "select_k", "select_fraction", "select_count", "output")]
 
-    for name in ("batch_size", "max_new_tokens", "n_per_template", "k", "update_steps", "dcm_epochs"):
-        check_positive("--" + name.replace("_", "-"), getattr(args, name))
-    return RunConfig(
-        output=args.output, model=args.model, dtype=args.dtype, device=args.device,
-        attn_implementation=args.attn_implementation, data=args.data, n_per_template=args.n_per_template,
-        seed=args.seed, weak_threshold=args.weak_threshold,
-        max_train_problems=args.max_train_problems or None, max_val_problems=args.max_val_problems or None,
-        max_test_problems=args.max_test_problems or None, prompt_mode=args.prompt_mode, shots=args.shots,
-        n_shots=args.n_shots, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        trace=TraceConfig(k=args.k, seed=args.seed), pivot_method=args.pivot_method, branching=args.branching,
-        selector=getattr(args, "selector", "dcm"), select_k=getattr(args, "select_k", None),
-        select_fraction=getattr(args, "select_fraction", None), select_count=getattr(args, "select_count", None),
-        dcm={"lambda_l1": args.dcm_lambda, "epochs": args.dcm_epochs, "mode": args.dcm_mode, "seed": args.seed,
-             # last mode: keep each batch's prefix K/V for the whole run (memory for speed; exact)
-             "reuse_prefix_cache": args.dcm_mode == "last"},
-        update={"optimizer": args.optimizer, "lr": args.lr, "max_steps": args.update_steps, "mode": args.update_mode},
-        procedure=args.procedure,
-    )
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`RunConfig` of ``cca run``'s flags: ``RunConfig()`` with the given flags' fields set."""
+    from cca_fast.experiments.config import RunConfig
+
+    return RunConfig.from_dict(overrides_from_args(args, RUN_FLAGS + RUN_ONLY_FLAGS))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,12 +1,79 @@
-"""The final report of a run: ``report.json``, ``report.md`` and ``components.png``."""
+"""The final report of a run: :class:`RunReport` (``report.json``), ``report.md`` and
+``components.png``."""
 from __future__ import annotations
 
+import dataclasses
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cca_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cca_fast.models.adapters import KINDS
+
+
+@dataclass
+class RunReport:
+    """What a run found and what it cost (``report.json`` holds :meth:`to_dict`, keys in this
+    order). ``report["key"]`` reads a field too, for code written against the dict.
+
+    Attributes:
+        model, data, seed, selector, pivot_method, procedure: what ran.
+        base_accuracy, cca_accuracy: test accuracy (per template, averaged) before and after;
+            ``*_micro_accuracy``: over problems; ``n_test``: test problems.
+        base_train_accuracy: the base model on the training split; ``base_val_accuracy``: on the
+            validation problems (update step 0); ``best_val_accuracy``, ``best_step``: the step kept.
+        weak_templates, n_train_problems, n_flipped, n_examples: stage 1's training set, pairs
+            with a flipped sample and pivot examples; ``pivot_search``: what the search cost.
+        components_selected, components_total, fraction, per_kind, component_space: stage 2.
+        delta: the delta directory; ``seconds``: seconds per stage (``stages.json``).
+    """
+
+    model: str
+    data: str
+    seed: int
+    selector: str
+    pivot_method: str
+    procedure: str
+    base_accuracy: float
+    cca_accuracy: float
+    base_micro_accuracy: float
+    cca_micro_accuracy: float
+    n_test: int
+    base_train_accuracy: float
+    base_val_accuracy: float | None
+    best_val_accuracy: float | None
+    best_step: int
+    weak_templates: list[str]
+    n_train_problems: int
+    n_flipped: int
+    n_examples: int
+    pivot_search: dict[str, int]
+    components_selected: int
+    components_total: int
+    fraction: float
+    per_kind: dict[str, int]
+    component_space: dict[str, Any]
+    delta: str
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunReport":
+        """A report read back from ``report.json``."""
+        return cls(**d)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def message(self) -> str:
+        return (f"CCA: test accuracy {self.base_accuracy:.3f} -> {self.cca_accuracy:.3f} "
+                f"({self.components_selected} of {self.components_total} components); "
+                f"report in {Path(self.delta).parent / 'report.md'}")
 
 
 def plot_components(per_layer: dict[str, list[int]], counts: dict[str, int], title: str = "") -> bytes:
@@ -86,10 +153,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, report: dict[str, Any], per_layer: dict[str, list[int]],
+def write_report(run_dir: str | Path, report: RunReport | dict[str, Any], per_layer: dict[str, list[int]],
                  counts: dict[str, int]) -> None:
     """Write ``report.json``, ``report.md`` and ``components.png`` into ``run_dir`` (atomically)."""
     run_dir = Path(run_dir)
+    if isinstance(report, RunReport):
+        report = report.to_dict()
     atomic_write_bytes(run_dir / "components.png",
                        plot_components(per_layer, counts, title=f"{report.get('selector', '')} selection"))
     atomic_write_json(run_dir / "report.json", report)

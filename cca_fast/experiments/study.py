@@ -23,19 +23,45 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cca_fast.baselines.lora.train import LoRAConfig
 from cca_fast.errors import CCAError
-from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json, read_jsonl
-from cca_fast.experiments.pipeline import SELECTORS, RunConfig, run_cca
+from cca_fast.evaluation.suites import SuiteConfig
+from cca_fast.experiments import config_io
+from cca_fast.experiments.config import SELECTORS, GenerationSettings, RunConfig
+from cca_fast.experiments.pipeline import run_cca
+from cca_fast.experiments.report import RunReport
+from cca_fast.experiments.rundir import RunDir
+from cca_fast.experiments.stages import DataStage, RunContext, outputs_through
+from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json
 
-#: files of a run directory that hold the stages every condition shares
-SHARED_FILES = ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "eval_base_train.jsonl",
-                "eval_base_test.jsonl", "traces.jsonl", "pivots.jsonl")
+#: the stage the shared run stops after, and the files of a run directory it writes
+SHARED_UNTIL = "pivots"
+SHARED_FILES = outputs_through(SHARED_UNTIL)
 SHARED_STAGES = ("load_model", "data", "base_eval", "traces", "pivots")
 CONTROLS = ("random", "none", "lora")
+
+
+def study_run_defaults() -> RunConfig:
+    """The study-size :class:`RunConfig` (``StudyConfig().run``, the ``cca study`` defaults): at
+    least 200 test problems on the built-in data (34 templates x 6); stage-2/3 settings chosen
+    for SmolLM2-135M without looking at test problems (README, "The study"): lr from the
+    training-set gradient (the paper's 1e-4 moves the training logit difference by 0.003 per
+    step), the step by validation accuracy; 100 DCM epochs so that masks can cross 0.5."""
+    base = RunConfig()
+    return dataclasses.replace(base, n_per_template=15, max_train_problems=48, max_val_problems=None,
+                               generation=GenerationSettings(base.generation.max_new_tokens, batch_size=16),
+                               update=dataclasses.replace(base.update, lr=1e-3, max_steps=10),
+                               dcm=dataclasses.replace(base.dcm, epochs=100))
+
+
+def study_suite_defaults() -> SuiteConfig:
+    """The side-effect suites' sizes of a study (MMLU 114 questions stratified by subject,
+    TruthfulQA 100, GSM8K perplexity 50 solutions)."""
+    return SuiteConfig(mmlu_limit=114, truthfulqa_limit=100, ppl_limit=50)
 
 
 @dataclass
@@ -51,26 +77,35 @@ class StudyConfig:
         controls: any of ``random`` (same number of components as ``random_like``'s selection),
             ``none`` (the same update on every weight) and ``lora`` (LoRA on the gold solutions).
         random_like: the selector whose component count the random control copies.
-        lora: :class:`cca_fast.baselines.lora.train.LoRAConfig` overrides.
+        lora: the LoRA baseline's :class:`cca_fast.baselines.lora.train.LoRAConfig`.
         side_effects: run the side-effect suites before and after.
-        suites: :class:`cca_fast.evaluation.suites.SuiteConfig` overrides (limits, data root).
+        suites: the suites' :class:`cca_fast.evaluation.suites.SuiteConfig` (limits, data root).
         bootstrap: bootstrap resamples for the intervals; ``level``: their coverage.
     """
 
     output: str = "runs/study"
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=study_run_defaults)
     selectors: list[str] = field(default_factory=lambda: ["dcm", "atp-fraction"])
     select_fraction: float | None = 0.02
     select_k: int | None = None
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     random_like: str = "atp-fraction"
-    lora: dict[str, Any] = field(default_factory=dict)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     side_effects: bool = True
-    suites: dict[str, Any] = field(default_factory=dict)
+    suites: SuiteConfig = field(default_factory=study_suite_defaults)
     bootstrap: int = 10_000
     level: float = 0.95
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """Raise :class:`CCAError` naming the setting and the fix if one is invalid; every
+        condition's :class:`RunConfig` is built (and so checked) too, before anything runs."""
+        for name, kind in (("run", RunConfig), ("lora", LoRAConfig), ("suites", SuiteConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise CCAError(f"StudyConfig.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}: "
+                               f"pass {kind.__name__}(...), or use StudyConfig.from_dict({{'{name}': {{...}}}})")
         bad = [s for s in self.selectors if s not in SELECTORS or s in ("random", "none")]
         if bad or not self.selectors:
             raise CCAError(f"study selectors must be among dcm, atp-topk, atp-fraction (got {self.selectors}); "
@@ -87,17 +122,24 @@ class StudyConfig:
             raise CCAError("selector atp-fraction needs --select-fraction F")
         if "atp-topk" in self.selectors and not self.select_k:
             raise CCAError("selector atp-topk needs --select-k K")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 1:
+            raise CCAError(f"StudyConfig.bootstrap (--bootstrap) must be a positive integer, got {self.bootstrap!r}")
+        if not 0 < self.level < 1:
+            raise CCAError(f"StudyConfig.level must be in (0, 1), got {self.level!r}")
+        self.lora.check()
+        self.run.validate()
+        for name in ("shared", *self.condition_names()):
+            self.run_config(name, random_count=1).validate()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["run"] = self.run.to_dict()
-        return d
+        """The configuration as a JSON-able nested dict (what ``study_config.json`` holds)."""
+        return config_io.to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
-        d = dict(d)
-        d["run"] = RunConfig.from_dict(d.get("run", {}))
-        return cls(**d)
+    def from_dict(cls, data: dict[str, Any], *, base: "StudyConfig | None" = None) -> "StudyConfig":
+        """``base`` (default ``StudyConfig()``) with the fields in ``data`` replaced (nested dicts
+        merged). Raises :class:`CCAError` on an unknown key."""
+        return config_io.from_dict(cls, data, base=base)
 
     # ---- per condition ---------------------------------------------------------------------
     def condition_names(self) -> list[str]:
@@ -107,17 +149,21 @@ class StudyConfig:
     def run_config(self, name: str, random_count: int | None = None) -> RunConfig:
         """The :class:`RunConfig` of condition ``name`` (``"shared"``: the shared stages)."""
         out = str(Path(self.output) / name)
-        base = dataclasses.replace(self.run, output=out, select_k=None, select_fraction=None, select_count=None)
+        unset = {"select_k": None, "select_fraction": None, "select_count": None}
         if name == "shared":  # stages up to pivots only: later stages' settings do not enter it
-            return dataclasses.replace(base, selector="dcm", dcm={}, update={})
+            defaults = RunConfig()
+            return dataclasses.replace(self.run, output=out, **unset, selector="dcm", dcm=defaults.dcm,
+                                       update=defaults.update)
         if name == "random":
             if random_count is None:
                 raise CCAError("the random control needs the count of the selection it controls for")
-            return dataclasses.replace(base, selector="random", select_count=int(random_count))
+            return dataclasses.replace(self.run, output=out, **{**unset, "select_count": int(random_count)},
+                                       selector="random")
         if name == "none":
-            return dataclasses.replace(base, selector="none")
-        return dataclasses.replace(base, selector=name, select_fraction=self.select_fraction if name == "atp-fraction"
-                                   else None, select_k=self.select_k if name == "atp-topk" else None)
+            return dataclasses.replace(self.run, output=out, **unset, selector="none")
+        return dataclasses.replace(self.run, output=out, **{
+            **unset, "select_fraction": self.select_fraction if name == "atp-fraction" else None,
+            "select_k": self.select_k if name == "atp-topk" else None}, selector=name)
 
 
 # ---- the study directory -------------------------------------------------------------------------
@@ -146,7 +192,6 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
     from cca_fast.experiments.study_report import build_study, write_study
 
     config.validate()
-    config.run.validate()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_config(out / "study_config.json", config.to_dict(), StudyConfig().to_dict(), f"{out} (a study)")
@@ -162,9 +207,9 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
     shared = out / "shared"
     if not (shared / "pivots.jsonl").exists() or not (shared / "eval_base_test.jsonl").exists():
         say("study: shared stages (data, base evaluation, traces, pivots)")
-        timed("shared", lambda: run_cca(config.run_config("shared"), until="pivots", progress=progress))
+        timed("shared", lambda: run_cca(config.run_config("shared"), until=SHARED_UNTIL, progress=progress))
     else:  # resume the shared run's stages (finished ones are not recomputed)
-        run_cca(config.run_config("shared"), until="pivots", progress=progress)
+        run_cca(config.run_config("shared"), until=SHARED_UNTIL, progress=progress)
 
     if not (out / "model_info.json").exists():
         model, _ = _load(config)
@@ -172,16 +217,16 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
                                                     "model_type": model.config.model_type})
         del model
 
-    reports: dict[str, dict[str, Any]] = {}
+    reports: dict[str, RunReport] = {}
     for name in config.condition_names():
         target = out / name
-        report_path = target / "report.json"
+        report_path = target / RunDir.REPORT_JSON
         if report_path.exists():
-            reports[name] = read_json(report_path)
+            reports[name] = RunReport.from_dict(read_json(report_path))
             continue
         count = None
         if name == "random":
-            count = reports[config.random_like]["components_selected"]
+            count = reports[config.random_like].components_selected
         seed_from_shared(shared, target)
         say(f"study: condition {name}")
         reports[name] = timed(name, lambda: run_cca(config.run_config(name, count), progress=progress))
@@ -200,18 +245,16 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
 
 # ---- LoRA ------------------------------------------------------------------------------------------
 def study_problems(config: StudyConfig):
-    """``(training problems, validation problems, test problems)`` of the study: the training
-    problems CCA's stage 1 used (weak templates, same cap and seed), the validation and test
-    subsets every condition is selected and scored on."""
-    from cca_fast.data.loaders import read_problems_jsonl
-    from cca_fast.evaluation.evaluate import summarize
-    from cca_fast.experiments.pipeline import _subset, training_problems
-
-    shared, run = Path(config.output) / "shared", config.run
-    train, val, test = (read_problems_jsonl(shared / "data" / f"{n}.jsonl") for n in ("train", "val", "test"))
-    base_train = summarize(list(read_jsonl(shared / "eval_base_train.jsonl")))
-    chosen, _ = training_problems(train, base_train, run.weak_threshold, run.max_train_problems, run.seed)
-    return chosen, _subset(val, run.max_val_problems, run.seed), _subset(test, run.max_test_problems, run.seed)
+    """``(training problems, validation problems, test problems)`` of the study, read from the
+    shared run directory: the training problems CCA's stage 1 used (``training_set.json``), the
+    validation and test problems every condition is selected and scored on (the data stage's)."""
+    rd = RunDir(Path(config.output) / "shared", create=False)
+    splits = DataStage().load(RunContext(config.run_config("shared"), rd))
+    if splits is None:
+        raise CCAError(f"{rd.path} has no data splits: run the study's shared stages first")
+    by_id = {p.id: p for p in splits.train}
+    chosen = [by_id[i] for i in rd.read_training_set()["problem_ids"]]
+    return chosen, splits.val, splits.test
 
 
 def _load(config: StudyConfig):
@@ -222,19 +265,14 @@ def _load(config: StudyConfig):
 
 
 def _prompt_and_gen(config: StudyConfig):
-    from cca_fast.generation.decode import GenerationConfig
-    from cca_fast.evaluation.prompting import PromptConfig
-
-    r = config.run
-    return (PromptConfig(mode=r.prompt_mode, exemplars=r.shots, n_shots=r.n_shots),
-            GenerationConfig(max_new_tokens=r.max_new_tokens, batch_size=r.batch_size))
+    return config.run.prompt, config.run.generation.config()
 
 
 def run_lora_condition(config: StudyConfig, *, progress: bool = True) -> None:
     """Train LoRA on the gold solutions of the study's training problems (best epoch by
     validation accuracy), then evaluate it on the test problems (resumable)."""
     from cca_fast.evaluation.evaluate import summarize
-    from cca_fast.baselines.lora.train import LoRAConfig, load_lora, merge_lora, train_lora
+    from cca_fast.baselines.lora.train import load_lora, merge_lora, train_lora
     from cca_fast.experiments.pipeline import eval_resumable
 
     d = Path(config.output) / "lora"
@@ -248,7 +286,7 @@ def run_lora_condition(config: StudyConfig, *, progress: bool = True) -> None:
             return summarize(eval_resumable(m, tok, val, prompt, gen, None, "validation", False, keep_ids=False))["accuracy"]
 
         t = time.perf_counter()
-        result = train_lora(model, tok, chosen, prompt, LoRAConfig(**config.lora), validate=validate, progress=progress)
+        result = train_lora(model, tok, chosen, prompt, config.lora, validate=validate, progress=progress)
         result.save(d / "adapter")
         info = result.summary() if hasattr(result, "summary") else {}
         info.update({"n_train_problems": len(chosen), "seconds": time.perf_counter() - t})
@@ -294,11 +332,11 @@ def side_effect_names(config: StudyConfig) -> list[str]:
 def run_side_effects(config: StudyConfig, *, progress: bool = True) -> None:
     """The side-effect suites on the base model and on every condition (one file each, skipped
     when present)."""
-    from cca_fast.evaluation.suites import SuiteConfig, run_suites
+    from cca_fast.evaluation.suites import run_suites
 
     d = Path(config.output) / "side_effects"
     d.mkdir(parents=True, exist_ok=True)
-    suite_cfg = SuiteConfig(**config.suites)
+    suite_cfg = config.suites
     todo = [n for n in side_effect_names(config) if not (d / f"{n}.json").exists()]
     for name in todo:
         if name != "base" and _kept_base_weights(config, name) and (d / "base.json").exists():

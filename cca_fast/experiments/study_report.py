@@ -106,7 +106,7 @@ def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
     return {
         "model": config.run.model or "default (SmolLM2-135M-Instruct)",
         "data": config.run.data or "builtin",
-        "shots": config.run.shots or "builtin",
+        "shots": config.run.prompt.exemplars or "builtin",
         "seed": config.run.seed,
         "n_test": len(ids),
         "n_val": len(val),

@@ -1,0 +1,238 @@
+"""The configuration of a ``cca run``: :class:`RunConfig`, typed and checked on construction.
+
+``RunConfig`` holds the run's scalar settings and one typed configuration per part of the method:
+
+==============  ===================================================================
+``prompt``      :class:`~cca_fast.evaluation.prompting.PromptConfig` (mode, exemplars, shots)
+``generation``  :class:`GenerationSettings` (greedy decoding of every evaluation)
+``trace``       :class:`~cca_fast.stages.traces.TraceConfig` (stage 1 sampling)
+``dcm``         :class:`~cca_fast.stages.localize.dcm.DCMConfig` (stage 2, ``selector="dcm"``)
+``update``      :class:`~cca_fast.stages.update.UpdateConfig` (stage 3)
+==============  ===================================================================
+
+The defaults are written once, here: the ``cca run`` flags read theirs from ``RunConfig()``
+(``cca study`` from ``StudyConfig().run``), so ``run_cca(RunConfig(seed=1))`` and
+``cca run --seed 1`` are the same run. Child seeds (``trace.seed``, ``dcm.seed``) are derived
+from ``RunConfig.seed`` in :meth:`RunConfig.__post_init__`, the one place that sets them.
+
+:func:`procedure_settings` gives the settings a run actually uses after ``procedure``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cca_fast.errors import CCAError
+from cca_fast.evaluation.prompting import PromptConfig
+from cca_fast.experiments import config_io
+from cca_fast.evaluation.prompting import paper_stops
+from cca_fast.generation.decode import GenerationConfig
+from cca_fast.stages.localize.dcm import DCMConfig
+from cca_fast.stages.traces import TraceConfig
+from cca_fast.stages.update import UpdateConfig
+
+SELECTORS = ("dcm", "atp-topk", "atp-fraction", "random", "none")
+PROCEDURES = ("fast", "reference")
+PIVOT_METHODS = ("branching", "prefix")
+BRANCHINGS = ("fast", "reference")
+
+
+@dataclass
+class GenerationSettings:
+    """Greedy decoding of every evaluation and completion of a run.
+
+    Attributes:
+        max_new_tokens: new tokens per answer at most (the paper uses 1500; 160 suits CPU runs).
+        batch_size: sequences decoded together.
+    """
+
+    max_new_tokens: int = 160
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CCAError(f"GenerationSettings.{name} must be a positive integer, got {value!r} "
+                               f"(--{name.replace('_', '-')})")
+
+    def config(self) -> GenerationConfig:
+        """The :class:`~cca_fast.generation.decode.GenerationConfig` of these settings, with the
+        paper's stop rules (:func:`~cca_fast.evaluation.prompting.paper_stops`)."""
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, stops=paper_stops())
+
+
+def _default_dcm() -> DCMConfig:
+    # "last" mode keeps each batch's prefix K/V for the whole run (memory for speed; exact)
+    return DCMConfig(reuse_prefix_cache=True)
+
+
+def _default_update() -> UpdateConfig:
+    return UpdateConfig(max_steps=8)  # CPU-sized; the paper uses 50
+
+
+#: nested configuration fields and their types (checked by :meth:`RunConfig.validate`)
+NESTED = {"prompt": PromptConfig, "generation": GenerationSettings, "trace": TraceConfig, "dcm": DCMConfig,
+          "update": UpdateConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's results (written to ``config.json``).
+
+    The defaults are sized for the embedded default model on 2 CPU cores (well under 20 minutes);
+    see the README for the paper-size configuration. Construction checks every value
+    (:meth:`validate`); build one from a dict (``config.json``, overrides) with :meth:`from_dict`.
+
+    Attributes:
+        output: the run directory (``config.json`` may differ only in it).
+        model, dtype, device, attn_implementation: what :func:`~cca_fast.models.loading.load_model` loads.
+        data: the data source (``None``: the built-in templates); ``n_per_template`` instances each.
+        seed: the seed of everything: instances, splits, subsets, stage-1 samples
+            (``trace.seed``), DCM's shuffles (``dcm.seed``) and the random control.
+        weak_threshold: templates with base training accuracy below it give training examples.
+        max_train_problems, max_val_problems, max_test_problems: caps (``None``: all).
+        prompt, generation, trace, dcm, update: the nested configurations (module docstring).
+            The default ``dcm`` differs from ``DCMConfig()`` in ``reuse_prefix_cache=True`` and
+            the default ``update`` from ``UpdateConfig()`` in ``max_steps=8``.
+        pivot_method: ``"branching"`` or ``"prefix"``; ``branching``: ``"fast"`` or ``"reference"``.
+        selector: one of :data:`SELECTORS`; ``select_k`` (atp-topk), ``select_fraction``
+            (atp-fraction, random), ``select_count`` (random).
+        procedure: ``"fast"`` or ``"reference"`` (see :class:`ProcedureSettings`).
+    """
+
+    output: str = "runs/cca"
+    model: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    attn_implementation: str = "sdpa"
+    data: str | None = None
+    n_per_template: int = 8
+    seed: int = 0
+    weak_threshold: float = 0.8
+    max_train_problems: int | None = 12
+    max_val_problems: int | None = 12
+    max_test_problems: int | None = None
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    pivot_method: str = "branching"
+    branching: str = "fast"
+    selector: str = "dcm"
+    select_k: int | None = None
+    select_fraction: float | None = None
+    select_count: int | None = None
+    dcm: DCMConfig = field(default_factory=_default_dcm)
+    update: UpdateConfig = field(default_factory=_default_update)
+    procedure: str = "fast"
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        # the one place child seeds are set: every seeded part of the run follows RunConfig.seed
+        self.trace = dataclasses.replace(self.trace, seed=self.seed)
+        self.dcm = dataclasses.replace(self.dcm, seed=self.seed)
+        self.validate()
+
+    # ---- dicts ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a JSON-able nested dict (what ``config.json`` holds)."""
+        return config_io.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base: "RunConfig | None" = None) -> "RunConfig":
+        """``base`` (default ``RunConfig()``) with the fields in ``data`` replaced (nested dicts
+        merged into the nested configurations). Raises :class:`CCAError` on an unknown key."""
+        return config_io.from_dict(cls, data, base=base)
+
+    # ---- checks -----------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        for name, kind in NESTED.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                raise CCAError(f"RunConfig.{name} must be a {kind.__name__}, got {type(value).__name__}: pass "
+                               f"{kind.__name__}(...), or build the whole configuration from a dict with "
+                               f"RunConfig.from_dict({{'{name}': {{...}}}})")
+
+    def validate(self) -> None:
+        """Raise :class:`CCAError` naming the field and the fix if a setting is invalid (run by
+        the constructor, and by :func:`~cca_fast.experiments.pipeline.run_cca` before any work)."""
+        self._check_types()
+        if self.selector not in SELECTORS:
+            raise CCAError(f"unknown selector {self.selector!r} (RunConfig.selector, --selector); "
+                           f"choose one of {', '.join(SELECTORS)}")
+        if self.pivot_method not in PIVOT_METHODS:
+            raise CCAError(f"unknown pivot method {self.pivot_method!r} (RunConfig.pivot_method, --pivot-method); "
+                           "use 'branching' or 'prefix'")
+        if self.branching not in BRANCHINGS:
+            raise CCAError(f"unknown branching implementation {self.branching!r} (RunConfig.branching, "
+                           "--branching); use 'fast' or 'reference'")
+        if self.procedure not in PROCEDURES:
+            raise CCAError(f"unknown procedure {self.procedure!r} (RunConfig.procedure, --procedure); use 'fast' "
+                           "(the default fast paths) or 'reference' (the authors' procedure, for comparisons)")
+        if self.selector == "atp-topk" and not self.select_k:
+            raise CCAError("selector atp-topk needs RunConfig.select_k (--select-k K)")
+        if self.selector == "atp-fraction" and not self.select_fraction:
+            raise CCAError("selector atp-fraction needs RunConfig.select_fraction (--select-fraction F)")
+        if self.selector == "random" and not (self.select_count or self.select_fraction):
+            raise CCAError("selector random needs RunConfig.select_count (--select-count N) or select_fraction "
+                           "(--select-fraction F): use the count of the selection it controls for")
+        _positive("n_per_template", self.n_per_template)
+        _positive("trace.k", self.trace.k, flag="--k")
+        _positive("trace.sample_batch", self.trace.sample_batch, flag=None)
+        _positive("update.max_steps", self.update.max_steps, flag="--update-steps")
+        for name in ("max_train_problems", "max_val_problems", "max_test_problems"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), extra="or None for all (0 on the command line)")
+        self.update.check()
+
+
+def _positive(name: str, value: Any, *, flag: str | None = "", extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        flag = "--" + name.replace("_", "-") if flag == "" else flag
+        where = f"RunConfig.{name}" + (f" ({flag})" if flag else "")
+        raise CCAError(f"{where} must be a positive integer{(' ' + extra) if extra else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ProcedureSettings:
+    """The stage settings a run actually uses, after ``RunConfig.procedure``.
+
+    ``procedure="fast"``: the configuration as given. ``procedure="reference"``: the authors'
+    procedure, the same results by the slow path (for benchmarks and checks), overriding:
+
+    * generation: one sequence at a time (``batch_size=1``), no shared-prefix prefill, no early
+      stop (``max_new_tokens`` decoded, the output cut where the stop rule would have stopped:
+      the same generations, see :mod:`cca_fast.generation.decode`); the flipped-trace search draws its
+      samples one at a time (``TraceConfig.sample_batch=1``; the first flip in order is kept
+      either way);
+    * pivots: the literal per-position branching loop (``branching="reference"``);
+    * DCM: ``mode="full"`` (the whole prefix re-run at every step; no prefix cache exists in
+      that mode, so ``reuse_prefix_cache`` only keeps fixing the batch schedule, which must be
+      the fast run's for the same masks);
+    * update: ``mode="reference"`` (dense gradients for every weight, selected rows copied),
+      and ``share_prefix=False`` where :class:`~cca_fast.stages.update.UpdateConfig` has it.
+    """
+
+    generation: GenerationConfig
+    trace: TraceConfig
+    branching: str
+    dcm: DCMConfig
+    update: UpdateConfig
+
+
+def procedure_settings(config: RunConfig) -> ProcedureSettings:
+    """The effective stage settings of ``config`` (see :class:`ProcedureSettings`)."""
+    gen = config.generation.config()
+    if config.procedure != "reference":
+        return ProcedureSettings(gen, config.trace, config.branching, config.dcm, config.update)
+    update = dataclasses.replace(config.update, mode="reference")
+    if "share_prefix" in config_io.init_fields(UpdateConfig):
+        update = dataclasses.replace(update, share_prefix=False)
+    return ProcedureSettings(
+        generation=dataclasses.replace(gen, batch_size=1, share_prefix=False, early_stop=False),
+        trace=dataclasses.replace(config.trace, sample_batch=1),
+        branching="reference",
+        dcm=dataclasses.replace(config.dcm, mode="full"),
+        update=update,
+    )

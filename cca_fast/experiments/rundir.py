@@ -1,0 +1,147 @@
+"""The run directory: the one place that names a run's files.
+
+=========================  =====================================================================
+``config.json``            the :class:`~cca_fast.experiments.config.RunConfig` (nested; a
+                           resumed run must use the same one)
+``data/{train,val,test}.jsonl``  the seeded per-template splits
+``eval_base_train.jsonl``  greedy traces of the training split (records + token ids; resumable)
+``eval_base_test.jsonl``   base model on the test split (resumable)
+``training_set.json``      stage 1's training problems: weak templates and problem ids, in order
+``traces.jsonl``           stage 1a: greedy trace + first flipped sample per training problem
+``pivots.jsonl``           stage 1b: pivot examples (one line per trace pair; resumable)
+``selection.json``         stage 2: the selected components
+``update.json``            stage 3: history, best step (the delta is in ``delta/``)
+``delta/``                 the sparse delta (``delta_config.json`` + ``delta.safetensors``)
+``eval_cca_test.jsonl``    the updated model (base + delta) on the test split (resumable)
+``report.json``, ``report.md``, ``components.png``  the report
+``stages.json``            seconds spent per stage
+=========================  =====================================================================
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cca_fast.errors import CCAError
+from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json
+
+if TYPE_CHECKING:
+    from cca_fast.data.problem import Problem
+    from cca_fast.experiments.config import RunConfig
+
+SPLITS = ("train", "val", "test")
+
+
+class RunDir:
+    """Files of one run, by name (relative names in the class attributes, paths as properties);
+    stage timings in ``stages.json``."""
+
+    CONFIG = "config.json"
+    BASE_TRAIN = "eval_base_train.jsonl"
+    BASE_TEST = "eval_base_test.jsonl"
+    TRAINING_SET = "training_set.json"
+    TRACES = "traces.jsonl"
+    PIVOTS = "pivots.jsonl"
+    SELECTION = "selection.json"
+    UPDATE = "update.json"
+    DELTA = "delta"
+    CCA_TEST = "eval_cca_test.jsonl"
+    REPORT_JSON = "report.json"
+    REPORT_MD = "report.md"
+    COMPONENTS_PNG = "components.png"
+    STAGES = "stages.json"
+
+    def __init__(self, path: str | Path, *, create: bool = True):
+        self.path = Path(path)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @staticmethod
+    def split_name(split: str) -> str:
+        """The relative name of a data split's file (``data/train.jsonl``)."""
+        if split not in SPLITS:
+            raise CCAError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+        return f"data/{split}.jsonl"
+
+    # ---- paths ---------------------------------------------------------------------------------
+    def split(self, split: str) -> Path:
+        return self.path / self.split_name(split)
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def base_train(self) -> Path:
+        return self.path / self.BASE_TRAIN
+
+    @property
+    def base_test(self) -> Path:
+        return self.path / self.BASE_TEST
+
+    @property
+    def training_set_file(self) -> Path:
+        return self.path / self.TRAINING_SET
+
+    @property
+    def traces(self) -> Path:
+        return self.path / self.TRACES
+
+    @property
+    def pivots(self) -> Path:
+        return self.path / self.PIVOTS
+
+    @property
+    def selection(self) -> Path:
+        return self.path / self.SELECTION
+
+    @property
+    def update(self) -> Path:
+        return self.path / self.UPDATE
+
+    @property
+    def delta(self) -> Path:
+        return self.path / self.DELTA
+
+    @property
+    def cca_test(self) -> Path:
+        return self.path / self.CCA_TEST
+
+    @property
+    def stages(self) -> Path:
+        return self.path / self.STAGES
+
+    # ---- contents ------------------------------------------------------------------------------
+    def check_config(self, config: "RunConfig") -> None:
+        """Write ``config.json``, or check that a resumed run uses the same configuration."""
+        from cca_fast.experiments.config import RunConfig
+
+        check_or_write_config(self.config, config.to_dict(), RunConfig().to_dict(), str(self.path))
+
+    def read_split(self, split: str) -> list["Problem"]:
+        """The problems of ``data/<split>.jsonl``."""
+        from cca_fast.data.loaders import read_problems_jsonl
+
+        return read_problems_jsonl(self.split(split))
+
+    def write_training_set(self, weak_templates: list[str], problem_ids: list[str]) -> None:
+        atomic_write_json(self.training_set_file, {"weak_templates": weak_templates, "problem_ids": problem_ids})
+
+    def read_training_set(self) -> dict[str, list[str]]:
+        """``{"weak_templates": [...], "problem_ids": [...]}``: what stage 1 trained on."""
+        if not self.training_set_file.exists():
+            raise CCAError(f"{self.training_set_file} does not exist: run stage 1 first "
+                           f"(cca run --until traces --output {self.path})")
+        return read_json(self.training_set_file)
+
+    def seconds(self) -> dict[str, float]:
+        return read_json(self.stages) if self.stages.exists() else {}
+
+    def record_seconds(self, stage: str, seconds: float) -> None:
+        add_seconds(self.stages, stage, seconds)
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return f"RunDir({str(self.path)!r})"

@@ -1,0 +1,481 @@
+"""The stages of ``cca run`` as a loop: a :class:`Stage` reads its result back from the run
+directory (:meth:`Stage.load`) or computes it (:meth:`Stage.run`); :func:`run_stages` is the one
+place that times stages and stops after ``until``.
+
+=============  ============================================  ========================================
+stage          outputs (:class:`RunDir` names)               result
+=============  ============================================  ========================================
+``data``       ``data/{train,val,test}.jsonl``               :class:`Splits`
+``base_eval``  ``eval_base_{train,test}.jsonl``              :class:`BaseEval`
+``traces``     ``training_set.json``, ``traces.jsonl``       :class:`Traces`
+``pivots``     ``pivots.jsonl``                              :class:`Pivots`
+``localize``   ``selection.json``                            :class:`Localized`
+``update``     ``update.json``, ``delta/``                   :class:`UpdateInfo`
+``cca_eval``   ``eval_cca_test.jsonl``                       :class:`CCAEval`
+``report``     ``report.json``, ``report.md``, ``components.png``  :class:`~cca_fast.experiments.report.RunReport`
+=============  ============================================  ========================================
+
+``load`` returns ``None`` unless the stage's outputs are complete; ``run`` resumes from partial
+outputs (evaluations, traces and pivots append one line per finished item) and writes them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from cca_fast.data.problem import Problem
+from cca_fast.errors import CCAError
+from cca_fast.experiments.config import ProcedureSettings, RunConfig, procedure_settings
+from cca_fast.experiments.rundir import SPLITS, RunDir
+from cca_fast.io import atomic_write_json, read_json, read_jsonl
+
+
+# ---- the protocol and the loop -------------------------------------------------------------------
+class Stage(Protocol):
+    """One stage of a run.
+
+    Attributes:
+        name: the stage's name (``--until`` takes it; ``stages.json`` times it).
+        outputs: the :class:`RunDir` names of the files the stage writes.
+    """
+
+    name: str
+    outputs: tuple[str, ...]
+
+    def load(self, ctx: "RunContext") -> Any | None:
+        """The result read back from complete outputs (no model work), else ``None``."""
+
+    def run(self, ctx: "RunContext") -> Any:
+        """Compute the result (resuming from partial outputs) and write the outputs."""
+
+
+@dataclass
+class RunContext:
+    """What the stages of one run share: the configuration, its directory, the loaded model
+    (``None`` where only files are read) and the results of the stages so far."""
+
+    config: RunConfig
+    rd: RunDir
+    progress: bool = True
+    model: Any = None
+    tokenizer: Any = None
+    space: Any = None  # ComponentSpace
+    prefix_cache: Any = None  # PrefixCache: the exemplars' key/values, once per weights
+    model_holds_update: bool = False  # the model in memory holds the (no-mask) update
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> ProcedureSettings:
+        return procedure_settings(self.config)
+
+    def say(self, message: str | None) -> None:
+        if message and self.progress:
+            print(message, flush=True)
+
+
+def run_stages(stages: Sequence[Stage], ctx: RunContext, *, until: str | None = None) -> Any | None:
+    """Run (or load) ``stages`` in order; returns the last stage's result, or ``None`` when
+    stopped by ``until`` before it. Seconds of every stage that ran go to ``stages.json``."""
+    names = [s.name for s in stages]
+    if until is not None and until not in names:
+        raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(names)}")
+    for stage in stages:
+        result = stage.load(ctx)
+        if result is None:
+            t = time.perf_counter()
+            result = stage.run(ctx)
+            ctx.rd.record_seconds(stage.name, time.perf_counter() - t)
+        ctx.results[stage.name] = result
+        ctx.say(result.message() if hasattr(result, "message") else None)
+        if stage.name == until and stage is not stages[-1]:
+            return None
+    return ctx.results[stages[-1].name]
+
+
+def _read_records(path, problems: Sequence[Problem], key: str = "id") -> list[dict[str, Any]] | None:
+    """The records of ``path`` aligned with ``problems``, or ``None`` if any is missing."""
+    if not path.exists():
+        return None
+    done = {r[key]: r for r in read_jsonl(path)}
+    if any(p.id not in done for p in problems):
+        return None
+    return [done[p.id] for p in problems]
+
+
+# ---- results ---------------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    """The run's problems: the training split, and the validation and test problems (capped)."""
+
+    train: list[Problem]
+    val: list[Problem]
+    test: list[Problem]
+
+    def message(self) -> str:
+        return f"data: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test problems"
+
+
+@dataclass
+class BaseEval:
+    """The base model's greedy records of the training split and the test summary."""
+
+    train_records: list[dict[str, Any]]
+    train: dict[str, Any]
+    test: dict[str, Any]
+
+    def message(self) -> str:
+        return f"base accuracy: train {self.train['accuracy']:.3f}, test {self.test['accuracy']:.3f}"
+
+
+@dataclass
+class Traces:
+    """Stage 1a: the training problems (of weak templates) and their trace pairs."""
+
+    problems: list[Problem]
+    weak_templates: list[str]
+    pairs: list[Any]  # TracePair
+
+    @property
+    def n_flipped(self) -> int:
+        return sum(p.flipped for p in self.pairs)
+
+    def message(self) -> str:
+        return f"stage 1: {self.n_flipped} of {len(self.pairs)} problems have a flipped sample"
+
+
+@dataclass
+class Pivots:
+    """Stage 1b: pivot examples and what the search cost."""
+
+    examples: list[Any]  # PivotExample
+    stats: dict[str, int]
+
+    def message(self) -> str:
+        return f"stage 1: {len(self.examples)} pivot examples ({self.stats['generated_tokens']} tokens generated)"
+
+
+@dataclass
+class Localized:
+    """Stage 2: the selection (``None`` for the no-mask baseline)."""
+
+    selection: Any  # Selection | None
+    total: int
+
+    def message(self) -> str | None:
+        if self.selection is None:
+            return None
+        return (f"stage 2: {len(self.selection.indices)} of {self.total} components selected "
+                f"({self.selection.counts})")
+
+
+@dataclass
+class UpdateInfo:
+    """Stage 3: ``update.json`` (the delta itself is in ``delta/``)."""
+
+    best_step: int
+    best_val: float | None
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+
+    def message(self) -> str:
+        return f"stage 3: best step {self.best_step} (validation accuracy {self.best_val})"
+
+
+@dataclass
+class CCAEval:
+    """The updated model on the test problems."""
+
+    test: dict[str, Any]
+
+
+# ---- the stages --------------------------------------------------------------------------------------
+class DataStage:
+    """Seeded per-template splits of the data; validation and test problems capped."""
+
+    name = "data"
+    outputs = tuple(RunDir.split_name(s) for s in SPLITS)
+
+    def load(self, ctx: RunContext) -> Splits | None:
+        if not all((ctx.rd / o).exists() for o in self.outputs):
+            return None
+        from cca_fast.experiments.pipeline import _subset
+
+        c = ctx.config
+        train, val, test = (ctx.rd.read_split(s) for s in SPLITS)
+        return Splits(train, _subset(val, c.max_val_problems, c.seed), _subset(test, c.max_test_problems, c.seed))
+
+    def run(self, ctx: RunContext) -> Splits:
+        from cca_fast.data import load_problems, split_problems
+        from cca_fast.data.loaders import write_problems_jsonl
+
+        c = ctx.config
+        splits = split_problems(load_problems(c.data, n_per_template=c.n_per_template, seed=c.seed), seed=c.seed)
+        for s in SPLITS:
+            write_problems_jsonl(getattr(splits, s), ctx.rd.split(s))
+        return self.load(ctx)
+
+
+class BaseEvalStage:
+    """Greedy traces of the training split (kept with token ids) and the base test accuracy."""
+
+    name = "base_eval"
+    outputs = (RunDir.BASE_TRAIN, RunDir.BASE_TEST)
+
+    def load(self, ctx: RunContext) -> BaseEval | None:
+        from cca_fast.evaluation.evaluate import summarize
+
+        splits: Splits = ctx.results["data"]
+        train = _read_records(ctx.rd.base_train, splits.train)
+        test = _read_records(ctx.rd.base_test, splits.test)
+        if train is None or test is None:
+            return None
+        return BaseEval(train, summarize(train), summarize(test))
+
+    def run(self, ctx: RunContext) -> BaseEval:
+        from cca_fast.evaluation.evaluate import summarize
+        from cca_fast.experiments.pipeline import eval_resumable
+
+        splits: Splits = ctx.results["data"]
+        c, gen = ctx.config, ctx.settings.generation
+        train = eval_resumable(ctx.model, ctx.tokenizer, splits.train, c.prompt, gen, ctx.rd.base_train,
+                               "base eval (train)", ctx.progress, prefix_cache=ctx.prefix_cache)
+        test = eval_resumable(ctx.model, ctx.tokenizer, splits.test, c.prompt, gen, ctx.rd.base_test,
+                              "base eval (test)", ctx.progress, keep_ids=False, prefix_cache=ctx.prefix_cache)
+        return BaseEval(train, summarize(train), summarize(test))
+
+
+class TracesStage:
+    """Stage 1a: the training problems of weak templates (recorded in ``training_set.json``),
+    and for each a flipped sample if one of ``trace.k`` has the opposite correctness."""
+
+    name = "traces"
+    outputs = (RunDir.TRAINING_SET, RunDir.TRACES)
+
+    def _training_set(self, ctx: RunContext) -> tuple[list[Problem], list[str]]:
+        from cca_fast.experiments.pipeline import training_problems
+
+        c, base = ctx.config, ctx.results["base_eval"]
+        chosen, weak = training_problems(ctx.results["data"].train, base.train, c.weak_threshold,
+                                         c.max_train_problems, c.seed)
+        if not chosen:
+            raise CCAError(f"no training problems: every template has base accuracy >= {c.weak_threshold} "
+                           "(raise --weak-threshold, or use harder data)")
+        return chosen, weak
+
+    def load(self, ctx: RunContext) -> Traces | None:
+        from cca_fast.stages.traces import TracePair
+
+        chosen, weak = self._training_set(ctx)
+        if not ctx.rd.training_set_file.exists():
+            return None
+        records = _read_records(ctx.rd.traces, chosen, key="problem_id")
+        return None if records is None else Traces(chosen, weak, [TracePair.from_dict(r) for r in records])
+
+    def run(self, ctx: RunContext) -> Traces:
+        from cca_fast.stages.traces import GreedyTrace, collect_traces
+
+        chosen, weak = self._training_set(ctx)
+        ctx.rd.write_training_set(weak, [p.id for p in chosen])
+        greedy = {r["id"]: GreedyTrace(r["id"], r["prompt_ids"], r["output_ids"], r["output"], bool(r["correct"]))
+                  for r in ctx.results["base_eval"].train_records}
+        s = ctx.settings
+        pairs = collect_traces(ctx.model, ctx.tokenizer, chosen, greedy, s.generation, s.trace, ctx.rd.traces,
+                               ctx.progress, prefix_cache=ctx.prefix_cache)
+        return Traces(chosen, weak, pairs)
+
+
+class PivotsStage:
+    """Stage 1b: the pivotal token of every flipped pair (``pivot_method``)."""
+
+    name = "pivots"
+    outputs = (RunDir.PIVOTS,)
+
+    @staticmethod
+    def _checked(examples: list, stats: dict[str, int]) -> Pivots:
+        if not examples:
+            raise CCAError("stage 1 found no pivot examples: raise --max-train-problems or --k, or use data the "
+                           "model solves sometimes (both correct and wrong traces are needed)")
+        return Pivots(examples, stats)
+
+    def load(self, ctx: RunContext) -> Pivots | None:
+        flipped = [p for p in ctx.results["traces"].pairs if p.flipped]
+        if not ctx.rd.pivots.exists():
+            return None
+        done = {r["problem_id"]: r for r in read_jsonl(ctx.rd.pivots)}
+        if any(p.problem_id not in done for p in flipped):
+            return None
+        from cca_fast.experiments.pipeline import pivot_totals
+
+        return self._checked(*pivot_totals(flipped, done))
+
+    def run(self, ctx: RunContext) -> Pivots:
+        from cca_fast.experiments.pipeline import find_pivots
+
+        s = ctx.settings
+        examples, stats = find_pivots(ctx.model, ctx.tokenizer, ctx.results["traces"].pairs, ctx.config.pivot_method,
+                                      s.branching, s.generation, ctx.rd.pivots, ctx.progress,
+                                      prefix_cache=ctx.prefix_cache)
+        return self._checked(examples, stats)
+
+
+class LocalizeStage:
+    """Stage 2: the components of ``selector`` (none for the no-mask baseline)."""
+
+    name = "localize"
+    outputs = (RunDir.SELECTION,)
+
+    def load(self, ctx: RunContext) -> Localized | None:
+        from cca_fast.stages.localize.select import Selection
+
+        total = ctx.space.total if ctx.space is not None else 0
+        if ctx.config.selector == "none":
+            return Localized(None, total)
+        if not ctx.rd.selection.exists():
+            return None
+        return Localized(Selection.from_dict(read_json(ctx.rd.selection)), total)
+
+    def run(self, ctx: RunContext) -> Localized:
+        from cca_fast.experiments.pipeline import localize
+
+        selection = localize(ctx.model, ctx.space, ctx.results["pivots"].examples, ctx.config, ctx.progress)
+        atomic_write_json(ctx.rd.selection, selection.to_dict())
+        return Localized(selection, ctx.space.total)
+
+
+class UpdateStage:
+    """Stage 3: gradient descent on the selected rows (every weight for the no-mask baseline),
+    the best step by validation accuracy; the delta is saved and the model reverted to the base
+    (the no-mask delta holds no base rows: the model then keeps the update)."""
+
+    name = "update"
+    outputs = (RunDir.UPDATE, RunDir.DELTA)
+
+    def load(self, ctx: RunContext) -> UpdateInfo | None:
+        return UpdateInfo(**read_json(ctx.rd.update)) if ctx.rd.update.exists() else None
+
+    def run(self, ctx: RunContext) -> UpdateInfo:
+        import dataclasses
+
+        from cca_fast.delta import revert_delta
+        from cca_fast.evaluation.evaluate import summarize
+        from cca_fast.experiments.pipeline import eval_resumable
+        from cca_fast.stages.update import run_update
+
+        selection = ctx.results["localize"].selection
+        c, s, tok = ctx.config, ctx.settings, ctx.tokenizer
+        val = ctx.results["data"].val
+        # the no-mask baseline changes every row: its delta is a full model, so no base copy in it
+        ucfg = s.update if selection is not None else dataclasses.replace(s.update, scope="all", store_base_rows=False)
+
+        def validate(m) -> float:
+            recs = eval_resumable(m, tok, val, c.prompt, s.generation, None, "validation", False, keep_ids=False,
+                                  prefix_cache=ctx.prefix_cache)
+            return summarize(recs)["accuracy"]
+
+        result = run_update(ctx.model, ctx.space, selection.indices if selection is not None else [],
+                            ctx.results["pivots"].examples, ucfg, validate=validate, progress=ctx.progress)
+        result.delta.meta.update({"selection": selection.to_dict() if selection is not None else None,
+                                  "run_config": c.to_dict()})
+        result.delta.save(ctx.rd.delta)
+        if selection is not None:
+            revert_delta(ctx.model, result.delta)  # back to the base: the test stage applies the saved delta
+        else:
+            ctx.model_holds_update = True
+        info = {"best_step": result.best_step, "best_val": result.best_val, "history": result.history,
+                "config": result.config}
+        atomic_write_json(ctx.rd.update, info)
+        return UpdateInfo(**read_json(ctx.rd.update))
+
+
+class CCAEvalStage:
+    """The updated model (base + the saved delta) on the test problems."""
+
+    name = "cca_eval"
+    outputs = (RunDir.CCA_TEST,)
+
+    def load(self, ctx: RunContext) -> CCAEval | None:
+        from cca_fast.evaluation.evaluate import summarize
+
+        records = _read_records(ctx.rd.cca_test, ctx.results["data"].test)
+        return None if records is None else CCAEval(summarize(records))
+
+    def run(self, ctx: RunContext) -> CCAEval:
+        from cca_fast.delta import SparseDelta, apply_delta
+        from cca_fast.evaluation.evaluate import summarize
+        from cca_fast.experiments.pipeline import eval_resumable
+
+        if not ctx.model_holds_update:
+            apply_delta(ctx.model, SparseDelta.load(ctx.rd.delta))
+            ctx.model_holds_update = True
+        records = eval_resumable(ctx.model, ctx.tokenizer, ctx.results["data"].test, ctx.config.prompt,
+                                 ctx.settings.generation, ctx.rd.cca_test, "CCA eval (test)", ctx.progress,
+                                 keep_ids=False)
+        return CCAEval(summarize(records))
+
+
+class ReportStage:
+    """``report.json``, ``report.md`` and ``components.png`` (always rewritten: cheap, and the
+    seconds change on every resumption)."""
+
+    name = "report"
+    outputs = (RunDir.REPORT_JSON, RunDir.REPORT_MD, RunDir.COMPONENTS_PNG)
+
+    def load(self, ctx: RunContext) -> None:
+        return None
+
+    def run(self, ctx: RunContext):
+        from cca_fast.experiments.report import RunReport, write_report
+
+        c, r, space = ctx.config, ctx.results, ctx.space
+        selection = r["localize"].selection
+        base, update, cca_test = r["base_eval"], r["update"], r["cca_eval"].test
+        step0 = next((h for h in update.history if h.get("step") == 0 and h.get("val") is not None), None)
+        n_sel = len(selection.indices) if selection is not None else space.total
+        report = RunReport(
+            model=c.model or "default (SmolLM2-135M-Instruct)",
+            data=c.data or "builtin",
+            seed=c.seed,
+            selector=c.selector,
+            pivot_method=c.pivot_method + (f" ({ctx.settings.branching})" if c.pivot_method == "branching" else ""),
+            procedure=c.procedure,
+            base_accuracy=base.test["accuracy"],
+            cca_accuracy=cca_test["accuracy"],
+            base_micro_accuracy=base.test["micro_accuracy"],
+            cca_micro_accuracy=cca_test["micro_accuracy"],
+            n_test=cca_test["n"],
+            base_train_accuracy=base.train["accuracy"],
+            base_val_accuracy=step0.get("val") if step0 else None,
+            best_val_accuracy=update.best_val,
+            best_step=update.best_step,
+            weak_templates=r["traces"].weak_templates,
+            n_train_problems=len(r["traces"].problems),
+            n_flipped=r["traces"].n_flipped,
+            n_examples=len(r["pivots"].examples),
+            pivot_search=r["pivots"].stats,
+            components_selected=n_sel,
+            components_total=space.total,
+            fraction=n_sel / space.total,
+            per_kind=(selection.counts if selection is not None
+                      else {k: space.counts[k] * space.n_layers for k in space.counts}),
+            component_space=space.describe(),
+            delta=str(ctx.rd.delta),
+            seconds=ctx.rd.seconds(),
+        )
+        per_layer = (space.layer_kind_counts(selection.indices) if selection is not None
+                     else {k: [space.counts[k]] * space.n_layers for k in space.counts})
+        write_report(ctx.rd.path, report, per_layer, space.counts)
+        return report
+
+
+#: the stages of ``cca run``, in order
+STAGES: tuple[Stage, ...] = (DataStage(), BaseEvalStage(), TracesStage(), PivotsStage(), LocalizeStage(),
+                             UpdateStage(), CCAEvalStage(), ReportStage())
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def outputs_through(stage: str) -> tuple[str, ...]:
+    """The :class:`RunDir` names written by the stages up to and including ``stage``."""
+    if stage not in STAGE_NAMES:
+        raise CCAError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_NAMES)}")
+    return tuple(o for s in STAGES[: STAGE_NAMES.index(stage) + 1] for o in s.outputs)
