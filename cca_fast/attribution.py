@@ -410,18 +410,9 @@ def _prepare(model: nn.Module, batch: BatchLike, metric: Metric | None, logits_t
     return metric, inputs, runtime.keep_kwargs(model, logits_to_keep)
 
 
-def attribute_by_caching(
-    model: nn.Module,
-    batch: BatchLike,
-    metric: Metric | None = None,
-    positions: Positions = -1,
-    *,
-    kinds: tuple[str, ...] = KINDS,
-    absolute: bool = False,
-    per_position: bool = False,
-    space: ComponentSpace | None = None,
-    logits_to_keep: int | None = None,
-) -> Attribution:
+def attribute_by_caching(model: nn.Module, batch: BatchLike, metric: Metric | None = None, positions: Positions = -1,
+                         *, kinds: tuple[str, ...] = KINDS, absolute: bool = False, per_position: bool = False,
+                         space: ComponentSpace | None = None, logits_to_keep: int | None = None) -> Attribution:
     """The reference pipeline (and the benchmark's baseline): cache every site activation
     ``[B, T, C]`` and, with ``retain_grad``, its full gradient, then reduce with ``einsum``.
 
