@@ -20,10 +20,11 @@ import ast
 import math
 import random
 import re
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 from cca_fast.errors import TemplateError
 
@@ -33,10 +34,114 @@ Number = Union[int, Fraction]
 #: ``np.random.randint`` (template names may not start with an underscore).
 RNG_KEY = "__rng__"
 
-#: Largest integer magnitude (in bits) an expression may produce through ``**``.
+#: Largest integer magnitude (in bits) an expression may produce (default of
+#: :attr:`EvalLimits.max_int_bits`).
 MAX_POW_BITS = 4096
-#: Longest list an expression may build (``list(range(..))``, ``[..] * n``, ``np.arange``).
+#: Longest list an expression may build (``list(range(..))``, ``[..] * n``, ``np.arange``;
+#: default of :attr:`EvalLimits.max_seq_len`).
 MAX_LIST_LEN = 1_000_000
+
+
+@dataclass(frozen=True)
+class EvalLimits:
+    """The cost budget of one evaluation of a template expression.
+
+    Every limit turns a runaway expression (``round(x/3, 10**7)``, ``9**9**9``, a 20,000-term
+    sum, ``range(2**100)``) into a :class:`~cca_fast.errors.TemplateError` naming the template,
+    the line, the limit and how to raise it, instead of hours of work or a raw
+    ``RecursionError`` / ``OverflowError``. The defaults leave every upstream GSM-Symbolic
+    template far inside the budget.
+
+    Attributes:
+        max_ops: operations per evaluation (each arithmetic operation or comparison counts 1,
+            building or scanning a list counts its length).
+        max_int_bits: largest integer (numerator / denominator) a result may have, in bits.
+        max_seq_len: longest list an expression may build or scan.
+        max_range_len: longest ``range(..)`` / ``numbers_within(..)`` (ranges stay lazy).
+        max_depth: deepest nesting of an expression's syntax tree (checked when compiling).
+        max_round_digits: largest ``ndigits`` of ``round(x, ndigits)``.
+    """
+
+    max_ops: int = 2_000_000
+    max_int_bits: int = MAX_POW_BITS
+    max_seq_len: int = MAX_LIST_LEN
+    max_range_len: int = 10**18
+    max_depth: int = 200
+    max_round_digits: int = 100
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise TemplateError(f"EvalLimits.{f.name} must be a positive integer, got {v!r}")
+
+
+class _State:
+    """The limits in force and the operations spent by the evaluation under way."""
+
+    limits = EvalLimits()
+    ops = 0
+
+
+_STATE = _State()
+
+
+def current_limits() -> EvalLimits:
+    """The :class:`EvalLimits` in force (see :func:`eval_limits`)."""
+    return _STATE.limits
+
+
+@contextmanager
+def eval_limits(limits: EvalLimits | None) -> Iterator[EvalLimits]:
+    """Evaluate (and compile) with ``limits`` inside the ``with`` block (``None``: unchanged)."""
+    old = _STATE.limits
+    _STATE.limits = limits or old
+    try:
+        yield _STATE.limits
+    finally:
+        _STATE.limits = old
+
+
+class _BudgetExceeded(Exception):
+    """Internal: an evaluation went over one of its :class:`EvalLimits`."""
+
+    def __init__(self, what: str, limit: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.limit = limit
+
+
+def _over(what: str, limit: str) -> _BudgetExceeded:
+    value = getattr(_STATE.limits, limit)
+    return _BudgetExceeded(f"{what} is too large (limit {limit}={value})", limit)
+
+
+def _charge(n: int = 1) -> None:
+    """Spend ``n`` operations of the evaluation budget."""
+    st = _STATE
+    st.ops += n
+    if st.ops > st.limits.max_ops:
+        raise _BudgetExceeded(f"more than {st.limits.max_ops} operations in one evaluation "
+                              f"(limit max_ops={st.limits.max_ops})", "max_ops")
+
+
+def _check_len(n: int, what: str) -> None:
+    if n > _STATE.limits.max_seq_len:
+        raise _over(f"{what} of {n} items", "max_seq_len")
+    _charge(n)
+
+
+def _check_size(x: Any) -> Any:
+    """``x`` unchanged, unless it is a number over ``max_int_bits``."""
+    if isinstance(x, int):
+        bits = x.bit_length() if x >= 0 else (-x).bit_length()
+    elif isinstance(x, Fraction):
+        bits = max(abs(x.numerator).bit_length(), x.denominator.bit_length())
+    else:
+        return x
+    if bits > _STATE.limits.max_int_bits:
+        raise _over(f"a number of {bits} bits", "max_int_bits")
+    return x
 
 
 @dataclass(frozen=True)
@@ -260,8 +365,7 @@ def _np_arange(*args: Any) -> list[Number]:
     if step == 0:
         raise TypeError("np.arange step must not be 0")
     count = max(0, math.ceil(Fraction(stop - start) / step))
-    if count > MAX_LIST_LEN:
-        raise TypeError(f"np.arange would build {count} items (limit {MAX_LIST_LEN})")
+    _check_len(count, "np.arange")
     return [normalize(Fraction(start) + i * Fraction(step)) for i in range(count)]
 
 
@@ -269,15 +373,29 @@ def _frange(start: Any, stop: Any, step: Any = 1) -> list[Number]:
     return _np_arange(start, stop, step)
 
 
+def _range_len(r: range, what: str) -> range:
+    try:
+        n = len(r)
+    except OverflowError:  # more items than sys.maxsize
+        n = (abs(r.stop - r.start) + abs(r.step) - 1) // abs(r.step)
+    if n > _STATE.limits.max_range_len:
+        raise _over(f"{what} of {n} items", "max_range_len")
+    return r
+
+
 def _range(*args: Any) -> range:
     if not 1 <= len(args) <= 3:
         raise TypeError("range takes 1 to 3 arguments")
-    return range(*[_int(a, "range") for a in args])
+    vals = [_int(a, "range") for a in args]
+    if len(vals) == 3 and vals[2] == 0:
+        raise TypeError("range() step must not be 0")
+    return _range_len(range(*vals), "range()")
 
 
 def _numbers_within(lo: Any, hi: Any) -> range:
     """Integers from ``lo`` to ``hi``, both included."""
-    return range(_int(lo, "numbers_within"), _int(hi, "numbers_within") + 1)
+    return _range_len(range(_int(lo, "numbers_within"), _int(hi, "numbers_within") + 1),
+                      "numbers_within()")
 
 
 def _seq(x: Any, what: str) -> Sequence[Any]:
@@ -289,8 +407,7 @@ def _seq(x: Any, what: str) -> Sequence[Any]:
 def _bounded(x: Any, what: str) -> Sequence[Any]:
     """A sequence short enough to iterate (``sum(range(10**12))`` is refused, not run)."""
     items = _seq(x, what)
-    if len(items) > MAX_LIST_LEN:
-        raise TypeError(f"{what}() over {len(items)} items (limit {MAX_LIST_LEN})")
+    _check_len(len(items), f"{what}() over a list")
     return items
 
 
@@ -337,7 +454,10 @@ def _round(x: Any, ndigits: Any = None) -> Number:
     v = _num(x, "round")
     if ndigits is None:
         return int(round(v))
-    return normalize(Fraction(round(Fraction(v), _int(ndigits, "round"))))
+    nd = _int(ndigits, "round")
+    if abs(nd) > _STATE.limits.max_round_digits:
+        raise _over(f"round(x, {nd}): ndigits", "max_round_digits")
+    return normalize(Fraction(round(Fraction(v), nd)))
 
 
 def _is_int(x: Any) -> bool:
@@ -418,8 +538,9 @@ def _np_randint(rng: random.Random, lo: Any, hi: Any = None, size: Any = None) -
     if size is None:
         return rng.randrange(lo, hi)
     size = _int(size, "np.random.randint")
-    if not 0 <= size <= MAX_LIST_LEN:
+    if size < 0:
         raise TypeError(f"np.random.randint size {size} out of range")
+    _check_len(size, "np.random.randint(.., size)")
     return [rng.randrange(lo, hi) for _ in range(size)]
 
 
@@ -461,6 +582,11 @@ HELPERS: Mapping[str, _Helper] = MappingProxyType({
 
 
 def _arith(op: type, a: Any, b: Any) -> Any:
+    _charge()
+    return _check_size(_arith_raw(op, a, b))
+
+
+def _arith_raw(op: type, a: Any, b: Any) -> Any:
     a, b = exact(unwrap(a)), exact(unwrap(b))
     if isinstance(a, bool):
         a = int(a)
@@ -470,6 +596,9 @@ def _arith(op: type, a: Any, b: Any) -> Any:
         return _seq_arith(op, a, b)
     if isinstance(a, range) or isinstance(b, range):
         raise TypeError("arithmetic on range(); wrap it in list(...)")
+    if isinstance(a, str) or isinstance(b, str):
+        raise TypeError(f"arithmetic on text ({type(a).__name__} {op.__name__} "
+                        f"{type(b).__name__}); template expressions compute with numbers only")
     if not (is_number(a) and is_number(b)):
         raise TypeError(f"arithmetic between {type(a).__name__} and {type(b).__name__}")
     if op is ast.Add:
@@ -498,9 +627,17 @@ def _pow(a: Number, b: Number) -> Number:
         raise _EvalFailure("0 to a negative power")
     base_bits = max(abs(a.numerator).bit_length(), abs(a.denominator).bit_length()) if isinstance(
         a, Fraction) else abs(a).bit_length()
-    if abs(b) > MAX_POW_BITS or base_bits * abs(b) > MAX_POW_BITS:
-        raise OverflowError(f"{format_number(a)} ** {b} is too large (over {MAX_POW_BITS} bits)")
+    limit = _STATE.limits.max_int_bits
+    if abs(b) > limit or base_bits * abs(b) > limit:
+        raise _over(f"{_short(a)} ** {_short(b)} (over {limit} bits)", "max_int_bits")
     return normalize(Fraction(a) ** b if (b < 0 or isinstance(a, Fraction)) else a**b)
+
+
+def _short(x: Any) -> str:
+    x = unwrap(x)
+    if isinstance(x, int) and abs(x).bit_length() > 64:
+        return f"<a {abs(x).bit_length()}-bit number>"
+    return format_number(x)
 
 
 def _seq_arith(op: type, a: Any, b: Any) -> Any:
@@ -512,16 +649,14 @@ def _seq_arith(op: type, a: Any, b: Any) -> Any:
         out = _repeat(b, a)
     else:
         raise TypeError(f"unsupported list arithmetic ({op.__name__})")
-    if len(out) > MAX_LIST_LEN:
-        raise TypeError(f"list of {len(out)} items (limit {MAX_LIST_LEN})")
+    _check_len(len(out), "a list")
     return out
 
 
 def _repeat(seq: Sequence[Any], n: Number) -> list[Any]:
     if isinstance(n, Fraction):
         raise TypeError("list * non-integer")
-    if len(seq) * max(n, 0) > MAX_LIST_LEN:
-        raise TypeError(f"list of {len(seq) * n} items (limit {MAX_LIST_LEN})")
+    _check_len(len(seq) * max(n, 0), "a list")
     return list(seq) * n
 
 
@@ -543,6 +678,7 @@ _CMP: Mapping[type, Callable[[Any, Any], bool]] = MappingProxyType({
 
 
 def _compare(op: type, a: Any, b: Any) -> bool:
+    _charge()
     if op in (ast.In, ast.NotIn):
         if isinstance(b, (str, range)):
             return _CMP[op](_cmp_value(a), b)
@@ -564,7 +700,8 @@ def _subscript(value: Any, index: Any) -> Any:
         if isinstance(value, (Labelled, list, tuple, range, str)):
             return value[i]
     except IndexError:
-        raise _EvalFailure(f"index {i} out of range") from None
+        n = 2 if isinstance(value, Labelled) else len(value)
+        raise _EvalFailure(f"index {i} out of range (the list has {n} items)") from None
     raise TypeError(f"cannot index {type(value).__name__}")
 
 
@@ -591,19 +728,31 @@ class Expression:
 
     def __call__(self, env: Env) -> Any:
         """Evaluate; errors become :class:`TemplateError` (``_EvalFailure`` passes through)."""
+        _STATE.ops = 0
         try:
             return self._fn(env)
         except (_EvalFailure, TemplateError):
             raise
+        except _BudgetExceeded as e:
+            raise TemplateError(
+                f"{self.where}: `{_clip(self.source)}` exceeds the evaluation budget: {e.what}. "
+                f"Fix: use smaller numbers or a simpler expression in the template, or raise the "
+                f"limit (InstantiateConfig(limits=EvalLimits({e.limit}=...)))") from None
+        except RecursionError:
+            raise TemplateError(f"{self.where}: `{_clip(self.source)}` nests too deeply to "
+                                "evaluate; split it into several #init lines") from None
+        except MemoryError:
+            raise TemplateError(f"{self.where}: `{_clip(self.source)}` needs too much memory; "
+                                "use smaller numbers or shorter lists") from None
         except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
-            raise TemplateError(f"{self.where}: cannot evaluate `{self.source}`: {e}") from None
+            raise TemplateError(f"{self.where}: cannot evaluate `{_clip(self.source)}`: {e}") from None
 
     def evaluate(self, env: Env) -> Any:
         """Evaluate; any failure (including division by zero) is a :class:`TemplateError`."""
         try:
             return self(env)
         except _EvalFailure as e:
-            raise TemplateError(f"{self.where}: cannot evaluate `{self.source}`: {e}") from None
+            raise TemplateError(f"{self.where}: cannot evaluate `{_clip(self.source)}`: {e}") from None
 
     def holds(self, env: Env) -> bool:
         """Evaluate as a condition: truthiness; arithmetic failures count as false."""
@@ -611,6 +760,24 @@ class Expression:
             return bool(unwrap(self(env)))
         except _EvalFailure:
             return False
+
+
+def _clip(source: str, n: int = 120) -> str:
+    return source if len(source) <= n else source[: n - 20] + " ... " + source[-15:]
+
+
+def _depth(tree: ast.AST, limit: int) -> int:
+    """Nesting depth of ``tree`` (iterative: safe on any depth); stops once over ``limit``."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        if d > deepest:
+            deepest = d
+            if d > limit:
+                return d
+        stack.extend((child, d + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 class _Compiler:
@@ -843,9 +1010,29 @@ def compile_expression(source: str, where: str, *, allow_init: bool = False,
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
-        raise TemplateError(f"{where}: cannot parse `{text}`: {e.msg}") from None
+        if "too many nested" in str(e.msg) or "too complex" in str(e.msg):
+            raise TemplateError(f"{where}: `{_clip(text)}` nests too deeply to parse ({e.msg}); "
+                                "split it into several #init lines") from None
+        raise TemplateError(f"{where}: cannot parse `{_clip(text)}`: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise TemplateError(f"{where}: `{_clip(text)}` nests too deeply to parse (a chain such "
+                            "as a+b+c+... or - - - x nests one level per term). Fix: write long "
+                            "sums as sum([a, b, c, ...]) or split the expression into several "
+                            "#init lines") from None
+    limit = _STATE.limits.max_depth
+    depth = _depth(tree, limit)
+    if depth > limit:
+        raise TemplateError(
+            f"{where}: `{_clip(text)}` nests more than {limit} levels deep (limit "
+            f"max_depth={limit}; a long chain such as a+b+c+... or - - - x nests one level per "
+            "term). Fix: write long sums as sum([a, b, c, ...]), split the expression into several "
+            "#init lines, or raise the limit (InstantiateConfig(limits=EvalLimits(max_depth=...)))")
     compiler = _Compiler(text, where, allow_init)
-    fn = compiler.compile(tree)
+    try:
+        fn = compiler.compile(tree)
+    except RecursionError:
+        raise TemplateError(f"{where}: `{_clip(text)}` nests too deeply to compile; lower "
+                            "EvalLimits.max_depth or split the expression") from None
     if known_names is not None:
         known = set(known_names)
         for name in compiler.names:

@@ -15,21 +15,31 @@ variables are drawn). All arithmetic is exact (see :mod:`cca_fast.data.safe_eval
 """
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from cca_fast.errors import DataError, TemplateError
+from cca_fast.errors import CCAError, DataError, TemplateError
 from cca_fast.data.pools import POOLS
 from cca_fast.data.problem import Problem
-from cca_fast.data.safe_eval import (RNG_KEY, Draw, Expression, Labelled, compile_expression, display_text,
-                        format_number, is_number, labelled_item, parse_number_text,
-                        solution_text, strip_markers, unwrap)
+from cca_fast.data.safe_eval import (RNG_KEY, Draw, EvalLimits, Expression, Labelled, _EvalFailure,
+                                    compile_expression, display_text, eval_limits, format_number,
+                                    is_number, labelled_item, parse_number_text, solution_text,
+                                    strip_markers, unwrap)
+
+_log = logging.getLogger("cca_fast.data")
+
+#: How the strict folder loader names the way out (API keyword and CLI flag).
+SKIP_HINT = ("to load the other templates and report each bad one instead, pass "
+             "skip_bad_templates=True (CLI: --skip-bad-templates)")
 
 _SECTION = re.compile(r"^\s*#\s*(init|conditions|answer)\b\s*(.*)$", re.IGNORECASE)
 _TARGETS = re.compile(r"^\s*(\$?\s*[A-Za-z_]\w*(?:\s*,\s*\$?\s*[A-Za-z_]\w*)*)\s*=(?!=)\s*(.+)$")
@@ -111,6 +121,16 @@ class InstantiateConfig:
             ``#answer`` (an upstream template bug, e.g. GSM-Symbolic 0062): ``"use_solution"``
             (gold = the solution's number, which is what the text derives; the instance's
             ``answer_mismatch`` records ``#answer``'s value) or ``"error"``.
+        allow_duplicates: when the space has fewer distinct instances than asked for, repeat
+            instances (with a warning) instead of raising ``TemplateError`` (repeats put
+            identical problems in the training and the test split).
+        limits: the cost budget of each expression evaluation (:class:`EvalLimits`).
+        max_seconds: wall-clock budget per template (sampling and enumeration together).
+        progress_every: log a progress line (logger ``cca_fast.data``, level WARNING) every
+            this many seconds while a template is still sampling.
+        max_enumerate: when the sampler runs out of tries, spaces with at most this many draws
+            are enumerated: the missing instances are taken from the enumeration, or the error
+            says exactly why the space is empty or too small.
     """
 
     max_tries: int = 200_000
@@ -118,8 +138,17 @@ class InstantiateConfig:
     distinct: bool = True
     max_duplicate_streak: int = 2_000
     answer_mismatch: str = "use_solution"
+    allow_duplicates: bool = False
+    limits: EvalLimits = field(default_factory=EvalLimits)
+    max_seconds: float = 300.0
+    progress_every: float = 10.0
+    max_enumerate: int = 200_000
 
     def __post_init__(self) -> None:
+        if not isinstance(self.limits, EvalLimits):
+            raise TemplateError(f"limits must be an EvalLimits, got {type(self.limits).__name__}")
+        if not (self.max_seconds > 0 and self.progress_every > 0) or self.max_enumerate < 0:
+            raise TemplateError("max_seconds and progress_every must be > 0 and max_enumerate >= 0")
         if self.answer_mismatch not in ("use_solution", "error"):
             raise TemplateError(f"answer_mismatch must be 'use_solution' or 'error', "
                                 f"got {self.answer_mismatch!r}")
@@ -285,24 +314,58 @@ def load_template(path: str | Path) -> Template:
     if not isinstance(data, dict):
         raise TemplateError(f"{p}: a template file must hold one JSON object, got {type(data).__name__}")
     template_id = str(data["id"]) if data.get("id") not in (None, "") else p.stem
-    return parse_template(data, template_id, str(p))
+    try:
+        return parse_template(data, template_id, str(p))
+    except TemplateError as e:
+        raise TemplateError(f"{p}: {e}") from None
 
 
-def load_template_dir(directory: str | Path) -> list[Template]:
-    """Parse every ``*.json`` template in ``directory`` (sorted by file name)."""
+#: ``(path or template id, reason)`` of a template left out by a lenient loader.
+SkipReport = Callable[[str, str], None]
+
+
+def load_template_dir(directory: str | Path, *, skip_bad: bool = False,
+                      on_skip: SkipReport | None = None) -> list[Template]:
+    """Parse every ``*.json`` template in ``directory`` (sorted by file name).
+
+    Args:
+        skip_bad: leave out templates that cannot be read or parsed (or whose id repeats an
+            earlier one) instead of raising; each is reported to ``on_skip(path, reason)``
+            (default: a WARNING on logger ``cca_fast.data``).
+
+    Raises:
+        DataError / TemplateError: the first bad template (strict mode; the message names the
+            file, the cause and the ``skip_bad_templates`` way out), or no template is left.
+    """
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"template folder not found: {d}")
     files = sorted(d.glob("*.json"))
     if not files:
         raise DataError(f"no template .json files in {d}")
-    templates = [load_template(f) for f in files]
+    report = on_skip or _log_skip
+    templates: list[Template] = []
     seen: dict[str, str] = {}
-    for t in templates:
-        if t.id in seen:
-            raise TemplateError(f"template id '{t.id}' used by both {seen[t.id]} and {t.path}")
+    for f in files:
+        try:
+            t = load_template(f)
+            if t.id in seen:
+                raise TemplateError(f"template id '{t.id}' used by both {seen[t.id]} and {t.path}; "
+                                    "give each template a unique 'id' (or file name)")
+        except CCAError as e:
+            if not skip_bad:
+                raise type(e)(f"{e}\n(in template folder {d}: {SKIP_HINT})") from None
+            report(str(f), str(e))
+            continue
         seen[t.id] = str(t.path)
+        templates.append(t)
+    if not templates:
+        raise DataError(f"no usable template in {d}: all {len(files)} were skipped as bad")
     return templates
+
+
+def _log_skip(where: str, reason: str) -> None:
+    _log.warning("skipped bad template %s: %s", where, reason)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -471,17 +534,92 @@ def _binding_key(bindings: Mapping[str, Any]) -> tuple[Any, ...]:
     return numeric or tuple(bindings.items())
 
 
+def _tag(template: Template) -> str:
+    return f"template {template.id}" + (f" ({template.path})" if template.path else "")
+
+
 def sample_instances(template: Template, n: int, seed: int,
                      config: InstantiateConfig | None = None) -> list[Instance]:
     """Draw ``n`` instances satisfying every condition (deterministic in ``seed``).
 
+    Rejection sampling; when ``config.max_tries`` draws in a row give no new instance, a space
+    of at most ``config.max_enumerate`` draws is enumerated and the missing instances are
+    taken from it. Every expression runs under ``config.limits`` and the whole template under
+    ``config.max_seconds``.
+
     Raises:
-        TemplateError: when ``config.max_tries`` draws in a row find no new valid instance
-            (the message names the conditions that failed most often).
+        TemplateError: naming the template (id and file) and the cause: the space is empty
+            (e.g. ``#answer`` is never an integer), has fewer distinct instances than ``n``,
+            the sampler ran out of tries on a space too large to enumerate, the time budget ran
+            out, or an expression failed / went over its budget (with its line).
     """
     cfg = config or InstantiateConfig()
     if n < 0:
         raise TemplateError(f"template {template.id}: number of instances must be >= 0, got {n}")
+    with eval_limits(cfg.limits):
+        try:
+            return _sample(template, n, seed, cfg)
+        except TemplateError as e:
+            if template.path and template.path not in str(e):
+                raise TemplateError(f"{template.path}: {e}") from None
+            raise
+
+
+class _Clock:
+    """The per-template time budget, with progress lines for slow templates."""
+
+    def __init__(self, template: Template, n: int, cfg: InstantiateConfig) -> None:
+        self.template, self.n, self.cfg = template, n, cfg
+        self.start = time.monotonic()
+        self.next_report = self.start + cfg.progress_every
+        self.draws = 0
+
+    def tick(self, found: int, fails: Mapping[str, int]) -> None:
+        self.draws += 1
+        now = time.monotonic()
+        if now < self.next_report and now - self.start <= self.cfg.max_seconds:
+            return
+        elapsed = now - self.start
+        if elapsed > self.cfg.max_seconds:
+            raise TemplateError(
+                f"{_tag(self.template)}: gave up after {elapsed:.1f} s ({self.draws} draws, "
+                f"{found} of {self.n} instances found; limit InstantiateConfig.max_seconds="
+                f"{self.cfg.max_seconds}) ({_fail_detail(fails)}). Fix: relax the #conditions or "
+                "make the dynamic #init domains smaller, ask for fewer instances, or raise "
+                "max_seconds.")
+        _log.warning("%s: still sampling after %.0f s: %d of %d instances, %d draws (gives up "
+                     "after max_seconds=%s)", _tag(self.template), elapsed, found, self.n,
+                     self.draws, self.cfg.max_seconds)
+        self.next_report = now + self.cfg.progress_every
+
+
+def _bump(fails: dict[str, int], key: str) -> None:
+    fails[key] = fails.get(key, 0) + 1
+
+
+_NOT_INTEGER = "#answer is not an integer"
+
+
+def _judge_answer(template: Template, env: Mapping[str, Any], cfg: InstantiateConfig,
+                  fails: dict[str, int]) -> Any:
+    """``#answer``'s value for this draw, or ``None`` (the reason counted in ``fails``).
+    Budget overruns and type errors raise: they are template bugs, not unlucky draws."""
+    src = template.answer.source
+    try:
+        value = unwrap(template.answer(env))
+    except _EvalFailure as e:  # e.g. division by zero for these values: reject the draw
+        _bump(fails, f"#answer `{src}`: {e}")
+        return None
+    if not is_number(value):
+        _bump(fails, f"#answer `{src}` gives {type(value).__name__} {str(value)[:30]!r}, not a number")
+        return None
+    if cfg.integer_answers and isinstance(value, Fraction):
+        _bump(fails, _NOT_INTEGER)
+        return None
+    return value
+
+
+def _sample(template: Template, n: int, seed: int, cfg: InstantiateConfig) -> list[Instance]:
     rng = random.Random(f"cca_fast:{seed}:{template.id}")
     domains = _domains(template, rng)
     upfront, after = _condition_schedule(template)
@@ -494,17 +632,19 @@ def sample_instances(template: Template, n: int, seed: int,
     seen: set[tuple[Any, ...]] = set()
     seen_full: set[tuple[Any, ...]] = set()
     tries = dup_streak = 0
+    clock = _Clock(template, n, cfg)
     while len(found) < n:
         if tries >= cfg.max_tries:
-            raise TemplateError(_exhausted(template, len(found), n, tries, fails))
+            return _finish(template, n, found, seen_full, fails, tries, cfg, rng, clock, "tries")
         tries += 1
+        clock.tick(len(found), fails)
         ok = True
         for dom, checks in zip(domains, after):
             for name, value in zip(dom.line.targets, dom.draw(rng, env)):
                 env[name] = value
             for c in checks:
                 if not c.expr.holds(env):
-                    fails[c.expr.source] = fails.get(c.expr.source, 0) + 1
+                    _bump(fails, c.expr.source)
                     ok = False
                     break
             if not ok:
@@ -512,30 +652,169 @@ def sample_instances(template: Template, n: int, seed: int,
         if not ok:
             continue
         bindings = {name: env[name] for name in template.variables}
-        try:
-            value = unwrap(template.answer(env))
-        except Exception:  # noqa: BLE001 - a failing draw (e.g. 1/0) is rejected like a condition
-            value = None
-        if value is None or not is_number(value):
-            fails["#answer is not a number"] = fails.get("#answer is not a number", 0) + 1
-            continue
-        if cfg.integer_answers and isinstance(value, Fraction):
-            fails["#answer is an integer"] = fails.get("#answer is an integer", 0) + 1
+        value = _judge_answer(template, env, cfg, fails)
+        if value is None:
             continue
         key, full_key = _binding_key(bindings), tuple(bindings.items())
         if cfg.distinct and key in seen:
             # numeric values repeat: retry; once that space looks exhausted accept new text
-            # values (names, ...); after as many more tries accept a repeat
+            # values (names, ...); after as many more tries the space is too small
             dup_streak += 1
-            if dup_streak <= cfg.max_duplicate_streak or (
-                    full_key in seen_full and dup_streak <= 2 * cfg.max_duplicate_streak):
+            if dup_streak <= cfg.max_duplicate_streak:
                 continue
+            if full_key in seen_full:
+                if dup_streak <= 2 * cfg.max_duplicate_streak:
+                    continue
+                if not cfg.allow_duplicates:
+                    return _finish(template, n, found, seen_full, fails, tries, cfg, rng, clock,
+                                   "duplicates")
         instance = _make_instance(template, bindings, value, env, cfg)
         found.append(instance)
         seen.add(key)
         seen_full.add(full_key)
         tries = dup_streak = 0
+    _warn_repeats(template, found)
     return found
+
+
+def _warn_repeats(template: Template, found: Sequence[Instance]) -> None:
+    distinct = len({inst.question for inst in found})
+    if distinct < len(found):
+        _log.warning("%s: only %d distinct questions among %d instances (allow_duplicates / "
+                     "distinct=False): identical problems can land in both training and test",
+                     _tag(template), distinct, len(found))
+
+
+class _TooLarge(Exception):
+    """Internal: the space has more draws than ``max_enumerate``."""
+
+
+@dataclass
+class _Census:
+    """What enumerating a template's whole space found."""
+
+    draws: int = 0
+    valid: list[tuple[dict[str, Any], Any, dict[str, Any]]] = field(default_factory=list)
+    fails: dict[str, int] = field(default_factory=dict)
+
+
+def _choices(d: Draw) -> Iterator[tuple[Any, ...]]:
+    items = d.items
+    if d.k is None:
+        return ((x,) for x in items)
+    if d.sequential:
+        return (tuple(items[i:i + d.k]) for i in range(len(items) - d.k + 1))
+    return itertools.permutations(items, d.k)
+
+
+def _enumerate(template: Template, cfg: InstantiateConfig, clock: _Clock,
+               found: int) -> _Census:
+    """Every draw of the template's space (raises ``_TooLarge`` past ``max_enumerate``)."""
+    rng = random.Random(0)
+    domains = _domains(template, rng)
+    _, after = _condition_schedule(template)
+    env = _env({}, rng)
+    census = _Census()
+    seen: set[tuple[Any, ...]] = set()
+    budget = [cfg.max_enumerate]
+
+    def visit(i: int) -> None:
+        if i == len(domains):
+            bindings = {name: env[name] for name in template.variables}
+            value = _judge_answer(template, env, cfg, census.fails)
+            full_key = tuple(bindings.items())
+            if value is not None and full_key not in seen:
+                seen.add(full_key)
+                census.valid.append((bindings, value, dict(env)))
+            return
+        dom = domains[i]
+        d = dom.value if dom.static else _as_draw(dom.line.expr.evaluate(env), dom.line)
+        for combo in _choices(d):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _TooLarge
+            clock.tick(found, census.fails)
+            census.draws += 1
+            for name, value in zip(dom.line.targets, combo):
+                env[name] = value
+            if all(_holds_counted(c, env, census.fails) for c in after[i]):
+                visit(i + 1)
+
+    visit(0)
+    return census
+
+
+def _holds_counted(c: Condition, env: Mapping[str, Any], fails: dict[str, int]) -> bool:
+    if c.expr.holds(env):
+        return True
+    _bump(fails, c.expr.source)
+    return False
+
+
+def _finish(template: Template, n: int, found: list[Instance], seen_full: set[tuple[Any, ...]],
+            fails: dict[str, int], tries: int, cfg: InstantiateConfig, rng: random.Random,
+            clock: _Clock, why: str) -> list[Instance]:
+    """The sampler found no new instance for a long while: enumerate a small space to finish
+    from it, or say exactly why there are not enough instances."""
+    tag = _tag(template)
+    try:
+        census = _enumerate(template, cfg, clock, len(found))
+    except _TooLarge:
+        if why == "tries":
+            raise TemplateError(_exhausted(template, len(found), n, tries, fails) + (
+                f" (The space has more than max_enumerate={cfg.max_enumerate} draws, too many "
+                "to enumerate; raising InstantiateConfig.max_tries may also help.)")) from None
+        raise TemplateError(
+            f"{tag}: found only {len(found)} distinct instances of {n} asked for; the last "
+            f"{2 * cfg.max_duplicate_streak} draws all repeated one of them, so the space looks too "
+            "small (it has more than max_enumerate draws to count exactly). Fix: ask for fewer "
+            "instances (--n-per-template), widen the #init domains, or allow repeats with "
+            "InstantiateConfig(allow_duplicates=True).") from None
+    if not census.valid:
+        raise TemplateError(_empty_message(template, census, len(found), n))
+    new = [v for v in census.valid if tuple(v[0].items()) not in seen_full]
+    missing = n - len(found)
+    if len(new) < missing and not cfg.allow_duplicates:
+        k = len(census.valid)
+        raise TemplateError(
+            f"{tag}: found only {len(found)} of {n} instances: the template's domain is too "
+            f"small: only {k} distinct instance(s) exist (its whole space enumerated, "
+            f"{census.draws} values tried) but {n} were asked for; repeating them would put identical problems "
+            f"in both the training and the test split. Fix: ask for at most {k} "
+            f"(--n-per-template {k}), widen the #init domains, or allow repeats with "
+            "InstantiateConfig(allow_duplicates=True).")
+    rng.shuffle(new)
+    picked = new[:missing]
+    while len(picked) < missing:  # allow_duplicates: repeat valid instances
+        picked.append(census.valid[rng.randrange(len(census.valid))])
+    for bindings, value, env in picked:
+        env[RNG_KEY] = rng
+        found.append(_make_instance(template, bindings, value, env, cfg))
+    _warn_repeats(template, found)
+    return found
+
+
+def _empty_message(template: Template, census: _Census, got: int, n: int) -> str:
+    tag = f"{_tag(template)}: found only {got} of {n} instances"
+    non_int = census.fails.get(_NOT_INTEGER, 0)
+    others = {k: v for k, v in census.fails.items() if k != _NOT_INTEGER}
+    if non_int:
+        return (f"{tag}: the space is empty: every one of the {non_int} draws that satisfy the "
+                f"#conditions gives a non-integer #answer `{template.answer.source}`, and "
+                "integer answers are required (GSM8K answers are integers). Fix: change the "
+                "#init domains or #conditions so that #answer is an integer, or allow "
+                "non-integer answers with InstantiateConfig(integer_answers=False) "
+                "(CLI: --non-integer-answers).")
+    return (f"{tag}: the space is empty: no draw (its whole space enumerated, "
+            f"{census.draws} values tried) satisfies every #condition and gives a numeric #answer "
+            f"({_fail_detail(others)}). Fix: widen the #init domains, relax the #conditions or "
+            "correct the #answer expression.")
+
+
+def _fail_detail(fails: Mapping[str, int]) -> str:
+    worst = sorted(fails.items(), key=lambda kv: -kv[1])[:3]
+    return "; ".join(f"`{src}` failed {count} times" if not src.startswith("#answer")
+                     else f"{src} ({count} times)" for src, count in worst) or "no failures"
 
 
 def _make_instance(template: Template, bindings: dict[str, Any], value: Any,
@@ -559,11 +838,9 @@ def _make_instance(template: Template, bindings: dict[str, Any], value: Any,
 
 
 def _exhausted(template: Template, got: int, n: int, tries: int, fails: Mapping[str, int]) -> str:
-    worst = sorted(fails.items(), key=lambda kv: -kv[1])[:3]
-    detail = "; ".join(f"`{src}` failed {count} times" for src, count in worst) or "no failures?"
-    return (f"template {template.id}: found only {got} of {n} instances; {tries} draws in a row "
-            f"gave no new valid instance ({detail}). Widen the #init domains or relax the "
-            "#conditions, or ask for fewer instances.")
+    return (f"{_tag(template)}: found only {got} of {n} instances: the sampler ran out of tries "
+            f"({tries} draws in a row gave no new valid instance: {_fail_detail(fails)}). Widen "
+            "the #init domains or relax the #conditions, or ask for fewer instances.")
 
 
 def instantiate(template: Template, n: int, seed: int, *, source: str = "sym",
