@@ -55,6 +55,13 @@ def add_data_args(parser: argparse.ArgumentParser, *, default_split: str = "test
                    help="instances generated per template (template sources only)")
     g.add_argument("--hub-split", default="test", metavar="NAME",
                    help="split of a hub data set to download (e.g. openai/gsm8k's 'test')")
+    g.add_argument("--skip-bad-templates", action="store_true",
+                   help="template folders: leave out templates that cannot be parsed or "
+                        "instantiated (each reported on stderr with its reason) instead of stopping "
+                        "at the first")
+    g.add_argument("--non-integer-answers", action="store_true",
+                   help="templates: also accept instances whose #answer is not an integer (GSM8K "
+                        "answers are integers, so by default such draws are rejected)")
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -116,10 +123,24 @@ def load_problems_from_args(args: argparse.Namespace) -> list:
     """The problems of ``args.split`` of ``args.data`` (see :func:`add_data_args`)."""
     from cca_fast import data
 
+    import sys
+
     check_positive("--n-per-template", args.n_per_template)
     check_positive("--limit", args.limit, allow_none=True)
+    skipped: list[str] = []
+
+    def report(where: str, reason: str) -> None:
+        skipped.append(where)
+        print(f"cca: skipped bad template {where}: {reason}", file=sys.stderr)
+
+    config = data.InstantiateConfig(integer_answers=not getattr(args, "non_integer_answers", False))
     problems = data.load_problems(args.data, n_per_template=args.n_per_template, seed=args.seed,
-                                  split=args.hub_split)
+                                  split=args.hub_split, instantiate_config=config,
+                                  skip_bad_templates=getattr(args, "skip_bad_templates", False),
+                                  on_skip=report)
+    if skipped:
+        print(f"cca: skipped {len(skipped)} bad template(s) of {args.data}; loaded the rest",
+              file=sys.stderr)
     if args.split != "all":
         splits = data.split_problems(problems, seed=args.seed)
         problems = list(getattr(splits, args.split))

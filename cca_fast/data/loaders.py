@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import tempfile
@@ -20,9 +22,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
-from cca_fast.errors import DataError
+from cca_fast.errors import CCAError, DataError
 from cca_fast.data.problem import Problem
-from cca_fast.data.templates import InstantiateConfig, instantiate, load_template, load_template_dir
+from cca_fast.data.templates import (SKIP_HINT, InstantiateConfig, SkipReport, instantiate, load_template,
+                                     load_template_dir)
+
+_log = logging.getLogger("cca_fast.data")
 
 #: Folder of the package's own templates.
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent / "builtin" / "templates"
@@ -30,19 +35,65 @@ BUILTIN_TEMPLATES = Path(__file__).resolve().parent / "builtin" / "templates"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _KNOWN_HUB_CONFIGS = MappingProxyType({"openai/gsm8k": "main", "gsm8k": "main",
                                        "apple/GSM-Symbolic": "main"})
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+#: A GSM8K gold: an integer or a decimal, optional thousands commas, an optional ``$`` and sign.
+_GOLD_TEXT = re.compile(r"(-?)\$?(-?)((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
+_GOLD_FORMS = "an integer or a decimal such as 42, -3.5, 1,000 or $40"
+
+
+def parse_gold(text: str, where: str, what: str = "the gold answer") -> float:
+    """A gold answer written as text, read strictly (GSM8K golds are integers or decimals,
+    optionally with thousands commas and a ``$``).
+
+    Fractions (``3/4``), exponents (``1e3``), ``nan`` / ``inf`` and trailing words are refused
+    rather than half-read: ``3/4`` is not a GSM8K gold (answers are compared as exact floats,
+    which cannot hold 1/3), so write it as a decimal (``0.75``).
+
+    Raises:
+        DataError: naming ``where``, the text, what is wrong and the accepted forms.
+    """
+    t = text.strip()
+    m = _GOLD_TEXT.fullmatch(t)
+    if m and not (m.group(1) and m.group(2)):
+        return float(("-" if m.group(1) or m.group(2) else "") + m.group(3).replace(",", ""))
+    low = t.lower()
+    if re.fullmatch(r"[-+]?\$?\s*\d+\s*/\s*\d+", t):
+        why = ("a fraction; GSM8K golds are integers or decimals and are compared as exact "
+               "floats: write it as a decimal (3/4 -> 0.75)")
+    elif re.fullmatch(r"[-+]?\$?[\d,.]+e[-+]?\d+", low):
+        why = "scientific notation; write the number out in full (1e3 -> 1000)"
+    elif low.lstrip("+-") in ("nan", "inf", "infinity"):
+        why = "not a finite number"
+    elif not t:
+        why = "empty"
+    else:
+        why = "not a plain number (extra text, units or a malformed number)"
+    raise DataError(f"{where}: {what} is not a number: {t[:40]!r} is {why}. A gold must be "
+                    f"{_GOLD_FORMS}; fix the data file.")
 
 
 def gold_from_answer(answer: str, where: str) -> float:
-    """The number after the last ``####`` of a GSM8K answer (commas and ``$`` dropped)."""
+    """The number after the last ``####`` of a GSM8K answer, read strictly (:func:`parse_gold`)."""
     if not isinstance(answer, str) or "####" not in answer:
         raise DataError(f"{where}: the answer has no final '#### N' line; GSM8K answers end with "
                         "'#### <number>' (or give a numeric 'gold' field)")
-    tail = answer.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "")
-    m = _NUMBER.fullmatch(tail) or _NUMBER.match(tail)
-    if not m:
-        raise DataError(f"{where}: the text after '####' is not a number: {tail[:40]!r}")
-    return float(m.group(0))
+    return parse_gold(answer.rsplit("####", 1)[1], where, "the text after '####'")
+
+
+def gold_from_field(value: Any, where: str) -> float:
+    """A ``gold`` field: a finite JSON number, or text read by :func:`parse_gold`; ``true`` /
+    ``false``, ``NaN``, ``Infinity`` and other types are refused."""
+    if isinstance(value, bool):
+        raise DataError(f"{where}: 'gold' is not a number: {str(value).lower()} is a boolean. A "
+                        f"gold must be {_GOLD_FORMS}; fix the data file.")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise DataError(f"{where}: 'gold' is not a number: {value} is not finite. A gold must "
+                            f"be {_GOLD_FORMS}; fix the data file.")
+        return float(value)
+    if isinstance(value, str):
+        return parse_gold(value, where, "'gold'")
+    raise DataError(f"{where}: 'gold' is not a number: {type(value).__name__} "
+                    f"{str(value)[:40]!r}. A gold must be {_GOLD_FORMS}; fix the data file.")
 
 
 def problem_from_record(rec: Mapping[str, Any], *, default_id: str, where: str) -> Problem:
@@ -55,10 +106,7 @@ def problem_from_record(rec: Mapping[str, Any], *, default_id: str, where: str) 
         raise DataError(f"{where}: missing 'question' (need 'question' and 'answer' ending "
                         f"'#### N', or 'question' and 'gold'); fields present: {sorted(rec)}")
     if rec.get("gold") is not None:
-        try:
-            gold = float(rec["gold"])
-        except (TypeError, ValueError):
-            raise DataError(f"{where}: 'gold' is not a number: {rec['gold']!r}") from None
+        gold = gold_from_field(rec["gold"], where)
         answer = rec.get("answer") or ""
         if not isinstance(answer, str):
             raise DataError(f"{where}: 'answer' must be text")
@@ -126,11 +174,41 @@ def _check_ids(problems: Sequence[Problem], where: str) -> None:
         seen.add(prob.id)
 
 
-def _from_templates(templates: Sequence[Any], source: str, n: int, seed: int) -> list[Problem]:
+def _from_templates(templates: Sequence[Any], source: str, n: int, seed: int,
+                    config: InstantiateConfig | None = None, *, skip_bad: bool = False,
+                    on_skip: SkipReport | None = None, folder: bool = False) -> list[Problem]:
     out: list[Problem] = []
-    config = InstantiateConfig()
+    config = config or InstantiateConfig()
+    report = on_skip or _log_skip
     for t in templates:
-        out.extend(instantiate(t, n, seed, source=source, config=config))
+        try:
+            out.extend(instantiate(t, n, seed, source=source, config=config))
+        except DataError:
+            raise
+        except CCAError as e:
+            if skip_bad:
+                report(str(t.path or f"template {t.id}"), str(e))
+                continue
+            if folder:
+                raise type(e)(f"{e}\n({SKIP_HINT})") from None
+            raise
+    return out
+
+
+def _log_skip(where: str, reason: str) -> None:
+    _log.warning("skipped bad template %s: %s", where, reason)
+
+
+def repeated_questions(problems: Sequence[Problem]) -> dict[str, int]:
+    """Per template, how many problems repeat the exact question of an earlier one (such
+    repeats can land in both the training and the test split)."""
+    seen: set[tuple[str, str]] = set()
+    out: dict[str, int] = {}
+    for p in problems:
+        key = (p.template, " ".join(p.question.split()))
+        if key in seen:
+            out[p.template] = out.get(p.template, 0) + 1
+        seen.add(key)
     return out
 
 
@@ -166,7 +244,7 @@ def _records_to_problems(records: Sequence[Mapping[str, Any]], stem: str, where:
     return out
 
 
-def _load_local_file(p: Path, n: int, seed: int) -> list[Problem]:
+def _load_local_file(p: Path, n: int, seed: int, config: InstantiateConfig | None) -> list[Problem]:
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return read_problems_jsonl(p)
@@ -176,7 +254,7 @@ def _load_local_file(p: Path, n: int, seed: int) -> list[Problem]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{p}: not valid JSON ({e})") from None
         if isinstance(head, dict) and "question_annotated" in head:
-            return _from_templates([load_template(p)], p.parent.name or "tmpl", n, seed)
+            return _from_templates([load_template(p)], p.parent.name or "tmpl", n, seed, config)
         if isinstance(head, list):
             return _records_to_problems(head, p.stem, str(p))
         raise DataError(f"{p}: a .json source must be a template object (with "
@@ -209,7 +287,10 @@ def _load_hub(spec: str, split: str) -> list[Problem]:
 
 
 def load_problems(source: str | Path | None = None, *, n_per_template: int = 50, seed: int = 0,
-                  split: str = "test", limit: int | None = None) -> list[Problem]:
+                  split: str = "test", limit: int | None = None,
+                  instantiate_config: InstantiateConfig | None = None,
+                  skip_bad_templates: bool = False,
+                  on_skip: SkipReport | None = None) -> list[Problem]:
     """Load a problem set.
 
     Args:
@@ -220,6 +301,10 @@ def load_problems(source: str | Path | None = None, *, n_per_template: int = 50,
         seed: instantiation seed (template sources only).
         split: split of hub data sets.
         limit: keep only the first ``limit`` problems.
+        instantiate_config: how templates are instantiated (integer answers, budgets, ...).
+        skip_bad_templates: for a template folder, leave out templates that cannot be parsed
+            or instantiated instead of stopping at the first; each is reported to
+            ``on_skip(path, reason)`` (default: a WARNING on logger ``cca_fast.data``).
 
     Returns:
         Problems with unique ids; template sources give ``f"{source}-{template}-{i}"`` ids.
@@ -234,16 +319,21 @@ def load_problems(source: str | Path | None = None, *, n_per_template: int = 50,
         raise DataError(f"limit must be >= 1 (or None for all), got {limit}")
     if source is None or (isinstance(source, str) and source == "builtin"):
         problems = _from_templates(load_template_dir(BUILTIN_TEMPLATES), "builtin",
-                                   n_per_template, seed)
+                                   n_per_template, seed, instantiate_config)
         where = "the built-in templates"
     else:
         text = str(source)
         p = Path(text).expanduser()
         where = text
         if p.is_dir():
-            problems = _from_templates(load_template_dir(p), p.name or "tmpl", n_per_template, seed)
+            templates = load_template_dir(p, skip_bad=skip_bad_templates, on_skip=on_skip)
+            problems = _from_templates(templates, p.name or "tmpl", n_per_template, seed,
+                                       instantiate_config, skip_bad=skip_bad_templates,
+                                       on_skip=on_skip, folder=True)
+            if not problems and skip_bad_templates:
+                raise DataError(f"no usable template in {p}: every template was skipped as bad")
         elif p.is_file():
-            problems = _load_local_file(p, n_per_template, seed)
+            problems = _load_local_file(p, n_per_template, seed, instantiate_config)
         elif isinstance(source, str) and (text.startswith("hf:") or (
                 _HUB_NAME.match(text) and not p.suffix)):
             problems = _load_hub(text, split)
@@ -253,4 +343,10 @@ def load_problems(source: str | Path | None = None, *, n_per_template: int = 50,
     if not problems:
         raise DataError(f"no problems in {where}")
     _check_ids(problems, where)
+    repeats = repeated_questions(problems)
+    if repeats:
+        _log.warning("%s: %d problem(s) repeat the exact question of another problem of the same "
+                     "template (%s); a split can put identical problems in training and test",
+                     where, sum(repeats.values()),
+                     ", ".join(f"{t or '(no template)'}: {k}" for t, k in sorted(repeats.items())[:5]))
     return problems[:limit] if limit is not None else problems

@@ -258,13 +258,17 @@ def is_correct(prediction: float | None, gold: float) -> bool:
 
 
 def gold_from_answer(answer_text: str) -> float:
-    """The number after ``####`` in a GSM8K-style solution (commas and a ``$`` allowed).
+    """The number after the last ``####`` in a GSM8K-style solution, read strictly: an integer
+    or a decimal, optional thousands commas and ``$`` (``#### 3/4``, ``#### 1e3``, ``#### nan``
+    are refused, not half-read; see :func:`cca_fast.data.loaders.parse_gold`).
 
     Raises:
-        DataError: no ``#### N`` in the text.
+        DataError: no ``#### N`` in the text, or ``N`` is not such a number.
     """
-    m = _GOLD_RE.search(answer_text)
-    if not m:
+    from cca_fast.data.loaders import parse_gold  # noqa: PLC0415 - data layer, imported lazily
+
+    if "####" not in answer_text:
         snippet = answer_text[-80:].replace("\n", " ")
         raise DataError(f"no '#### <number>' gold answer in solution text ...{snippet!r}")
-    return float(m.group(1).replace(",", ""))
+    tail = answer_text.rsplit("####", 1)[1]
+    return parse_gold(tail.split("\n", 1)[0], "solution text (after '####')")
