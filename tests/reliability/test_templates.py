@@ -277,3 +277,15 @@ def test_empty_space_is_told_apart_from_an_unlucky_sampler(tmp_path):
                          conditions=["x == 123456"])
     with fast(), pytest.raises(TemplateError, match=r"ran out of tries.*max_enumerate=1000"):
         instantiate_file(big, n=1, max_tries=20, max_enumerate=1000)
+
+
+@pytest.mark.parametrize("init, conditions, where, cause", [
+    (["$x = range(2 ** 100)"], [], r"line 4 \(#init\)", "max_range_len"),
+    (["$x = range(2, 9)", "$y = range(x, 9 ** 9 ** 9)"], [], r"line 5 \(#init\)", "max_int_bits"),
+    (["$x = range(2, 9)"], ["x ** (10 ** 6) > 1"], r"line 7 \(#conditions\)", "max_int_bits"),
+])
+def test_runaway_init_and_condition_lines_are_named(tmp_path, init, conditions, where, cause):
+    path = write_template(tmp_path, "t2", init, "x", conditions=conditions)
+    with fast(), pytest.raises(TemplateError, match=rf"{re.escape(str(path))}: template t2, {where}: .*"
+                                                    rf"exceeds the evaluation budget.*{cause}="):
+        instantiate_file(path)
