@@ -13,6 +13,12 @@ Arithmetic is exact: numbers are ``int`` or :class:`fractions.Fraction` (float l
 float ranges become exact decimals), so ``is_int(0.1 * 30)`` is true and solutions never show
 ``13.999999``. A :class:`Labelled` value (``("twice", 2)``) renders as its text in a question and
 acts as its number in arithmetic and comparisons; ``v[0]`` / ``v[1]`` index it.
+
+Every evaluation is bounded by :class:`EvalLimits` (operations, integer size, list and range
+length, syntax-tree depth, ``round`` digits; set with :func:`eval_limits`): a runaway expression
+is a :class:`~cca_fast.errors.TemplateError` naming the line, the limit and the fix, never a
+``RecursionError`` / ``OverflowError`` or hours of work. The limits in force are module state
+(one evaluation at a time per process; not thread-safe).
 """
 from __future__ import annotations
 

@@ -12,6 +12,12 @@ Each ``#init`` right-hand side is the variable's *domain* (``range(..)``, a list
 value per variable with a :class:`random.Random` derived from ``(seed, template id)`` and keeps
 draws that satisfy every condition (rejection sampling; each condition is tested as soon as its
 variables are drawn). All arithmetic is exact (see :mod:`cca_fast.data.safe_eval`).
+
+The engine is bounded: each evaluation runs under :class:`~cca_fast.data.safe_eval.EvalLimits`
+and each template under ``InstantiateConfig.max_seconds`` (with progress lines for slow ones);
+when the sampler runs out of tries a small space is enumerated, so an error can say whether the
+space is empty (e.g. ``#answer`` never an integer), too small for ``n`` distinct instances, or
+just too large to search.
 """
 from __future__ import annotations
 
@@ -115,8 +121,9 @@ class InstantiateConfig:
         integer_answers: also require the ``#answer`` to be an integer (GSM8K answers are).
         distinct: reject draws whose numeric bindings repeat an earlier instance ...
         max_duplicate_streak: ... until this many repeats in a row (the numeric space looks
-            exhausted); then accept draws whose text values differ, and after as many more
-            repeats accept anything.
+            exhausted); then accept draws whose text values differ; after as many more
+            repeats the space is too small: it is enumerated when small enough, else a
+            ``TemplateError`` says so (identical instances are never repeated silently).
         answer_mismatch: what to do when the solution's ``#### {expr}`` disagrees with
             ``#answer`` (an upstream template bug, e.g. GSM-Symbolic 0062): ``"use_solution"``
             (gold = the solution's number, which is what the text derives; the instance's
