@@ -17,8 +17,8 @@ acts as its number in arithmetic and comparisons; ``v[0]`` / ``v[1]`` index it.
 Every evaluation is bounded by :class:`EvalLimits` (operations, integer size, list and range
 length, syntax-tree depth, ``round`` digits; set with :func:`eval_limits`): a runaway expression
 is a :class:`~cca_fast.errors.TemplateError` naming the line, the limit and the fix, never a
-``RecursionError`` / ``OverflowError`` or hours of work. The limits in force are module state
-(one evaluation at a time per process; not thread-safe).
+``RecursionError`` / ``OverflowError`` or hours of work. The limits in force are per thread
+(set for a block with :func:`eval_limits`, like ``decimal``'s local context).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import ast
 import math
 import random
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from fractions import Fraction
@@ -82,11 +83,13 @@ class EvalLimits:
                 raise TemplateError(f"EvalLimits.{f.name} must be a positive integer, got {v!r}")
 
 
-class _State:
-    """The limits in force and the operations spent by the evaluation under way."""
+class _State(threading.local):
+    """The limits in force and the operations spent by the evaluation under way, per thread (like
+    ``decimal``'s context: :func:`eval_limits` sets them for a block of one thread only)."""
 
-    limits = EvalLimits()
-    ops = 0
+    def __init__(self) -> None:
+        self.limits = EvalLimits()
+        self.ops = 0
 
 
 _STATE = _State()
