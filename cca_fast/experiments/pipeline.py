@@ -168,21 +168,34 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
             (:meth:`RunConfig.validate`) before anything is written or loaded.
         until: stop after this stage (one of :data:`STAGE_NAMES`).
     """
+    config.validate()
+    if until is not None and until not in STAGE_NAMES:
+        raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(STAGE_NAMES)}")
+    rd = RunDir(config.output, create=False)
+    # a new run's splits are made and checked (empty ones refused) before anything is written
+    pending = None if all(rd.split(s).exists() for s in _stages.SPLITS) else _stages.make_splits(config)
+    rd = RunDir(config.output)
+    return _run_checked(config, rd, until, progress, pending)
+
+
+def _run_checked(config: RunConfig, rd: RunDir, until: str | None, progress: bool, pending) -> RunReport | None:
+    """:func:`run_cca` after the checks that need no model: check the configuration, run the
+    data stage (no model), load the model and run the other stages."""
     import time
 
     from cca_fast.models.loading import load_model
 
-    config.validate()
-    if until is not None and until not in STAGE_NAMES:
-        raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(STAGE_NAMES)}")
-    rd = RunDir(config.output)
     rd.check_config(config)
+    ctx = RunContext(config, rd, progress, pending_splits=pending)
+    first, rest = _stages.STAGES[:1], _stages.STAGES[1:]
+    run_stages(first, ctx)  # empty splits of an older run are refused here, before the model loads
+    if until == first[-1].name:
+        return None
     t = time.perf_counter()
     model, tok = load_model(config.model, dtype=config.dtype, device=config.device,
                             attn_implementation=config.attn_implementation)
     # the exemplars' key/values, computed once per weights (unused by the reference procedure,
     # which shares no prefix); every stage passes it to its generation calls
-    ctx = RunContext(config, rd, progress, model=model, tokenizer=tok, space=ComponentSpace(model),
-                     prefix_cache=PrefixCache())
+    ctx.model, ctx.tokenizer, ctx.space, ctx.prefix_cache = model, tok, ComponentSpace(model), PrefixCache()
     rd.record_seconds("load_model", time.perf_counter() - t)
-    return run_stages(_stages.STAGES, ctx, until=until)
+    return run_stages(rest, ctx, until=until)
