@@ -175,17 +175,21 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
     # a new run's splits are made and checked (empty ones refused) before anything is written
     pending = None if all(rd.split(s).exists() for s in _stages.SPLITS) else _stages.make_splits(config)
     rd = RunDir(config.output)
-    return _run_checked(config, rd, until, progress, pending)
+    with rd.lock():
+        return _run_locked(config, rd, until, progress, pending)
 
 
-def _run_checked(config: RunConfig, rd: RunDir, until: str | None, progress: bool, pending) -> RunReport | None:
-    """:func:`run_cca` after the checks that need no model: check the configuration, run the
-    data stage (no model), load the model and run the other stages."""
+def _run_locked(config: RunConfig, rd: RunDir, until: str | None, progress: bool, pending) -> RunReport | None:
+    """:func:`run_cca` while holding the run directory's lock: check the configuration and the
+    model's identity, run the data stage (no model), load the model and run the other stages."""
     import time
 
+    from cca_fast.models.identity import model_identity
     from cca_fast.models.loading import load_model
 
+    identity = model_identity(config.model)
     rd.check_config(config)
+    rd.check_model_identity(identity)
     ctx = RunContext(config, rd, progress, pending_splits=pending)
     first, rest = _stages.STAGES[:1], _stages.STAGES[1:]
     run_stages(first, ctx)  # empty splits of an older run are refused here, before the model loads
