@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from cca_fast.errors import DataError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
@@ -106,9 +108,14 @@ def _is_json(data: bytes) -> bool:
     return bool(data.strip())
 
 
+class MalformedLineError(DataError, ValueError):
+    """A malformed line in the middle of a JSON Lines file (a ``ValueError`` too, as before)."""
+
+
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[Any]:
     """Records of a JSON Lines file. A torn last line (a write interrupted by a kill) is skipped
-    when ``tolerate_torn_tail``; a malformed line elsewhere raises ``ValueError`` with its number."""
+    when ``tolerate_torn_tail``; a malformed line elsewhere raises :class:`MalformedLineError`
+    with its number and the fix."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
@@ -120,7 +127,11 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> I
         except json.JSONDecodeError as e:
             if tolerate_torn_tail and i == last:
                 return
-            raise ValueError(f"{path}:{i + 1}: malformed JSON line ({e.msg})") from None
+            raise MalformedLineError(
+                f"{path}:{i + 1}: malformed JSON line ({e.msg}) in the middle of the file (a damaged "
+                f"file, not a torn last line); the lines before it are intact: delete line {i + 1} and "
+                "the lines after it (a resumed run recomputes them), or delete the file") from None
+
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:

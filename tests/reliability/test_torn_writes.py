@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import run_argv
 
 from cca_fast.cli.main import main
-from cca_fast.io import append_jsonl, read_jsonl, repair_torn_tail
+from cca_fast.errors import CCAError
+from cca_fast.io import MalformedLineError, append_jsonl, read_jsonl, repair_torn_tail
 
 
 def _ids(path, strict: bool = True) -> list[int]:
@@ -46,7 +49,7 @@ def test_repair_torn_tail(tmp_path):
     assert repair_torn_tail(path) == 4 and _ids(path) == [0]
 
 
-def test_resume_after_a_torn_evaluation_record_loses_nothing(workdir, tmp_path):
+def test_resume_after_a_torn_evaluation_record_loses_nothing(workdir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = run_argv(workdir, out, "--until", "base_eval")
     assert main(argv) == 0
@@ -59,3 +62,18 @@ def test_resume_after_a_torn_evaluation_record_loses_nothing(workdir, tmp_path):
     assert [r["id"] for r in records] == [json.loads(x)["id"] for x in lines]
     assert path.read_bytes() == whole  # byte-identical: every finished record kept
     assert main(argv) == 0  # and a later command still reads it
+    damaged = b"".join(lines[:1]) + lines[1][:20] + b"".join(lines[2:])  # damaged mid-way (an older version)
+    path.write_bytes(damaged)
+    assert main(argv) == 2
+    assert f"{path}:2: malformed JSON line" in capsys.readouterr().err
+    assert path.read_bytes() == damaged  # refused, not rewritten
+
+
+def test_a_file_damaged_mid_way_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b'{"id": 0}\n{"id": 1, "ou{"id": 2}\n{"id": 3}\n')  # as an older version left it
+    with pytest.raises(MalformedLineError) as e:
+        list(read_jsonl(path))
+    assert isinstance(e.value, CCAError) and isinstance(e.value, ValueError)
+    assert f"{path}:2: malformed JSON line" in str(e.value)  # where
+    assert "delete line 2 and the lines after it" in str(e.value)  # the fix
