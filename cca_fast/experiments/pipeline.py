@@ -1,8 +1,11 @@
 """``cca run``: every stage of CCA end to end, resumable from a run directory.
 
-:func:`run_cca` checks the :class:`~cca_fast.experiments.config.RunConfig`, writes (or checks)
-``config.json``, loads the model and runs the stages of :mod:`cca_fast.experiments.stages` in
-order; a stage whose outputs are complete is read back, not recomputed. The files are named by
+:func:`run_cca` checks the :class:`~cca_fast.experiments.config.RunConfig` and, for a new run,
+its data splits (an empty one is refused), takes the run directory's lock (one writer), writes (or
+checks) ``config.json`` and the identity of the weights behind ``--model``
+(``model_identity.json``), runs the data stage, loads the model and runs the other stages of
+:mod:`cca_fast.experiments.stages` in order; a stage whose outputs are complete is read back,
+not recomputed. The files are named by
 :class:`~cca_fast.experiments.rundir.RunDir` (see its module for the layout).
 
 The helpers below are the stages' building blocks (resumable evaluation, the training set, the
@@ -167,6 +170,10 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
         config: the run's :class:`RunConfig`; ``config.output`` is the run directory. Checked
             (:meth:`RunConfig.validate`) before anything is written or loaded.
         until: stop after this stage (one of :data:`STAGE_NAMES`).
+
+    Raises:
+        CCAError: a bad configuration, an empty split, a run directory in use by another
+            process, or a resumed run whose configuration or weights changed.
     """
     config.validate()
     if until is not None and until not in STAGE_NAMES:
