@@ -170,3 +170,14 @@ def test_a_study_condition_inherits_the_shared_runs_identity(tmp_path):
     (shared / "model_identity.json").write_text('{"model": "m", "location": "/m", "digest": "abc"}')
     seed_from_shared(shared, tmp_path / "dcm")  # weights changed later are noticed in the condition too
     assert (tmp_path / "dcm" / "model_identity.json").read_text() == (shared / "model_identity.json").read_text()
+
+
+def test_the_default_models_identity_is_its_gguf_file():
+    from cca_fast.models.loading import default_gguf_path
+
+    try:
+        gguf = default_gguf_path()
+    except CCAError:
+        pytest.skip("the embedded default model is not installed")
+    ident = model_identity(None)
+    assert ident == model_identity("default") and ident["location"] == str(gguf) and len(ident["digest"]) == 64
