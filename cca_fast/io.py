@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from cca_fast.errors import DataError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
@@ -46,18 +48,74 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
-    """Append one JSON line and make it durable before returning."""
+    """Append one JSON line and make it durable before returning. A torn last line (left by a
+    kill or a full disk) is repaired first (:func:`repair_torn_tail`), so that a record is never
+    appended after a fragment."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False, default=_default) + "\n")
+    line = (json.dumps(record, ensure_ascii=False, default=_default) + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
+        _repair_tail(f)
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
+def repair_torn_tail(path: str | os.PathLike) -> int:
+    """Make the JSON Lines file ``path`` end at a whole line: a torn last line (no final newline)
+    is cut off, or, when it is a whole JSON value that only lacks its newline, completed.
+    Returns the number of bytes cut off (0 when the file was whole or is missing)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        return _repair_tail(f)
+
+
+def _repair_tail(f: Any, block: int = 1 << 16) -> int:
+    """:func:`repair_torn_tail` on an open binary file (read + write); reads only the tail."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return 0
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return 0
+    start, tail = size, b""
+    while start > 0 and b"\n" not in tail:
+        step = min(block, start)
+        start -= step
+        f.seek(start)
+        tail = f.read(step) + tail
+    cut = start + tail.rfind(b"\n") + 1  # 0 when the file holds no newline at all
+    fragment = tail[tail.rfind(b"\n") + 1:]
+    if _is_json(fragment):
+        f.seek(size)
+        f.write(b"\n")
+        return 0
+    f.truncate(cut)
+    f.flush()
+    os.fsync(f.fileno())
+    f.seek(cut)
+    return size - cut
+
+
+def _is_json(data: bytes) -> bool:
+    """Whether ``data`` is one whole JSON value (a finished record that only lacks its newline)."""
+    try:
+        json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return bool(data.strip())
+
+
+class MalformedLineError(DataError, ValueError):
+    """A malformed line in the middle of a JSON Lines file (a ``ValueError`` too, as before)."""
+
+
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[Any]:
     """Records of a JSON Lines file. A torn last line (a write interrupted by a kill) is skipped
-    when ``tolerate_torn_tail``; a malformed line elsewhere raises ``ValueError`` with its number."""
+    when ``tolerate_torn_tail``; a malformed line elsewhere raises :class:`MalformedLineError`
+    with its number and the fix."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
@@ -69,7 +127,11 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> I
         except json.JSONDecodeError as e:
             if tolerate_torn_tail and i == last:
                 return
-            raise ValueError(f"{path}:{i + 1}: malformed JSON line ({e.msg})") from None
+            raise MalformedLineError(
+                f"{path}:{i + 1}: malformed JSON line ({e.msg}) in the middle of the file (a damaged "
+                f"file, not a torn last line); the lines before it are intact: delete line {i + 1} and "
+                "the lines after it (a resumed run recomputes them), or delete the file") from None
+
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:

@@ -239,3 +239,12 @@ def run_config(d: Path, out: Path, **kw) -> RunConfig:
                dcm=DCMConfig(epochs=4, lambda_l1=0.01), update=UpdateConfig(max_steps=4, lr=1e-2))
     cfg.update(kw)
     return RunConfig(**cfg)
+
+
+def run_argv(d: Path, out: Path, *extra: str) -> list[str]:
+    """``cca run`` arguments of the pipeline tests' small run (the flags of :func:`run_config`) of
+    the tiny model in ``d`` (:func:`make_pipeline_workdir`), written to ``out``; ``extra`` appended."""
+    return ["run", "--model", str(d / "model"), "--dtype", "float32", "--device", "cpu", "--data",
+            str(d / "data.jsonl"), "--shots", str(d / "shots.json"), "--n-shots", "1", "--weak-threshold", "1.01",
+            "--max-train-problems", "0", "--max-new-tokens", "12", "--batch-size", "8", "--dcm-epochs", "4",
+            "--dcm-lambda", "0.01", "--update-steps", "4", "--lr", "1e-2", "--output", str(out), "--quiet", *extra]

@@ -1,8 +1,11 @@
 """``cca run``: every stage of CCA end to end, resumable from a run directory.
 
-:func:`run_cca` checks the :class:`~cca_fast.experiments.config.RunConfig`, writes (or checks)
-``config.json``, loads the model and runs the stages of :mod:`cca_fast.experiments.stages` in
-order; a stage whose outputs are complete is read back, not recomputed. The files are named by
+:func:`run_cca` checks the :class:`~cca_fast.experiments.config.RunConfig` and, for a new run,
+its data splits (an empty one is refused), takes the run directory's lock (one writer), writes (or
+checks) ``config.json`` and the identity of the weights behind ``--model``
+(``model_identity.json``), runs the data stage, loads the model and runs the other stages of
+:mod:`cca_fast.experiments.stages` in order; a stage whose outputs are complete is read back,
+not recomputed. The files are named by
 :class:`~cca_fast.experiments.rundir.RunDir` (see its module for the layout).
 
 The helpers below are the stages' building blocks (resumable evaluation, the training set, the
@@ -167,22 +170,43 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
         config: the run's :class:`RunConfig`; ``config.output`` is the run directory. Checked
             (:meth:`RunConfig.validate`) before anything is written or loaded.
         until: stop after this stage (one of :data:`STAGE_NAMES`).
+
+    Raises:
+        CCAError: a bad configuration, an empty split, a run directory in use by another
+            process, or a resumed run whose configuration or weights changed.
     """
-    import time
-
-    from cca_fast.models.loading import load_model
-
     config.validate()
     if until is not None and until not in STAGE_NAMES:
         raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(STAGE_NAMES)}")
+    rd = RunDir(config.output, create=False)
+    # a new run's splits are made and checked (empty ones refused) before anything is written
+    pending = None if all(rd.split(s).exists() for s in _stages.SPLITS) else _stages.make_splits(config)
     rd = RunDir(config.output)
+    with rd.lock():
+        return _run_locked(config, rd, until, progress, pending)
+
+
+def _run_locked(config: RunConfig, rd: RunDir, until: str | None, progress: bool, pending) -> RunReport | None:
+    """:func:`run_cca` while holding the run directory's lock: check the configuration and the
+    model's identity, run the data stage (no model), load the model and run the other stages."""
+    import time
+
+    from cca_fast.models.identity import model_identity
+    from cca_fast.models.loading import load_model
+
+    identity = model_identity(config.model)
     rd.check_config(config)
+    rd.check_model_identity(identity)
+    ctx = RunContext(config, rd, progress, pending_splits=pending)
+    first, rest = _stages.STAGES[:1], _stages.STAGES[1:]
+    run_stages(first, ctx)  # empty splits of an older run are refused here, before the model loads
+    if until == first[-1].name:
+        return None
     t = time.perf_counter()
     model, tok = load_model(config.model, dtype=config.dtype, device=config.device,
                             attn_implementation=config.attn_implementation)
     # the exemplars' key/values, computed once per weights (unused by the reference procedure,
     # which shares no prefix); every stage passes it to its generation calls
-    ctx = RunContext(config, rd, progress, model=model, tokenizer=tok, space=ComponentSpace(model),
-                     prefix_cache=PrefixCache())
+    ctx.model, ctx.tokenizer, ctx.space, ctx.prefix_cache = model, tok, ComponentSpace(model), PrefixCache()
     rd.record_seconds("load_model", time.perf_counter() - t)
-    return run_stages(_stages.STAGES, ctx, until=until)
+    return run_stages(rest, ctx, until=until)

@@ -15,14 +15,17 @@
 ``eval_cca_test.jsonl``    the updated model (base + delta) on the test split (resumable)
 ``report.json``, ``report.md``, ``components.png``  the report
 ``stages.json``            seconds spent per stage
+``model_identity.json``    the identity of the weights behind ``--model`` (checked on resume)
+``run.lock``               held by the one process writing the run (see :mod:`.lock`)
 =========================  =====================================================================
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from cca_fast.errors import CCAError
+from cca_fast.experiments.lock import LOCK_NAME, dir_lock
 from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json
 
 if TYPE_CHECKING:
@@ -50,6 +53,8 @@ class RunDir:
     REPORT_MD = "report.md"
     COMPONENTS_PNG = "components.png"
     STAGES = "stages.json"
+    MODEL_IDENTITY = "model_identity.json"
+    LOCK = LOCK_NAME
 
     def __init__(self, path: str | Path, *, create: bool = True):
         self.path = Path(path)
@@ -120,6 +125,26 @@ class RunDir:
         from cca_fast.experiments.config import RunConfig
 
         check_or_write_config(self.config, config.to_dict(), RunConfig().to_dict(), str(self.path))
+
+    def lock(self) -> ContextManager[Path]:
+        """Hold ``run.lock`` (one writer per run directory) for a ``with`` block."""
+        return dir_lock(self.path)
+
+    def check_model_identity(self, identity: dict[str, Any]) -> None:
+        """Record ``identity`` (:func:`~cca_fast.models.identity.model_identity`) at the first
+        run; on resume, refuse weights whose digest differs from the recorded one (a digest
+        unknown on either side is not compared, and an unknown recorded one is filled in)."""
+        path = self.path / self.MODEL_IDENTITY
+        old = read_json(path) if path.exists() else {}
+        if old.get("digest") and identity.get("digest") and old["digest"] != identity["digest"]:
+            raise CCAError(
+                f"the weights behind --model changed since {self.path} was started: recorded "
+                f"{old.get('model')} ({old.get('location')}) with identity {old['digest'][:16]}, now "
+                f"{identity.get('model')} ({identity.get('location')}) with identity {identity['digest'][:16]}; "
+                "its finished stages belong to the old weights: use a new --output directory, "
+                f"or delete {self.path} to start over")
+        if not old.get("digest"):
+            atomic_write_json(path, identity)
 
     def read_split(self, split: str) -> list["Problem"]:
         """The problems of ``data/<split>.jsonl``."""

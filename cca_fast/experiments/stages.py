@@ -63,6 +63,7 @@ class RunContext:
     space: Any = None  # ComponentSpace
     prefix_cache: Any = None  # PrefixCache: the exemplars' key/values, once per weights
     model_holds_update: bool = False  # the model in memory holds the (no-mask) update
+    pending_splits: Any = None  # data.splits.Splits made (and checked) before config.json was written
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -203,17 +204,57 @@ class DataStage:
 
         c = ctx.config
         train, val, test = (ctx.rd.read_split(s) for s in SPLITS)
-        return Splits(train, _subset(val, c.max_val_problems, c.seed), _subset(test, c.max_test_problems, c.seed))
+        splits = Splits(train, _subset(val, c.max_val_problems, c.seed), _subset(test, c.max_test_problems, c.seed))
+        check_splits(splits.train, splits.val, splits.test, c)
+        return splits
 
     def run(self, ctx: RunContext) -> Splits:
-        from cca_fast.data import load_problems, split_problems
         from cca_fast.data.loaders import write_problems_jsonl
 
-        c = ctx.config
-        splits = split_problems(load_problems(c.data, n_per_template=c.n_per_template, seed=c.seed), seed=c.seed)
+        splits = ctx.pending_splits if ctx.pending_splits is not None else make_splits(ctx.config)
         for s in SPLITS:
             write_problems_jsonl(getattr(splits, s), ctx.rd.split(s))
         return self.load(ctx)
+
+
+def make_splits(config: RunConfig):
+    """The seeded per-template splits (:class:`cca_fast.data.splits.Splits`) of ``config``'s data,
+    checked by :func:`check_splits` (no model, nothing written)."""
+    from cca_fast.data import load_problems, split_problems
+
+    c = config
+    splits = split_problems(load_problems(c.data, n_per_template=c.n_per_template, seed=c.seed), seed=c.seed)
+    check_splits(splits.train, splits.val, splits.test, config)
+    return splits
+
+
+def min_per_template() -> int:
+    """The fewest instances per template whose split gives every part at least one problem."""
+    from cca_fast.data.splits import split_counts
+
+    return next(n for n in range(1, 10_000) if min(split_counts(n)) > 0)
+
+
+def check_splits(train: Sequence[Problem], val: Sequence[Problem], test: Sequence[Problem],
+                 config: RunConfig) -> None:
+    """Refuse an empty split: an empty validation split scores 0.0 at every update step (every
+    update is discarded), an empty test split reports 0.0% vs 0.0%, an empty training split
+    gives stage 1 nothing. The message names the split, the counts and the fix."""
+    counts = {"train": len(train), "val": len(val), "test": len(test)}
+    empty = [s for s, n in counts.items() if n == 0]
+    if not empty:
+        return
+    from cca_fast.data.splits import PAPER_FRACTIONS
+
+    sizes = ", ".join(f"{s} {n}" for s, n in counts.items())
+    need = min_per_template()
+    percent = "/".join(f"{f * 100:g}" for f in PAPER_FRACTIONS)
+    fix = (f"raise --n-per-template to at least {need} (now {config.n_per_template})" if config.data is None
+           else f"give each template of {config.data} at least {need} problems (or use --n-per-template "
+                f">= {need} for a template folder)")
+    raise CCAError(f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty ({sizes} "
+                   f"problems): each template is split {percent}% "
+                   f"into train/val/test, so small templates leave a split without problems; {fix}")
 
 
 class BaseEvalStage:

@@ -34,6 +34,7 @@ from cca_fast.experiments import config_io
 from cca_fast.experiments.config import SELECTORS, GenerationSettings, RunConfig
 from cca_fast.experiments.pipeline import run_cca
 from cca_fast.experiments.report import RunReport
+from cca_fast.experiments.lock import dir_lock
 from cca_fast.experiments.rundir import RunDir
 from cca_fast.experiments.stages import DataStage, RunContext, outputs_through
 from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json
@@ -170,7 +171,7 @@ class StudyConfig:
 def seed_from_shared(shared: Path, target: Path) -> None:
     """Copy the shared stages' files into a condition's run directory (each atomically; files
     already there are kept), and their seconds into its ``stages.json`` so its report counts them."""
-    for rel in SHARED_FILES:
+    for rel in SHARED_FILES + (RunDir.MODEL_IDENTITY,):  # the identity: a changed model is noticed
         src, dst = shared / rel, target / rel
         if dst.exists() or not src.exists():
             continue
@@ -189,11 +190,18 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
 
     Returns the ``study.json`` dict (see :func:`cca_fast.experiments.study_report.build_study`).
     """
-    from cca_fast.experiments.study_report import build_study, write_study
-
     config.validate()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
+    with dir_lock(out):
+        return _run_study_locked(config, out, progress)
+
+
+def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """:func:`run_study` while holding the study directory's lock (each condition's run
+    directory is locked by :func:`run_cca` in turn)."""
+    from cca_fast.experiments.study_report import build_study, write_study
+
     check_or_write_config(out / "study_config.json", config.to_dict(), StudyConfig().to_dict(), f"{out} (a study)")
     phases = out / "phases.json"
     say: Callable[[str], None] = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
