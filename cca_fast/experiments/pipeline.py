@@ -172,17 +172,26 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
 
     from cca_fast.models.loading import load_model
 
+    from cca_fast.io import check_writable_dir
+
+    # every check comes before config.json is written: a refused command leaves nothing behind
+    # that would refuse the corrected one (values, then the files the run reads, then the folder)
     config.validate()
     if until is not None and until not in STAGE_NAMES:
         raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(STAGE_NAMES)}")
+    config.check_inputs()
+    check_writable_dir(config.output, "--output")
     rd = RunDir(config.output)
-    rd.check_config(config)
+    rd.check_config(config, write=False)  # a resumed run with another configuration: refused before the load
     t = time.perf_counter()
     model, tok = load_model(config.model, dtype=config.dtype, device=config.device,
                             attn_implementation=config.attn_implementation)
+    space = ComponentSpace(model)
+    config.check_model_size(space.total)
+    rd.check_config(config)
     # the exemplars' key/values, computed once per weights (unused by the reference procedure,
     # which shares no prefix); every stage passes it to its generation calls
-    ctx = RunContext(config, rd, progress, model=model, tokenizer=tok, space=ComponentSpace(model),
+    ctx = RunContext(config, rd, progress, model=model, tokenizer=tok, space=space,
                      prefix_cache=PrefixCache())
     rd.record_seconds("load_model", time.perf_counter() - t)
     return run_stages(_stages.STAGES, ctx, until=until)

@@ -192,6 +192,7 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
     from cca_fast.experiments.study_report import build_study, write_study
 
     config.validate()
+    config.run.check_inputs()  # the model name and the exemplar file, before study_config.json is written
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_config(out / "study_config.json", config.to_dict(), StudyConfig().to_dict(), f"{out} (a study)")
