@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--batch-size", args.batch_size)
     check_positive("--n-boot", args.n_boot)
     _check_output(args.output)
+    from cca_fast.models.loading import check_model_name
+
+    check_model_name(args.model)
     config = SuiteConfig(data_root=str(resolve_data_root(args.side_data)), suites=args.suites,
                          mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, ppl_limit=args.ppl_limit,
                          mmlu_shots=args.mmlu_shots, truthfulqa_preamble=not args.no_truthfulqa_preamble,

@@ -203,6 +203,16 @@ def test_eval_output_not_writable(workdir, tmp_path, capsys, no_load):
         assert "--output" in err and str(output) in err and "is a file" in err
 
 
+def test_eval_and_side_effects_missing_model_refused_before_load(workdir, tmp_path, capsys, no_load):
+    missing = str(tmp_path / "no" / "such" / "model")
+    err = refused(["eval", "--model", missing, "--data", str(workdir / "data.jsonl"),
+                   "--output", str(tmp_path / "e"), "--quiet"], capsys)
+    assert "--model" in err and "not found" in err
+    err = refused(["side-effects", "--model", missing, "--side-data", str(tmp_path),
+                   "--output", str(tmp_path / "se.json"), "--quiet"], capsys)
+    assert "--model" in err and "not found" in err
+
+
 @pytest.mark.skipif(ROOT, reason="root writes into read-only folders")
 def test_eval_output_read_only(workdir, tmp_path, capsys, no_load):
     ro = tmp_path / "ro"
