@@ -348,6 +348,23 @@ def _check_rows(model: nn.Module, delta: SparseDelta) -> dict[str, torch.Tensor]
 
 
 @torch.no_grad()
+def check_fits(model: nn.Module, delta: SparseDelta, *, verify: bool = True) -> None:
+    """The checks :func:`apply_delta` makes before its first write (parameters present, shapes,
+    dtypes, row ranges and, with ``verify``, the base rows' hashes), without writing: raises
+    :class:`CCAError` when the delta does not fit ``model``. For commands that must know that a
+    delta fits before spending time on the base model (``cca side-effects --delta``)."""
+    current = _check_rows(model, delta)
+    if verify:
+        for name, pd in delta.params.items():
+            h = tensor_sha256(current[name])
+            if h != pd.base_sha256:
+                hint = (" (the delta is already applied to this model)" if h == pd.new_sha256 else
+                        f" (it was made for {delta.meta.get('base_model', {}).get('name_or_path') or 'another model'})")
+                raise CCAError(f"this delta was not made for this model: the current rows of {name} differ from "
+                               f"the delta's base rows{hint}")
+
+
+@torch.no_grad()
 def apply_delta(model: nn.Module, delta: SparseDelta, *, verify: bool = True) -> DeltaHandle:
     """Write the delta's new rows into ``model`` (in place) and return a handle to revert it.
 

@@ -154,16 +154,18 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def check_or_write_config(path: str | os.PathLike, new: dict[str, Any], defaults: dict[str, Any], what: str) -> None:
+def check_or_write_config(path: str | os.PathLike, new: dict[str, Any], defaults: dict[str, Any], what: str,
+                          *, write: bool = True) -> None:
     """Write the configuration ``new`` to ``path``, or, when ``path`` exists (a resumed run), check
     that it holds the same one. Nested dicts (nested configurations) are compared key by key and
     differences named by their dotted path (``dcm.epochs``). A key the saved file lacks (a field
     added since) counts at its value in ``defaults``; the top-level ``output`` may differ. ``what``
-    names the directory in the error."""
+    names the directory in the error. ``write=False``: only the check (nothing is written)."""
     from cca_fast.errors import CCAError
 
     if not Path(path).exists():
-        atomic_write_json(path, new)
+        if write:
+            atomic_write_json(path, new)
         return
     old, new_flat, default_flat = _flatten(read_json(path)), _flatten(new), _flatten(defaults)
     old = {**{k: default_flat[k] for k in set(default_flat) - set(old)}, **old}
@@ -189,3 +191,30 @@ def add_seconds(path: str | os.PathLike, name: str, seconds: float) -> None:
     d = read_json(path) if Path(path).exists() else {}
     d[name] = round(d.get(name, 0.0) + seconds, 3)
     atomic_write_json(path, d)
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str) -> Path:
+    """Create ``directory`` (with its parents) if needed and check that a file can be written in
+    it (a probe file is written and deleted), before any work whose results go there. Raises
+    :class:`~cca_fast.errors.CCAError` naming ``what`` (e.g. ``"--output"``) and the path when it
+    cannot be: a parent is a file, the path is a file, or the folder is read-only."""
+    from cca_fast.errors import CCAError
+
+    d = Path(directory).expanduser()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".cca-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or str(e)
+        if d.exists() and not d.is_dir():
+            why = "it is a file, not a folder"
+        else:
+            for parent in d.parents:
+                if parent.exists() and not parent.is_dir():
+                    why = f"{parent} is a file, not a folder"
+                    break
+        raise CCAError(f"{what} {d} cannot be written ({why}); choose a writable folder, or fix its "
+                       "permissions, before anything is computed") from None
+    return d

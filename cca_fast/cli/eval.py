@@ -37,8 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from cca_fast.generation.decode import GenerationConfig
     from cca_fast.evaluation.prompting import PromptConfig, paper_stops
 
+    from cca_fast.io import check_writable_dir
+
     check_positive("--batch-size", args.batch_size)
     check_positive("--max-new-tokens", args.max_new_tokens)
+    from cca_fast.models.loading import check_model_name
+
+    check_writable_dir(args.output, "--output")  # before the work whose results go there
+    check_model_name(args.model)
     prompt = PromptConfig(mode=args.prompt_mode, exemplars=args.shots, n_shots=args.n_shots)
     prompt.shots()  # read and check the exemplar file before the (slow) model load
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,

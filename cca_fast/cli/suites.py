@@ -78,6 +78,19 @@ def _load(args: argparse.Namespace, meta: dict[str, Any] | None) -> tuple[Any, A
     return load_model(name, dtype=dtype, device=args.device, attn_implementation=args.attn_implementation)
 
 
+def _check_output(output: str) -> None:
+    """``--output`` names a file that can be written: its folder is created and probed before any
+    suite runs (the results of a long run are not lost at the end)."""
+    from cca_fast.errors import CCAError
+    from cca_fast.io import check_writable_dir
+
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise CCAError(f"--output {path} is a folder; --output names the JSON file to write "
+                       f"(e.g. {path / 'side_effects.json'})")
+    check_writable_dir(path.parent, "--output's folder")
+
+
 def _summary(res: dict[str, Any]) -> str:
     parts = []
     for name in ("mmlu", "truthfulqa", "perplexity"):
@@ -96,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         check_positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
     check_positive("--batch-size", args.batch_size)
     check_positive("--n-boot", args.n_boot)
+    _check_output(args.output)
+    from cca_fast.models.loading import check_model_name
+
+    check_model_name(args.model)
     config = SuiteConfig(data_root=str(resolve_data_root(args.side_data)), suites=args.suites,
                          mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, ppl_limit=args.ppl_limit,
                          mmlu_shots=args.mmlu_shots, truthfulqa_preamble=not args.no_truthfulqa_preamble,
@@ -107,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
         delta = SparseDelta.load(args.delta)  # read and check before the (slow) model load
     model, tokenizer = _load(args, delta.meta if delta is not None else None)
+    if delta is not None:
+        from cca_fast.delta import check_fits
+
+        check_fits(model, delta)  # before the "before" suites, not after them
     before = run_suites(model, tokenizer, config)
     if delta is None:
         out: dict[str, Any] = before

@@ -170,6 +170,7 @@ class RunConfig:
         if self.procedure not in PROCEDURES:
             raise CCAError(f"unknown procedure {self.procedure!r} (RunConfig.procedure, --procedure); use 'fast' "
                            "(the default fast paths) or 'reference' (the authors' procedure, for comparisons)")
+        self._check_values()
         if self.selector == "atp-topk" and not self.select_k:
             raise CCAError("selector atp-topk needs RunConfig.select_k (--select-k K)")
         if self.selector == "atp-fraction" and not self.select_fraction:
@@ -185,6 +186,51 @@ class RunConfig:
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name), extra="or None for all (0 on the command line)")
         self.update.check()
+
+    def _check_values(self) -> None:
+        """Ranges of the scalar fields (NaN and infinities refused: see :mod:`cca_fast.checks`)."""
+        from cca_fast import checks
+        from cca_fast.models.loading import DTYPE_NAMES
+
+        checks.integer("RunConfig.select_k", self.select_k, flag="--select-k", allow_none=True,
+                       hint="the number of top-scored components atp-topk keeps")
+        checks.number("RunConfig.select_fraction", self.select_fraction, flag="--select-fraction", lo=0, hi=1,
+                      lo_open=True, allow_none=True,
+                      hint="a fraction of all components, e.g. 0.02 for 2%")
+        checks.integer("RunConfig.select_count", self.select_count, flag="--select-count", allow_none=True,
+                       hint="the number of components the random control draws")
+        checks.number("RunConfig.weak_threshold", self.weak_threshold, flag="--weak-threshold", lo=0,
+                      hint="an accuracy such as 0.8 (above 1: every template gives training examples)")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise CCAError(f"RunConfig.model (--model) must be a hub id, a directory or a .gguf file, got "
+                           f"{self.model!r}; leave it unset (None) for the embedded default model")
+        if self.dtype is not None and (not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPE_NAMES):
+            raise CCAError(f"RunConfig.dtype (--dtype) is an unknown dtype {self.dtype!r}; use one of "
+                           f"{', '.join(DTYPE_NAMES)}, or leave it unset for float32 on CPU and bfloat16 on GPU")
+
+    def check_inputs(self) -> None:
+        """The cheap checks of what the run will read, before anything is written or loaded
+        (:func:`~cca_fast.experiments.pipeline.run_cca` runs them): the model is an existing
+        path or looks like a hub id, the exemplar file exists and parses (and has ``n_shots``
+        exemplars). Raises :class:`CCAError` naming the flag and the fix."""
+        from cca_fast.models.loading import check_model_name
+
+        check_model_name(self.model, flag="--model")
+        try:
+            self.prompt.shots()
+        except CCAError as e:
+            raise type(e)(f"{e} (RunConfig.prompt.exemplars / n_shots: --shots FILE, --n-shots K)") from None
+
+    def check_model_size(self, total: int) -> None:
+        """Refuse a selection larger than the model's ``total`` components (``select_count``,
+        ``select_k``); run as soon as the model is loaded, before stage 1 and before
+        ``config.json`` is written."""
+        for name, flag, selector in (("select_count", "--select-count", "random"),
+                                     ("select_k", "--select-k", "atp-topk")):
+            value = getattr(self, name)
+            if self.selector == selector and value is not None and value > total:
+                raise CCAError(f"RunConfig.{name} ({flag}) is {value} but this model has only {total} components; "
+                               f"pass at most {total} (or a fraction with --select-fraction)")
 
 
 def _positive(name: str, value: Any, *, flag: str | None = "", extra: str = "") -> None:

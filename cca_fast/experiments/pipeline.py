@@ -175,38 +175,37 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
         CCAError: a bad configuration, an empty split, a run directory in use by another
             process, or a resumed run whose configuration or weights changed.
     """
-    config.validate()
-    if until is not None and until not in STAGE_NAMES:
-        raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(STAGE_NAMES)}")
-    rd = RunDir(config.output, create=False)
-    # a new run's splits are made and checked (empty ones refused) before anything is written
-    pending = None if all(rd.split(s).exists() for s in _stages.SPLITS) else _stages.make_splits(config)
-    rd = RunDir(config.output)
-    with rd.lock():
-        return _run_locked(config, rd, until, progress, pending)
-
-
-def _run_locked(config: RunConfig, rd: RunDir, until: str | None, progress: bool, pending) -> RunReport | None:
-    """:func:`run_cca` while holding the run directory's lock: check the configuration and the
-    model's identity, run the data stage (no model), load the model and run the other stages."""
     import time
 
+    from cca_fast.io import check_writable_dir
     from cca_fast.models.identity import model_identity
     from cca_fast.models.loading import load_model
 
-    identity = model_identity(config.model)
-    rd.check_config(config)
-    rd.check_model_identity(identity)
-    ctx = RunContext(config, rd, progress, pending_splits=pending)
-    first, rest = _stages.STAGES[:1], _stages.STAGES[1:]
-    run_stages(first, ctx)  # empty splits of an older run are refused here, before the model loads
-    if until == first[-1].name:
-        return None
-    t = time.perf_counter()
-    model, tok = load_model(config.model, dtype=config.dtype, device=config.device,
-                            attn_implementation=config.attn_implementation)
-    # the exemplars' key/values, computed once per weights (unused by the reference procedure,
-    # which shares no prefix); every stage passes it to its generation calls
-    ctx.model, ctx.tokenizer, ctx.space, ctx.prefix_cache = model, tok, ComponentSpace(model), PrefixCache()
-    rd.record_seconds("load_model", time.perf_counter() - t)
-    return run_stages(rest, ctx, until=until)
+    # every check comes before config.json is written: a refused command leaves nothing behind
+    # that would refuse the corrected one (values, the files the run reads, the folder, the splits)
+    config.validate()
+    if until is not None and until not in STAGE_NAMES:
+        raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(STAGE_NAMES)}")
+    config.check_inputs()
+    check_writable_dir(config.output, "--output")
+    rd = RunDir(config.output, create=False)
+    # a new run's splits are made and checked now; an older run's are read and checked (cheap)
+    pending = None if all(rd.split(s).exists() for s in _stages.SPLITS) else _stages.make_splits(config)
+    if pending is None:
+        _stages.check_splits(*(rd.read_split(s) for s in _stages.SPLITS), config)
+    rd = RunDir(config.output)
+    with rd.lock():
+        rd.check_config(config, write=False)  # another configuration: refused before the load
+        rd.check_model_identity(model_identity(config.model))
+        t = time.perf_counter()
+        model, tok = load_model(config.model, dtype=config.dtype, device=config.device,
+                                attn_implementation=config.attn_implementation)
+        space = ComponentSpace(model)
+        config.check_model_size(space.total)
+        rd.check_config(config)
+        # the exemplars' key/values, computed once per weights (unused by the reference procedure,
+        # which shares no prefix); every stage passes it to its generation calls
+        ctx = RunContext(config, rd, progress, model=model, tokenizer=tok, space=space, prefix_cache=PrefixCache(),
+                         pending_splits=pending)
+        rd.record_seconds("load_model", time.perf_counter() - t)
+        return run_stages(_stages.STAGES, ctx, until=until)

@@ -120,11 +120,12 @@ class RunDir:
         return self.path / self.STAGES
 
     # ---- contents ------------------------------------------------------------------------------
-    def check_config(self, config: "RunConfig") -> None:
-        """Write ``config.json``, or check that a resumed run uses the same configuration."""
+    def check_config(self, config: "RunConfig", *, write: bool = True) -> None:
+        """Write ``config.json``, or check that a resumed run uses the same configuration
+        (``write=False``: only that check)."""
         from cca_fast.experiments.config import RunConfig
 
-        check_or_write_config(self.config, config.to_dict(), RunConfig().to_dict(), str(self.path))
+        check_or_write_config(self.config, config.to_dict(), RunConfig().to_dict(), str(self.path), write=write)
 
     def lock(self) -> ContextManager[Path]:
         """Hold ``run.lock`` (one writer per run directory) for a ``with`` block."""

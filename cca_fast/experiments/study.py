@@ -191,6 +191,7 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
     Returns the ``study.json`` dict (see :func:`cca_fast.experiments.study_report.build_study`).
     """
     config.validate()
+    config.run.check_inputs()  # the model name and the exemplar file, before study_config.json is written
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     with dir_lock(out):

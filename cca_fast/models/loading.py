@@ -15,6 +15,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -32,6 +33,8 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float64": torch.float64, "fp64": torch.float64}
+#: the ``dtype`` names :func:`load_model` accepts (``"auto"``: float32 on CPU, bfloat16 on GPU)
+DTYPE_NAMES = ("auto", *_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,32 @@ def _check_attn(attn: str, device: torch.device) -> str:
 def _looks_like_path(name: str) -> bool:
     """Absolute or explicitly relative paths; ``org/name`` is a hub id."""
     return name.startswith(("/", "./", "../", "~")) or name.count(os.sep) > 1 or os.path.isabs(name)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def check_model_name(name_or_path: str | os.PathLike | None, *, flag: str = "--model") -> None:
+    """The cheap checks of a :func:`load_model` name, before anything is loaded: ``None`` /
+    ``"default"``; an existing ``.gguf`` file; an existing directory with ``config.json``; or a
+    name shaped like a hub id (``owner/name`` or ``name``, not a path). Raises :class:`CCAError`
+    naming ``flag`` and the fix; a hub id is not looked up (that needs the network)."""
+    if name_or_path in (None, "default"):
+        return
+    name = str(name_or_path)
+    fix = ("pass an existing directory written by save_pretrained, a .gguf file, or a hub id such as "
+           "HuggingFaceTB/SmolLM2-135M-Instruct")
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists():
+            raise CCAError(f"{flag} {name}: {p} is not a model directory (no config.json); {fix}")
+        if p.is_file() and p.suffix.lower() != ".gguf":
+            raise CCAError(f"{flag} {name}: {p} is a file but not a .gguf file; {fix}")
+        return
+    if name.lower().endswith(".gguf"):
+        raise CCAError(f"{flag} {name}: GGUF file not found; {fix}")
+    if _looks_like_path(name) or not _HUB_ID.match(name) or ".." in name:
+        raise CCAError(f"{flag} {name}: model path not found (and it is not a hub id); {fix}")
 
 
 def load_model(

@@ -33,6 +33,15 @@ class TraceConfig:
     sample_batch: int = 4  # samples per problem per round; the first flipped one *in order* is kept
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from cca_fast import checks
+
+        checks.integer("TraceConfig.k", self.k, flag="--k")
+        checks.integer("TraceConfig.sample_batch", self.sample_batch)
+        for name in ("temperature_if_correct", "temperature_if_wrong"):
+            checks.number(f"TraceConfig.{name}", getattr(self, name), lo=0, lo_open=True)
+        checks.number("TraceConfig.top_p", self.top_p, lo=0, hi=1, lo_open=True)
+
 
 @dataclass
 class GreedyTrace:

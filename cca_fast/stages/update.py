@@ -102,24 +102,36 @@ class UpdateConfig:
     share_prefix: bool = True
     min_shared_prefix: int = 16
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        """Raise :class:`CCAError` on an invalid setting."""
+        """Raise :class:`CCAError` naming the field (and the ``cca run`` flag) on an invalid
+        setting; run on construction. Floats must be finite (a NaN would also make a saved
+        ``config.json`` differ from itself)."""
+        from cca_fast import checks
+
         if self.optimizer not in ("sgd", "adamw"):
-            raise CCAError(f"update optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+            raise CCAError(f"update optimizer must be 'sgd' or 'adamw', got {self.optimizer!r} "
+                           "(UpdateConfig.optimizer, --optimizer)")
         if self.mode not in ("sparse", "reference"):
-            raise CCAError(f"update mode must be 'sparse' or 'reference', got {self.mode!r}")
+            raise CCAError(f"update mode must be 'sparse' or 'reference', got {self.mode!r} "
+                           "(UpdateConfig.mode, --update-mode)")
         if self.scope not in ("selected", "all"):
-            raise CCAError(f"update scope must be 'selected' or 'all', got {self.scope!r}")
+            raise CCAError(f"UpdateConfig.scope must be 'selected' or 'all', got {self.scope!r}")
         if self.backend not in BACKENDS:
-            raise CCAError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
-        if self.max_steps < 0 or self.batch_size < 1:
-            raise CCAError(f"max_steps must be >= 0 and batch_size >= 1 (got {self.max_steps}, {self.batch_size})")
-        if self.min_shared_prefix < 1:
-            raise CCAError(f"min_shared_prefix must be >= 1, got {self.min_shared_prefix}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise CCAError(f"lr must be a finite number >= 0, got {self.lr}")
-        if min(self.eval_every, self.eval_every_early) < 1 or self.early_steps < 0:
-            raise CCAError("eval_every and eval_every_early must be >= 1, early_steps >= 0")
+            raise CCAError(f"UpdateConfig.backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
+        checks.integer("UpdateConfig.max_steps", self.max_steps, flag="--update-steps", lo=0)
+        checks.integer("UpdateConfig.batch_size", self.batch_size)
+        checks.integer("UpdateConfig.min_shared_prefix", self.min_shared_prefix)
+        checks.number("UpdateConfig.lr", self.lr, flag="--lr", lo=0, lo_open=True,
+                      hint="pass a positive learning rate such as 1e-4 (the paper's)")
+        for name in ("momentum", "dampening", "weight_decay"):
+            checks.number(f"UpdateConfig.{name}", getattr(self, name), lo=0)
+        checks.number("UpdateConfig.eps", self.eps, lo=0, lo_open=True)
+        checks.integer("UpdateConfig.eval_every", self.eval_every)
+        checks.integer("UpdateConfig.eval_every_early", self.eval_every_early)
+        checks.integer("UpdateConfig.early_steps", self.early_steps, lo=0)
         try:
             self.optim_config()
         except KernelError as e:

@@ -94,17 +94,23 @@ class DCMConfig:
     pad_id: int | None = None
 
     def __post_init__(self) -> None:
+        from cca_fast import checks
+
         if self.mode not in MODES:
-            raise CCAError(f"DCMConfig.mode must be one of {MODES}, got {self.mode!r}")
+            raise CCAError(f"DCMConfig.mode (--dcm-mode) must be one of {MODES}, got {self.mode!r}")
         if self.init not in INITS:
             raise CCAError(f"DCMConfig.init must be one of {INITS}, got {self.init!r}")
-        for name in ("epochs", "batch_size", "decay_every"):
-            if int(getattr(self, name)) < 1:
-                raise CCAError(f"DCMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.lambda_l1 < 0 or not 0 < self.lr_decay <= 1:
-            raise CCAError("DCMConfig needs lr > 0, lambda_l1 >= 0 and 0 < lr_decay <= 1")
-        if not 0 <= self.atp_fraction <= 1 or not 0 <= self.atp_low <= 1:
-            raise CCAError("DCMConfig.atp_fraction and atp_low must be in [0, 1]")
+        checks.integer("DCMConfig.epochs", self.epochs, flag="--dcm-epochs")
+        checks.integer("DCMConfig.batch_size", self.batch_size)
+        checks.integer("DCMConfig.decay_every", self.decay_every)
+        checks.number("DCMConfig.lambda_l1", self.lambda_l1, flag="--dcm-lambda", lo=0,
+                      hint="the L1 weight (paper 0.01; 0 = no sparsity pressure)")
+        checks.number("DCMConfig.lr", self.lr, lo=0, lo_open=True, hint="Adam's learning rate (paper 5e-3)")
+        checks.number("DCMConfig.lr_decay", self.lr_decay, lo=0, hi=1, lo_open=True)
+        checks.number("DCMConfig.threshold", self.threshold, lo=0, hi=1)
+        checks.number("DCMConfig.patience_fraction", self.patience_fraction, lo=0)
+        checks.number("DCMConfig.atp_fraction", self.atp_fraction, lo=0, hi=1)
+        checks.number("DCMConfig.atp_low", self.atp_low, lo=0, hi=1)
 
 
 @dataclass
