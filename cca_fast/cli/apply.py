@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     verify = not args.no_verify
     report: dict[str, Any] = {"delta": str(args.delta), "model": getattr(model.config, "_name_or_path", ""),
                               **delta.summary()}
+    if not delta.params:
+        report["note"] = "empty delta: the run kept the base weights, applying it changes nothing"
     if args.revert_check:
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         handle = apply_delta(model, delta, verify=verify)
