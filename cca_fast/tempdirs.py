@@ -32,8 +32,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tempdirs(target: str | os.PathLike) -> list[Path]:
-    """Remove the temporary siblings of ``target`` left by dead processes; returns them."""
+def remove_stale_tempdirs(target: str | os.PathLike, *, any_name: bool = False) -> list[Path]:
+    """Remove the temporary siblings of ``target`` left by dead processes; returns them. With
+    ``any_name``, those of every target in the same folder (a cache of many entries)."""
     target = Path(target)
     removed: list[Path] = []
     try:
@@ -42,18 +43,24 @@ def remove_stale_tempdirs(target: str | os.PathLike) -> list[Path]:
         return removed
     prefix = _prefix(target)
     for e in entries:
-        if not e.name.startswith(prefix) or not e.is_dir():
+        if any_name:
+            if not (e.name.startswith(".") and _TAG in e.name and e.is_dir()):
+                continue
+            pid_text = e.name.rsplit(_TAG, 1)[1].split("-", 1)[0]
+        elif not e.name.startswith(prefix) or not e.is_dir():
             continue
-        pid_text = e.name[len(prefix):].split("-", 1)[0]
+        else:
+            pid_text = e.name[len(prefix):].split("-", 1)[0]
         if pid_text.isdigit() and not _alive(int(pid_text)):
             shutil.rmtree(e, ignore_errors=True)
             removed.append(e)
     return removed
 
 
-def sibling_tempdir(target: str | os.PathLike) -> Path:
-    """A new empty directory beside ``target`` (after removing stale ones of dead processes)."""
+def sibling_tempdir(target: str | os.PathLike, *, any_name: bool = False) -> Path:
+    """A new empty directory beside ``target`` (after removing stale ones of dead processes; see
+    :func:`remove_stale_tempdirs` for ``any_name``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_tempdirs(target)
+    remove_stale_tempdirs(target, any_name=any_name)
     return Path(tempfile.mkdtemp(prefix=f"{_prefix(target)}{os.getpid()}-", dir=target.parent))
