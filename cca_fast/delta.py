@@ -347,7 +347,10 @@ class _Sel:
 
 def content_sha256(config: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``config``'s :data:`CONTENT_KEYS` entries."""
-    covered = {k: config.get(k) for k in CONTENT_KEYS}
+    from cca_fast.io import _default
+
+    # through JSON first: the hash of the config in memory (at save) equals that of the file read back
+    covered = json.loads(json.dumps({k: config.get(k) for k in CONTENT_KEYS}, default=_default))
     text = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
