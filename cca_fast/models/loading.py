@@ -154,10 +154,14 @@ def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
                            "save_pretrained folder)") from None
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)  # the converted weights are plain float32
-        type(model.config).from_dict(cfg).save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops tied copies
-        tok.save_pretrained(tmp)
-        (tmp / "cca_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}, indent=1))
+        try:
+            type(model.config).from_dict(cfg).save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops tied copies
+            tok.save_pretrained(tmp)
+            (tmp / "cca_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}, indent=1))
+        except OSError as e:  # disk full, read-only cache...
+            raise CCAError(f"could not write the converted GGUF model to the cache {target.parent} ({e}); free some "
+                           "space there, or point CCA_FAST_CACHE to another folder") from None
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep theirs

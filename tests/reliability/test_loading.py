@@ -215,3 +215,23 @@ def test_load_model_raises_cca_error_directly(model_dir):
     (model_dir / "model.safetensors").write_bytes(b"\x00" * 3)
     with pytest.raises(CCAError, match="not a valid safetensors file"):
         load_model(str(model_dir), device="cpu")
+
+
+def test_conversion_failing_mid_write_leaves_no_temp_folder(tmp_path, monkeypatch):
+    """Disk full while the converted model is written: a clear error, the cache as it was."""
+    import safetensors.torch
+    import transformers
+
+    cache = tmp_path / "cache"
+    g = _gguf(tmp_path, b"GGUF" + b"\x00" * 60)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: char_tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: make_tiny("llama", dtype=torch.float32))
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    with pytest.raises(CCAError, match="could not write the converted GGUF model.*CCA_FAST_CACHE"):
+        load_model(str(g), device="cpu", cache_dir=cache)
+    assert list((cache / "gguf").iterdir()) == []
