@@ -534,10 +534,7 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
     sibling ``.<name>.tmp-<pid>-*``, then renamed; removed on any failure, and left-overs of a
     killed process are removed by the next merge to the same place). The model keeps the delta
     applied."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise CCAError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
+    out = check_merge_target(out_dir, overwrite=overwrite)
     apply_delta(model, delta, verify=verify)
     from cca_fast.tempdirs import sibling_tempdir
 
@@ -549,10 +546,32 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
         (tmp / "cca_delta.json").write_text(json.dumps(
             {"merged_from": delta.meta.get("base_model"), "summary": delta.summary(),
              "components": delta.meta.get("components")}, indent=1, default=str), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # overwrite: move the old one aside (a stale temp if killed now), then swap
+            old = sibling_tempdir(out)
+            os.replace(out, old / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def check_merge_target(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a merge target that exists and is not an empty directory (unless
+    ``overwrite``) or whose parent is not a writable directory."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not out.is_dir():
+            raise CCAError(f"cannot merge into {out}: it exists and is not a directory; choose another path")
+        if not overwrite:
+            raise CCAError(f"{out} exists and is not empty; choose another directory or pass overwrite=True "
+                           "(`cca apply --overwrite`)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CCAError(f"cannot merge into {out}: {parent} is not a writable directory")
     return out

@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from cca_fast.delta import SparseDelta, apply_delta, bitwise_equal, merge_delta, revert_delta
 
     delta = SparseDelta.load(args.delta)
+    if args.merge:  # before the model is loaded
+        from cca_fast.delta import check_merge_target
+        check_merge_target(args.merge, overwrite=args.overwrite)
     model, tokenizer = _load(args, delta.meta)
     verify = not args.no_verify
     report: dict[str, Any] = {"delta": str(args.delta), "model": getattr(model.config, "_name_or_path", ""),

@@ -293,3 +293,19 @@ def test_failed_merge_leaves_no_temp_folder_and_stale_ones_are_removed(tmp_path,
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "merged"])
     assert (out / "model.safetensors").exists()
+
+
+def test_merge_target_is_checked_before_loading_and_overwrite_swaps(saved, tmp_path, capsys):
+    base_dir, d, delta = saved
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("finished work")
+    # refused before the model is loaded: the (missing) model path is never reached
+    assert main(["apply", str(d), "--model", "./no/such/model", "--merge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "--overwrite" in err and "model path not found" not in err
+    assert (out / "keep.txt").read_text() == "finished work"
+    assert main(["apply", str(d), "--model", str(base_dir), "--device", "cpu", "--merge", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folder left
