@@ -14,8 +14,22 @@ On disk (a directory, written file by file atomically):
   base rows are stored, ``"<param>::base"``;
 * ``delta_config.json``: ``format``, ``format_version``, ``base_model`` (name or path, revision,
   source and file hash when known), ``model_type``, ``dtype``, per parameter ``{dim, shape, dtype,
-  rows, base_sha256, new_sha256}``, ``components``, ``hyperparameters``, ``metrics``, and the
-  SHA-256 of ``delta.safetensors`` (a config never pairs with the wrong tensors file).
+  rows, base_sha256, new_sha256}``, ``components``, ``hyperparameters``, ``metrics``, the
+  SHA-256 of ``delta.safetensors`` (a config never pairs with the wrong tensors file) and
+  ``content_sha256``: the SHA-256 of the canonical JSON (sorted keys, no spaces) of the config's
+  meaningful entries (``format``, ``format_version``, ``model_type``, ``dtype``, ``params``,
+  ``weights_sha256``; listed in ``content_sha256_covers``), so an edited or deleted parameter
+  entry is refused. Descriptive entries (``metrics``, ``components``, ``base_model``...) are not
+  covered: editing them changes nothing that is applied.
+
+Loading verifies a delta as a whole before anything is applied: the content hash, every parameter
+entry's fields and types, tensors of no entry, row indices (integer, in range, strictly
+increasing: no duplicates), the rows' shapes, dtypes, hashes and finiteness (NaN / Inf rows are
+refused). Deltas of format version 1 (cca_fast before the content hash) still load, with every
+structural check but without the content hash; re-save them (``SparseDelta.load(d).save(d)``) to
+add it. A version-2 config without ``content_sha256`` is refused.
+
+An empty delta (no parameter: the run kept the base weights) is valid; applying it is a no-op.
 
 Functions: :func:`apply_delta` -> :class:`DeltaHandle`, :func:`revert_delta`, :func:`merge_delta`
 (apply + ``save_pretrained``). A delta refuses, with a :class:`~cca_fast.errors.CCAError` saying
@@ -29,7 +43,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +54,9 @@ from cca_fast.errors import CCAError
 from cca_fast.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "cca_fast.sparse_delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: config entries covered by ``content_sha256`` (the rest is descriptive)
+CONTENT_KEYS = ("format", "format_version", "model_type", "dtype", "params", "weights_sha256")
 CONFIG_NAME = "delta_config.json"
 WEIGHTS_NAME = "delta.safetensors"
 _SEP = "::"
@@ -54,8 +69,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_from_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
+def _dtype_from_name(name: Any) -> torch.dtype:
+    dt = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dt, torch.dtype):
         raise CCAError(f"unknown dtype {name!r} in delta config")
     return dt
@@ -183,16 +198,35 @@ class SparseDelta:
     def summary(self) -> dict[str, Any]:
         """Counts for reports: parameters, rows, stored elements, largest absolute change."""
         max_change = 0.0
+        non_finite = 0
         for pd in self.params.values():
+            for t in (pd.new, pd.base):
+                if t is not None and t.is_floating_point():
+                    non_finite += int((~torch.isfinite(t)).sum())
             if pd.base is not None and pd.new.numel():
-                max_change = max(max_change, float((pd.new.double() - pd.base.double()).abs().max()))
+                change = float((pd.new.double() - pd.base.double()).abs().max())
+                if change != change or max_change != max_change:  # NaN wins: max() would hide it
+                    max_change = float("nan")
+                else:
+                    max_change = max(max_change, change)
+        if non_finite:
+            max_change = float("nan")
         return {
             "params": len(self.params),
             "rows": sum(pd.n_rows for pd in self.params.values()),
             "elements": sum(pd.new.numel() for pd in self.params.values()),
             "has_base_rows": all(pd.base is not None for pd in self.params.values()),
             "max_abs_change": max_change if all(pd.base is not None for pd in self.params.values()) else None,
+            "non_finite_values": non_finite,
+            "empty": not self.params,
         }
+
+    def validate(self, where: str = "this delta") -> None:
+        """Refuse (:class:`CCAError`) a delta that is not whole: an index that is not a strictly
+        increasing 1-D integer tensor (duplicates), a ``dim`` outside the shape, rows whose shape
+        or dtype do not match, NaN / Inf rows."""
+        for name, pd in self.params.items():
+            _check_param(name, pd, where)
 
     # ---- files -------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
@@ -202,6 +236,7 @@ class SparseDelta:
         d = Path(directory)
         if d.exists() and not d.is_dir():
             raise CCAError(f"cannot save a delta to {d}: it exists and is not a directory")
+        self.validate(f"the delta to save in {d}")
         tensors: dict[str, torch.Tensor] = {}
         for name, pd in self.params.items():
             tensors[f"{name}{_SEP}index"] = pd.index.contiguous()
@@ -215,6 +250,8 @@ class SparseDelta:
                        "params": {n: pd.meta() for n, pd in self.params.items()},
                        "summary": self.summary(),
                        "weights_sha256": hashlib.sha256(blob).hexdigest()})
+        config["content_sha256"] = content_sha256(config)
+        config["content_sha256_covers"] = list(CONTENT_KEYS)
         atomic_write_json(d / CONFIG_NAME, config)
         return d
 
@@ -232,11 +269,25 @@ class SparseDelta:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CCAError(f"{cfg_path} is not valid JSON ({e})") from None
+        fix = "re-create the delta (re-run `cca run`, or SparseDelta.save) instead of editing it"
+        if not isinstance(config, dict):
+            raise CCAError(f"{cfg_path} is not a delta config (a JSON object is expected); {fix}")
         if config.get("format") != FORMAT:
             raise CCAError(f"{cfg_path}: format {config.get('format')!r} is not {FORMAT!r}")
-        if int(config.get("format_version", -1)) > FORMAT_VERSION:
-            raise CCAError(f"{cfg_path}: format version {config.get('format_version')} is newer than this "
+        version = config.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CCAError(f"{cfg_path}: format_version {version!r} is not a positive integer; {fix}")
+        if version > FORMAT_VERSION:
+            raise CCAError(f"{cfg_path}: format version {version} is newer than this "
                            f"cca_fast supports ({FORMAT_VERSION}); upgrade cca_fast")
+        if version >= 2:
+            recorded = config.get("content_sha256")
+            if not isinstance(recorded, str):
+                raise CCAError(f"{cfg_path} has no content_sha256 (format version {version} records one): the config "
+                               f"was edited or truncated; {fix}")
+            if content_sha256(config) != recorded:
+                raise CCAError(f"{cfg_path} was modified after it was saved: its parameter entries (or format, dtype, "
+                               f"model_type, weights_sha256) do not hash to the recorded content_sha256; {fix}")
         blob = w_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != config.get("weights_sha256"):
             raise CCAError(f"{w_path} does not match {cfg_path} (its SHA-256 differs): the files come from "
@@ -245,19 +296,46 @@ class SparseDelta:
             tensors = st_load(blob)
         except Exception as e:  # safetensors raises its own error types
             raise CCAError(f"{w_path} could not be read: {e}") from None
+        entries = config.get("params")
+        if not isinstance(entries, dict):
+            raise CCAError(f"{cfg_path}: 'params' must be an object mapping parameter names to entries, "
+                           f"got {type(entries).__name__}; {fix}")
+        orphans = sorted({k.rsplit(_SEP, 1)[0] for k in tensors} - set(entries))
+        if orphans:
+            raise CCAError(f"{cfg_path} has no entry for parameter {orphans[0]!r}, whose rows are in {w_path}"
+                           f"{f' (and {len(orphans) - 1} more)' if len(orphans) > 1 else ''}: an entry was deleted; "
+                           f"applying the rest would apply the delta only in part; {fix}")
         params: dict[str, ParamDelta] = {}
-        for name, m in config.get("params", {}).items():
+        for name, m in entries.items():
+            where = f"{cfg_path}, parameter {name!r}"
+            if not isinstance(m, dict):
+                raise CCAError(f"{where}: the entry must be an object, got {type(m).__name__}; {fix}")
+            for key, kind in (("dim", int), ("shape", list), ("dtype", str), ("base_sha256", str), ("new_sha256", str)):
+                if key not in m:
+                    raise CCAError(f"{where}: the entry lacks {key!r}; {fix}")
+                if not isinstance(m[key], kind) or isinstance(m[key], bool):
+                    raise CCAError(f"{where}: {key!r} must be {kind.__name__}, got {type(m[key]).__name__}; {fix}")
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m["shape"]):
+                raise CCAError(f"{where}: 'shape' must be a list of non-negative integers, got {m['shape']!r}; {fix}")
             try:
                 idx, new = tensors[f"{name}{_SEP}index"], tensors[f"{name}{_SEP}new"]
             except KeyError:
                 raise CCAError(f"{w_path} lacks the rows of {name}") from None
             base = tensors.get(f"{name}{_SEP}base")
-            pd = ParamDelta(name, int(m["dim"]), idx.long(), new, base, tuple(m["shape"]), _dtype_from_name(m["dtype"]),
+            if m.get("has_base") and base is None:
+                raise CCAError(f"{where}: the entry records base rows but {w_path} has none; {fix}")
+            if "rows" in m and m["rows"] != int(idx.numel()):
+                raise CCAError(f"{where}: the entry records {m['rows']!r} rows but {w_path} holds {idx.numel()}; {fix}")
+            pd = ParamDelta(name, m["dim"], idx, new, base, tuple(m["shape"]), _dtype_from_name(m["dtype"]),
                             m["base_sha256"], m["new_sha256"])
+            _check_param(name, pd, str(d))
+            pd.index = idx.long()
             if tensor_sha256(new) != pd.new_sha256 or (base is not None and tensor_sha256(base) != pd.base_sha256):
                 raise CCAError(f"{w_path}: rows of {name} do not match their recorded hashes")
             params[name] = pd
-        meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "params", "summary", "weights_sha256")}
+        meta = {k: v for k, v in config.items()
+                if k not in ("format", "format_version", "params", "summary", "weights_sha256", "content_sha256",
+                             "content_sha256_covers")}
         return cls(params, meta)
 
 
@@ -265,6 +343,48 @@ class SparseDelta:
 class _Sel:
     dim: int
     index: torch.Tensor
+
+
+def content_sha256(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``config``'s :data:`CONTENT_KEYS` entries."""
+    from cca_fast.io import _default
+
+    # through JSON first: the hash of the config in memory (at save) equals that of the file read back
+    covered = json.loads(json.dumps({k: config.get(k) for k in CONTENT_KEYS}, default=_default))
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_param(name: str, pd: ParamDelta, where: str) -> None:
+    """One parameter's rows are whole (see :meth:`SparseDelta.validate`)."""
+    fix = "re-create the delta"
+    idx = pd.index
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
+        raise CCAError(f"{where}: the row index of {name} must be a 1-D integer tensor, got "
+                       f"{tuple(idx.shape)} {dtype_name(idx.dtype)}; {fix}")
+    if not 0 <= pd.dim < max(len(pd.shape), 1):
+        raise CCAError(f"{where}: 'dim' {pd.dim} of {name} is outside its shape {pd.shape}; {fix}")
+    idx = idx.long()
+    if idx.numel():
+        if bool((idx[1:] <= idx[:-1]).any()):
+            dup = idx[:-1][idx[1:] == idx[:-1]]
+            what = (f"row {int(dup[0])} appears more than once" if dup.numel() else "its row indices are not sorted")
+            raise CCAError(f"{where}: {name}: {what} (a delta lists each row once, in increasing order); {fix}")
+        if int(idx[0]) < 0 or (pd.shape and int(idx[-1]) >= pd.shape[pd.dim]):
+            raise CCAError(f"{where}: rows of {name} are out of range for its shape {pd.shape}; {fix}")
+    expect = list(pd.shape)
+    if expect:
+        expect[pd.dim] = int(idx.numel())
+    for what, t in (("new", pd.new), ("base", pd.base)):
+        if t is None:
+            continue
+        if list(t.shape) != expect or t.dtype != pd.dtype:
+            raise CCAError(f"{where}: the {what} rows of {name} are {tuple(t.shape)} {dtype_name(t.dtype)}, expected "
+                           f"{tuple(expect)} {dtype_name(pd.dtype)}; {fix}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise CCAError(f"{where}: the {what} rows of {name} hold {n} NaN/Inf values; such a delta would break the "
+                           "model (if it came from `cca run`, the update diverged: lower --lr)")
 
 
 def _compact_dim(diff: torch.Tensor) -> int:
@@ -371,6 +491,7 @@ def apply_delta(model: nn.Module, delta: SparseDelta, *, verify: bool = True) ->
     Every check (parameters present, shapes, dtypes and, with ``verify``, the base rows' hashes)
     happens before the first write: a refused delta leaves the model untouched.
     """
+    delta.validate()
     current = _check_rows(model, delta)
     if verify:
         for name, pd in delta.params.items():
@@ -427,14 +548,14 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
                 verify: bool = True, overwrite: bool = False) -> Path:
     """Apply ``delta`` to ``model`` and ``save_pretrained`` the merged model (and ``tokenizer``)
     to ``out_dir``. The directory appears complete or not at all (written to a temporary
-    sibling, then renamed). The model keeps the delta applied."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise CCAError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
+    sibling ``.<name>.tmp-<pid>-*``, then renamed; removed on any failure, and left-overs of a
+    killed process are removed by the next merge to the same place). The model keeps the delta
+    applied."""
+    out = check_merge_target(out_dir, overwrite=overwrite)
     apply_delta(model, delta, verify=verify)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    from cca_fast.tempdirs import sibling_tempdir
+
+    tmp = sibling_tempdir(out)  # also removes the temporary folders of a killed earlier merge
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -442,10 +563,32 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
         (tmp / "cca_delta.json").write_text(json.dumps(
             {"merged_from": delta.meta.get("base_model"), "summary": delta.summary(),
              "components": delta.meta.get("components")}, indent=1, default=str), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # overwrite: move the old one aside (a stale temp if killed now), then swap
+            old = sibling_tempdir(out)
+            os.replace(out, old / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def check_merge_target(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a merge target that exists and is not an empty directory (unless
+    ``overwrite``) or whose parent is not a writable directory."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not out.is_dir():
+            raise CCAError(f"cannot merge into {out}: it exists and is not a directory; choose another path")
+        if not overwrite:
+            raise CCAError(f"{out} exists and is not empty; choose another directory or pass overwrite=True "
+                           "(`cca apply --overwrite`)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CCAError(f"cannot merge into {out}: {parent} is not a writable directory")
     return out

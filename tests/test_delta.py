@@ -80,7 +80,7 @@ def test_save_load_round_trip(tmp_path, dtype):
     out = delta.save(tmp_path / "d")
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporary leftovers
     cfg = json.loads((out / CONFIG_NAME).read_text())
-    assert cfg["format_version"] == 1 and cfg["model_type"] == "llama" and cfg["dtype"] == str(dtype)[6:]
+    assert cfg["format_version"] == 2 and cfg["model_type"] == "llama" and cfg["dtype"] == str(dtype)[6:]
     assert cfg["components"] == delta.meta["components"] and set(cfg["params"]) == set(delta.params)
     loaded = SparseDelta.load(out)
     assert loaded.meta["components"] == delta.meta["components"]

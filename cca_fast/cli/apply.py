@@ -59,10 +59,15 @@ def run(args: argparse.Namespace) -> int:
     from cca_fast.delta import SparseDelta, apply_delta, bitwise_equal, merge_delta, revert_delta
 
     delta = SparseDelta.load(args.delta)
+    if args.merge:  # before the model is loaded
+        from cca_fast.delta import check_merge_target
+        check_merge_target(args.merge, overwrite=args.overwrite)
     model, tokenizer = _load(args, delta.meta)
     verify = not args.no_verify
     report: dict[str, Any] = {"delta": str(args.delta), "model": getattr(model.config, "_name_or_path", ""),
                               **delta.summary()}
+    if not delta.params:
+        report["note"] = "empty delta: the run kept the base weights, applying it changes nothing"
     if args.revert_check:
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         handle = apply_delta(model, delta, verify=verify)

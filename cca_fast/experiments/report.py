@@ -132,6 +132,8 @@ def render_markdown(report: dict[str, Any]) -> str:
            if report.get("cca_accuracy") is not None and report.get("base_accuracy") is not None else "n/a")
         + f" (best update step {report.get('best_step', 'n/a')}, validation accuracy "
         f"{_pct(report.get('best_val_accuracy'))} vs {_pct(report.get('base_val_accuracy'))} at step 0).",
+        *(["", "No update step beat the base on validation: **the base weights are kept** and the delta is empty "
+            "(applying it changes nothing)."] if report.get("best_step") == 0 else []),
         "",
         f"Components selected: {report.get('components_selected', 0)} of {report.get('components_total', 0)} "
         f"({100 * report.get('fraction', 0.0):.3f}%): "

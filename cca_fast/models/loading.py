@@ -6,6 +6,16 @@ takes ~20 s, so the first load converts it once to safetensors in a cache direct
 argument, else ``$CCA_FAST_CACHE``, else ``~/.cache/cca_fast``), keyed by the file's SHA-256;
 later loads read the cache in well under a second.
 
+Loading checks the cheap things first, before transformers is called: the device exists, a path
+that looks like a path exists, a local folder holds ``config.json`` with a ``model_type`` this
+transformers knows (remote code is refused), safetensors weights that are not truncated (a pickle
+``.bin`` is refused: loading one can run arbitrary code), and tokenizer files; a GGUF file starts
+with the GGUF magic; a hub id that is not in the local cache is looked up once with a short timeout
+(``HF_HUB_OFFLINE=1``: at once). Whatever transformers, gguf or safetensors still raise becomes a
+:class:`~cca_fast.errors.CCAError` naming the file and the fix; a corrupt conversion cache names
+the folder to delete. A model whose weights do not fill its config (missing or mismatched tensors)
+is refused instead of being completed with random weights.
+
 Every loaded model gets a ``cca_source`` attribute (:class:`ModelSource`): where it came from and a
 content hash when one is known. Deltas record it so they refuse to apply to another model.
 """
@@ -17,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,13 +83,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> ``cuda`` when available, else ``cpu``."""
+    """``None`` -> ``cuda`` when available, else ``cpu``; a requested accelerator must exist."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise CCAError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver missing, or CUDA_VISIBLE_DEVICES empty?)")
+            raise CCAError(f"device {str(device)!r} requested but CUDA is not available: {why}; "
+                           "use --device cpu, or omit --device to pick CUDA only when there is one")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CCAError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                           f"visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CCAError(f"device {str(device)!r} requested but MPS is not available here; use --device cpu")
+    return dev
 
 
 def default_gguf_path() -> Path:
@@ -121,17 +142,29 @@ def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    from cca_fast.tempdirs import sibling_tempdir
+
+    tmp = sibling_tempdir(target, any_name=True)  # also removes those of killed earlier conversions
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except CCAError:
+            raise
+        except Exception as e:  # gguf / transformers raise many types (ValueError, KeyError, numpy errors...)
+            raise CCAError(f"could not read the GGUF file {gguf}: {_short(e)}; the file is truncated, corrupt or of an "
+                           "architecture transformers cannot de-quantise: download it again (or pass a "
+                           "save_pretrained folder)") from None
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)  # the converted weights are plain float32
-        type(model.config).from_dict(cfg).save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops tied copies
-        tok.save_pretrained(tmp)
-        (tmp / "cca_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}, indent=1))
+        try:
+            type(model.config).from_dict(cfg).save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops tied copies
+            tok.save_pretrained(tmp)
+            (tmp / "cca_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}, indent=1))
+        except OSError as e:  # disk full, read-only cache...
+            raise CCAError(f"could not write the converted GGUF model to the cache {target.parent} ({e}); free some "
+                           "space there, or point CCA_FAST_CACHE to another folder") from None
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep theirs
@@ -141,17 +174,178 @@ def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _check_gguf_file(gguf: Path) -> None:
+    if not gguf.is_file():
+        raise CCAError(f"GGUF file not found: {gguf}" + (" (it is a directory)" if gguf.is_dir() else ""))
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CCAError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes): download it again, "
+                       "or pass a save_pretrained folder or a hub id")
+
+
 def cached_gguf_dir(gguf: Path, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str, bool]:
     """Directory holding the converted ``gguf`` (converting it on first use), its SHA-256, and
-    whether it was already in the cache."""
-    if not gguf.is_file():
-        raise CCAError(f"GGUF file not found: {gguf}")
+    whether it was already in the cache (a cache folder found corrupt is reported with its path)."""
+    _check_gguf_file(gguf)
     sha = file_sha256(gguf)
     target = default_cache_dir(cache_dir) / "gguf" / f"{gguf.stem}-{sha[:16]}"
     hit = (target / "model.safetensors").exists()
-    if not hit:
+    if hit:
+        try:
+            _check_model_dir(target)
+        except CCAError as e:
+            raise _corrupt_cache(target, e) from None
+    else:
+        if target.exists():  # a folder without its weights is not a finished conversion
+            raise _corrupt_cache(target, CCAError("it has no model.safetensors"))
         _convert_gguf(gguf, target, sha)
     return target, sha, hit
+
+
+def _corrupt_cache(target: Path, e: BaseException) -> CCAError:
+    return CCAError(f"the GGUF conversion cache folder {target} is corrupt ({e}): delete that folder "
+                    f"(rm -r '{target}') and run again to convert the GGUF file afresh")
+
+
+# ---------------------------------------------------------------------------------------------
+# cheap checks before transformers is called
+# ---------------------------------------------------------------------------------------------
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "vocab.txt", "tokenizer_config.json")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or whose data is truncated (reads the
+    header only)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, 100 << 20):
+            raise CCAError(f"{path} is not a valid safetensors file (bad header; {size} bytes): it is truncated or "
+                           "corrupt; write or download it again")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise CCAError(f"{path} is not a valid safetensors file (unreadable header): it is truncated or corrupt; "
+                           "write or download it again") from None
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise CCAError(f"{path} is truncated: {size} bytes, its header needs {need}; write or download it again "
+                       "(an interrupted copy or download?)")
+
+
+def _check_model_dir(p: Path, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """A local model folder: config.json readable with a known ``model_type`` (no remote code),
+    safetensors weights present and whole, tokenizer files present. Returns the config."""
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise CCAError(f"{p} is not a model directory (no config.json); pass a directory written by "
+                       "save_pretrained, a .gguf file, or a hub id")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CCAError(f"{cfg_path} is not valid JSON ({e}); write it again with save_pretrained") from None
+    if not isinstance(cfg, dict):
+        raise CCAError(f"{cfg_path} is not a model config (a JSON object is expected)")
+    _check_model_type(cfg, str(cfg_path), trust_remote_code)
+    weights = sorted(p.glob("*.safetensors"))
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CCAError(f"{index} is not a valid shard index ({_short(e)}); write the model again") from None
+        missing = [s for s in shards if not (p / s).is_file()]
+        if missing:
+            raise CCAError(f"{p} lacks the weight shard(s) {', '.join(missing[:3])} listed in {index.name}: "
+                           "the copy is incomplete; copy or download the missing files")
+        weights = [p / s for s in shards]
+    if not weights:
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise CCAError(f"{p} holds only pickle weights ({', '.join(pickles[:3])}): cca_fast refuses them, because "
+                           "loading a pickle can run arbitrary code; it needs safetensors: convert once where you trust "
+                           "the file (AutoModelForCausalLM.from_pretrained(d).save_pretrained(d), which writes "
+                           "model.safetensors)")
+        raise CCAError(f"{p} has no weights (no *.safetensors file): write the model with save_pretrained")
+    for w in weights:
+        check_safetensors_file(w)
+    if not any((p / t).is_file() for t in _TOKENIZER_FILES):
+        raise CCAError(f"{p} has no tokenizer (none of tokenizer.json, tokenizer_config.json, tokenizer.model, "
+                       f"vocab.json): save it next to the model with tokenizer.save_pretrained('{p}')")
+    return cfg
+
+
+def _check_model_type(cfg: dict[str, Any], where: str, trust_remote_code: bool) -> None:
+    from transformers import CONFIG_MAPPING
+
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise CCAError(f"{where} has no model_type: it is not a transformers model config; write it with "
+                       "save_pretrained")
+    if mt in CONFIG_MAPPING:
+        return
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise CCAError(f"{where}: model_type {mt!r} is implemented by remote code (auto_map: Python files shipped "
+                       "with the model), which cca_fast refuses to run; use a model of an architecture transformers "
+                       "implements (llama, qwen2, qwen3, mistral, gemma2, gemma3_text, olmo2, phi3, gpt2, ...)")
+    if not cfg.get("auto_map"):
+        import transformers
+
+        raise CCAError(f"{where}: unknown model_type {mt!r}: transformers {transformers.__version__} does not "
+                       "implement it (a typo, or a newer architecture: upgrade transformers)")
+
+
+_HUB_TIMEOUT_S = 10.0
+
+
+def _check_hub_id(name: str, revision: str | None) -> None:
+    """``name`` is not a local path: it must be a valid hub id, in the local cache or reachable."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    local = Path(name).expanduser().absolute()
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise CCAError(f"model path not found: {name} (no such file or directory: {local}); pass an existing "
+                       "directory written by save_pretrained, a .gguf file, or a hub id such as "
+                       "HuggingFaceTB/SmolLM2-135M-Instruct") from None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            return  # in the local HF cache: transformers can load it without the network
+    except Exception:  # noqa: BLE001 - a cache probe failing just means "not cached"
+        pass
+    not_local = f"{name!r} is not a local path (no {local}) and not in the Hugging Face cache"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise CCAError(f"{not_local}, and HF_HUB_OFFLINE is set: download it where there is network "
+                       f"(e.g. `hf download {name}`) or pass a local directory")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(name, revision=revision, timeout=_HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise CCAError(f"{name} is a gated model on the Hugging Face hub: accept its licence on the hub and log in "
+                       "(`hf auth login`), or pass a local copy") from None
+    except RepositoryNotFoundError:
+        raise CCAError(f"{not_local}, and the hub has no model {name!r} (or it is private): check the spelling "
+                       "or the local path") from None
+    except RevisionNotFoundError:
+        raise CCAError(f"the hub model {name} has no revision {revision!r}") from None
+    except Exception as e:  # noqa: BLE001 - network errors of every kind (httpx, OSError, timeouts)
+        raise CCAError(f"{not_local}, and the hub cannot be reached ({_short(e, 120)}): no network here? "
+                       "download it where there is network and pass the local directory") from None
 
 
 def _check_attn(attn: str, device: torch.device) -> str:
@@ -232,33 +426,55 @@ def load_model(
     attn = _check_attn(attn_implementation, dev)
     name = "default" if name_or_path in (None, "default") else str(name_or_path)
     kwargs: dict[str, Any] = dict(dtype=dt, attn_implementation=attn, trust_remote_code=trust_remote_code)
+    cache_folder = None
 
     if name == "default" or name.endswith(".gguf"):
         gguf = default_gguf_path() if name == "default" else Path(name).expanduser()
         directory, sha, hit = cached_gguf_dir(gguf, cache_dir)
         source = ModelSource(name, "default" if name == "default" else "gguf", str(gguf), "", sha, hit)
-        load_from, extra = str(directory), {}
+        load_from, extra, cache_folder = str(directory), {}, directory
     elif Path(name).expanduser().exists():
         p = Path(name).expanduser()
-        if not (p / "config.json").exists():
-            raise CCAError(f"{p} is not a model directory (no config.json); pass a directory written by "
-                           "save_pretrained, a .gguf file, or a hub id")
+        if p.is_file():
+            what = ("a pickle file: cca_fast refuses pickle weights (loading one can run arbitrary code) and needs "
+                    "safetensors" if p.suffix in _PICKLE_SUFFIXES else "a file")
+            raise CCAError(f"{p} is {what}; pass the model directory (config.json, *.safetensors and the tokenizer, "
+                           "as written by save_pretrained), a .gguf file, or a hub id")
+        _check_model_dir(p, trust_remote_code=trust_remote_code)
         source = ModelSource(name, "local", str(p.resolve()))
         load_from, extra = str(p), {}
     elif _looks_like_path(name):
         raise CCAError(f"model path not found: {name} (pass an existing directory written by save_pretrained, "
                        "a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
     else:
+        _check_hub_id(name, revision)
         source = ModelSource(name, "hub", "", revision or "")
         load_from, extra = name, ({"revision": revision} if revision else {})
 
+    what = f"model {name!r}" + (f" (from {load_from})" if load_from != name else "")
+    fix = (f"the GGUF conversion cache folder {cache_folder} may be corrupt: delete it (rm -r '{cache_folder}') and "
+           "run again" if cache_folder is not None else
+           "no network here? download it elsewhere and pass the local directory" if source.kind == "hub" else
+           "check that config.json matches the weights (write both with save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code, **extra)
-        model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs, **extra)
-    except OSError as e:
-        hint = (" (no network here? download it elsewhere and pass the local directory)"
-                if source.kind == "hub" else "")
-        raise CCAError(f"could not load model {name!r}: {e}{hint}") from None
+    except Exception as e:  # noqa: BLE001 - transformers / tokenizers raise many types
+        raise CCAError(f"could not load the tokenizer of {what}: {_short(e)}; "
+                       + (fix if cache_folder is not None else
+                          "save a working tokenizer next to the model (tokenizer.save_pretrained)")) from None
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(load_from, **kwargs, **extra, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001
+        if "mismatch" in str(e).lower():
+            raise CCAError(f"could not load {what}: the weights do not fit its config (tensors of another shape than "
+                           f"config.json says; transformers printed which above); {fix}") from None
+        raise CCAError(f"could not load {what}: {_short(e)}; {fix}") from None
+    bad = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    if any(bad.values()):
+        first = (bad["missing_keys"] or [str(x) for x in bad["mismatched_keys"]])[0]
+        raise CCAError(f"{what}: the weights do not fit its config ({len(bad['missing_keys'])} missing, "
+                       f"{len(bad['mismatched_keys'])} with another shape, e.g. {first}); transformers would fill "
+                       f"them with random values; {fix}")
     model.to(dev).eval()
     if tokenizer.pad_token_id is None:  # batch encoding needs a pad token: the id of runtime.pad_id's rule
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(runtime.pad_id(model, tokenizer))

@@ -157,7 +157,8 @@ class UpdateResult:
         best_val: its validation accuracy (``None`` without ``validate``).
         history: one record per step: ``step``, ``train_logit_diff`` (mean logit difference over
             the training set at that step's weights), ``val`` (when evaluated), ``seconds``.
-        delta: the best step's rows as a :class:`SparseDelta` (base rows and hashes included).
+        delta: the best step's rows as a :class:`SparseDelta` (base rows and hashes included);
+            empty (no parameter) when step 0 is the best: the base weights are kept.
         seconds: wall time.
     """
 
@@ -456,7 +457,14 @@ def run_update(
                     "train_logit_diff": {str(h["step"]): h["train_logit_diff"] for h in history}},
         "stage": "update",
     }
-    delta = SparseDelta.from_rows(model, plan, base_rows, meta=meta, store_base=config.store_base_rows)
+    kept_base = best_step == 0 and best_rows is not None
+    if kept_base:
+        # no step beat the base weights: the model is back at the base, so the delta is empty (not a
+        # copy of every selected row, which for the no-mask baseline is the whole model)
+        meta["kept_base"] = True
+        meta["note"] = "no update step beat the base on validation: the base weights are kept, the delta is empty"
+    delta = SparseDelta.from_rows(model, {} if kept_base else plan, {} if kept_base else base_rows, meta=meta,
+                                  store_base=config.store_base_rows)
     return UpdateResult(best_step, best_val, history, delta, time.perf_counter() - t0, config.to_dict())
 
 
