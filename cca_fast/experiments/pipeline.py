@@ -197,6 +197,10 @@ def run_cca(config: RunConfig, *, until: str | None = None, progress: bool = Tru
     with rd.lock():
         rd.check_config(config, write=False)  # another configuration: refused before the load
         rd.check_model_identity(model_identity(config.model))
+        if until == _stages.STAGES[0].name:  # the data stage needs no model
+            rd.check_config(config)
+            run_stages(_stages.STAGES[:1], RunContext(config, rd, progress, pending_splits=pending))
+            return None
         t = time.perf_counter()
         model, tok = load_model(config.model, dtype=config.dtype, device=config.device,
                                 attn_implementation=config.attn_implementation)

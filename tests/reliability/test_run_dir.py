@@ -97,6 +97,11 @@ def test_the_lock_is_released_on_an_exception(workdir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         main(run_argv(workdir, out, "--until", "base_eval"))
     assert not (out / LOCK_NAME).exists()
+    # the model loads (and the selection size is checked against it) before config.json is written:
+    # a failed load leaves nothing that would refuse the next attempt
+    assert not (out / "config.json").exists()
+    monkeypatch.undo()
+    assert main(run_argv(workdir, out, "--until", "data")) == 0  # the next attempt runs
     assert (out / "config.json").exists() and (out / "data" / "train.jsonl").exists()
 
 
