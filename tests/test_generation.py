@@ -331,6 +331,8 @@ def test_greedy_matches_hf_generate_real_model(smol):
           "Sam has 12 pens and gives a third of them away. How many pens does he keep?"]
     prompts = [build_prompt(q, cfg) for q in qs]
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # (transformers 4.56's GGUF tokenizer has none) for HF's batch call only
+        tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     hf = model.generate(**enc, do_sample=False, max_new_tokens=32, pad_token_id=tokenizer.pad_token_id)
     T = enc["input_ids"].shape[1]

@@ -120,6 +120,11 @@ def default_gguf_path() -> Path:
     raise CCAError(f"package {DEFAULT_PACKAGE!r} is installed but holds no .gguf file; reinstall it")
 
 
+#: Bumped when the converted layout changes, so an older conversion is not reused (v2: tied
+#: weights stored under the input embedding's name, loadable by every supported transformers).
+CONVERSION_VERSION = "v2"
+
+
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The conversion cache: the argument, else ``$CCA_FAST_CACHE``, else ``~/.cache/cca_fast``."""
     if cache_dir is not None:
@@ -139,7 +144,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
     """De-quantise ``gguf`` once and write a plain safetensors model directory at ``target``
     (atomically: a temporary sibling directory renamed into place)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cca_fast.tempdirs import sibling_tempdir
@@ -159,7 +164,7 @@ def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
         cfg.pop("quantization_config", None)  # the converted weights are plain float32
         try:
             type(model.config).from_dict(cfg).save_pretrained(tmp)
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops tied copies
+            save_file(_untied_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tok.save_pretrained(tmp)
             (tmp / "cca_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}, indent=1))
         except OSError as e:  # disk full, read-only cache...
@@ -172,6 +177,20 @@ def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor stored once, under its *first* name (the input
+    embedding before ``lm_head``): the name every transformers version loads a tied checkpoint
+    from (4.56 needs the embedding's; keeping ``lm_head.weight`` left it on the meta device)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.detach().contiguous()
+    return out
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -194,7 +213,7 @@ def cached_gguf_dir(gguf: Path, cache_dir: str | os.PathLike | None = None) -> t
     whether it was already in the cache (a cache folder found corrupt is reported with its path)."""
     _check_gguf_file(gguf)
     sha = file_sha256(gguf)
-    target = default_cache_dir(cache_dir) / "gguf" / f"{gguf.stem}-{sha[:16]}"
+    target = default_cache_dir(cache_dir) / "gguf" / f"{gguf.stem}-{sha[:16]}-{CONVERSION_VERSION}"
     hit = (target / "model.safetensors").exists()
     if hit:
         try:

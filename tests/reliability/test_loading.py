@@ -187,8 +187,8 @@ def test_truncated_gguf_leaves_no_temp_folder(capsys, empty_delta, tmp_path, mon
 
 
 def _cache_target(cache: Path, g: Path) -> Path:
-    from cca_fast.models.loading import file_sha256
-    return cache / "gguf" / f"{g.stem}-{file_sha256(g)[:16]}"
+    from cca_fast.models.loading import CONVERSION_VERSION, file_sha256
+    return cache / "gguf" / f"{g.stem}-{file_sha256(g)[:16]}-{CONVERSION_VERSION}"
 
 
 def test_corrupt_conversion_cache_names_the_folder(capsys, good, empty_delta, tmp_path, monkeypatch):
@@ -231,7 +231,7 @@ def test_conversion_failing_mid_write_leaves_no_temp_folder(tmp_path, monkeypatc
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(CCAError, match="could not write the converted GGUF model.*CCA_FAST_CACHE"):
         load_model(str(g), device="cpu", cache_dir=cache)
     assert list((cache / "gguf").iterdir()) == []
