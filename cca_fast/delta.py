@@ -473,6 +473,12 @@ def check_fits(model: nn.Module, delta: SparseDelta, *, verify: bool = True) -> 
     dtypes, row ranges and, with ``verify``, the base rows' hashes), without writing: raises
     :class:`CCAError` when the delta does not fit ``model``. For commands that must know that a
     delta fits before spending time on the base model (``cca side-effects --delta``)."""
+    _checked_current(model, delta, verify)
+
+
+def _checked_current(model: nn.Module, delta: SparseDelta, verify: bool) -> dict[str, torch.Tensor]:
+    """The model's current rows at the delta's indices, after every fit check (and, with
+    ``verify``, the check that they are the delta's base rows)."""
     current = _check_rows(model, delta)
     if verify:
         for name, pd in delta.params.items():
@@ -482,6 +488,7 @@ def check_fits(model: nn.Module, delta: SparseDelta, *, verify: bool = True) -> 
                         f" (it was made for {delta.meta.get('base_model', {}).get('name_or_path') or 'another model'})")
                 raise CCAError(f"this delta was not made for this model: the current rows of {name} differ from "
                                f"the delta's base rows{hint}")
+    return current
 
 
 @torch.no_grad()
@@ -492,15 +499,7 @@ def apply_delta(model: nn.Module, delta: SparseDelta, *, verify: bool = True) ->
     happens before the first write: a refused delta leaves the model untouched.
     """
     delta.validate()
-    current = _check_rows(model, delta)
-    if verify:
-        for name, pd in delta.params.items():
-            h = tensor_sha256(current[name])
-            if h != pd.base_sha256:
-                hint = (" (the delta is already applied to this model)" if h == pd.new_sha256 else
-                        f" (it was made for {delta.meta.get('base_model', {}).get('name_or_path') or 'another model'})")
-                raise CCAError(f"this delta was not made for this model: the current rows of {name} differ from "
-                               f"the delta's base rows{hint}")
+    current = _checked_current(model, delta, verify)
     params = dict(model.named_parameters())
     for name, pd in delta.params.items():
         p = params[name]
