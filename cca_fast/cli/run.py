@@ -63,6 +63,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="D",
                    help="built-in templates (default), a template folder or file, a JSONL file, or a hub name")
     g.add_argument("--n-per-template", type=int, metavar="N", help="instances per template")
+    g.add_argument("--skip-bad-templates", action="store_true",
+                   help="template folders: leave out templates that cannot be parsed or instantiated (each "
+                        "reported with its reason) instead of stopping at the first")
+    g.add_argument("--non-integer-answers", action="store_true",
+                   help="templates: also accept instances whose #answer is not an integer")
     g.add_argument("--seed", type=int, metavar="S",
                    help="seed of instances, splits, stage-1 samples, DCM shuffles and the random control")
     g.add_argument("--max-train-problems", type=int, metavar="N",
@@ -104,6 +109,8 @@ RUN_FLAGS: list[FieldFlag] = [
                                          "pivot_method", "branching")),
     *(FieldFlag(name, name, zero_is_none, none_is_zero)
       for name in ("max_train_problems", "max_val_problems", "max_test_problems")),
+    FieldFlag("skip_bad_templates", "skip_bad_templates"),
+    FieldFlag("non_integer_answers", "integer_answers", to_field=lambda v: not v, to_flag=lambda v: not v),
     FieldFlag("shots", "prompt.exemplars"),
     FieldFlag("n_shots", "prompt.n_shots"),
     FieldFlag("prompt_mode", "prompt.mode"),

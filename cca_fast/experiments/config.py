@@ -89,6 +89,9 @@ class RunConfig:
         output: the run directory (``config.json`` may differ only in it).
         model, dtype, device, attn_implementation: what :func:`~cca_fast.models.loading.load_model` loads.
         data: the data source (``None``: the built-in templates); ``n_per_template`` instances each.
+        skip_bad_templates: a template folder's bad templates are left out (each reported on the
+            ``cca_fast.data`` logger with its reason) instead of stopping the run.
+        integer_answers: template instances must have an integer ``#answer`` (GSM8K's answers are).
         seed: the seed of everything: instances, splits, subsets, stage-1 samples
             (``trace.seed``), DCM's shuffles (``dcm.seed``) and the random control.
         weak_threshold: templates with base training accuracy below it give training examples.
@@ -109,6 +112,8 @@ class RunConfig:
     attn_implementation: str = "sdpa"
     data: str | None = None
     n_per_template: int = 8
+    skip_bad_templates: bool = False
+    integer_answers: bool = True
     seed: int = 0
     weak_threshold: float = 0.8
     max_train_problems: int | None = 12

@@ -220,10 +220,13 @@ class DataStage:
 def make_splits(config: RunConfig):
     """The seeded per-template splits (:class:`cca_fast.data.splits.Splits`) of ``config``'s data,
     checked by :func:`check_splits` (no model, nothing written)."""
-    from cca_fast.data import load_problems, split_problems
+    from cca_fast.data import InstantiateConfig, load_problems, split_problems
 
     c = config
-    splits = split_problems(load_problems(c.data, n_per_template=c.n_per_template, seed=c.seed), seed=c.seed)
+    problems = load_problems(c.data, n_per_template=c.n_per_template, seed=c.seed,
+                             instantiate_config=InstantiateConfig(integer_answers=c.integer_answers),
+                             skip_bad_templates=c.skip_bad_templates)
+    splits = split_problems(problems, seed=c.seed)
     check_splits(splits.train, splits.val, splits.test, config)
     return splits
 

@@ -289,3 +289,31 @@ def test_runaway_init_and_condition_lines_are_named(tmp_path, init, conditions, 
     with fast(), pytest.raises(TemplateError, match=rf"{re.escape(str(path))}: template t2, {where}: .*"
                                                     rf"exceeds the evaluation budget.*{cause}="):
         instantiate_file(path)
+
+
+def test_cca_run_maps_the_data_flags_and_its_data_stage_skips_bad_templates(tmp_path, capsys, monkeypatch):
+    """``cca run`` has the same two data settings (``RunConfig.skip_bad_templates`` /
+    ``integer_answers``), and its data stage (no model needed) uses them."""
+    from cca_fast.cli.run import config_from_args
+    from cca_fast.experiments.pipeline import run_cca
+
+    d = _folder(tmp_path)
+    parser = build_parser()
+    args = parser.parse_args(["run", "--data", str(d), "--skip-bad-templates", "--non-integer-answers"])
+    cfg = config_from_args(args)
+    assert cfg.skip_bad_templates is True and cfg.integer_answers is False
+    default = config_from_args(parser.parse_args(["run"]))
+    assert default.skip_bad_templates is False and default.integer_answers is True
+
+    def no_load(*a, **k):
+        raise AssertionError("the data stage needs no model")
+
+    monkeypatch.setattr("cca_fast.models.loading.load_model", no_load)
+    out = tmp_path / "run"
+    argv = ["run", "--data", str(d), "--n-per-template", "7", "--output", str(out), "--until", "data", "--quiet"]
+    assert main(argv) == 2  # strict by default: the error names the flag, nothing written
+    assert "--skip-bad-templates" in capsys.readouterr().err and not (out / "config.json").exists()
+    assert main(argv + ["--skip-bad-templates"]) == 0
+    templates = {json.loads(line)["template"] for s in ("train", "val", "test")
+                 for line in (out / "data" / f"{s}.jsonl").read_text().splitlines()}
+    assert templates == {"a_good", "d_good"}
