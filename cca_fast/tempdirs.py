@@ -20,7 +20,11 @@ def _prefix(target: Path) -> str:
     return f".{target.name}{_TAG}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run on this host (signal 0 probes without sending); an
+    unknown answer counts as alive, so nothing of a live process is ever taken over or removed."""
+    if pid <= 0:
+        return False
     if pid == os.getpid():
         return True
     try:
@@ -51,7 +55,7 @@ def remove_stale_tempdirs(target: str | os.PathLike, *, any_name: bool = False) 
             continue
         else:
             pid_text = e.name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             shutil.rmtree(e, ignore_errors=True)
             removed.append(e)
     return removed

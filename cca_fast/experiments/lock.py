@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cca_fast.errors import CCAError
+from cca_fast.tempdirs import pid_alive
 
 LOCK_NAME = "run.lock"
 
@@ -25,21 +26,6 @@ LOCK_NAME = "run.lock"
 def warn(message: str) -> None:
     """Say ``message`` on stderr (also under ``--quiet``: it is a warning, not progress)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (signal 0 probes without sending)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def read_lock(path: Path) -> dict:
