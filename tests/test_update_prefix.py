@@ -28,7 +28,8 @@ from cca_fast import ComponentSpace
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotBatch, PivotExample
 from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
-from cca_fast.stages.update import UpdateConfig, _Batches, run_update
+from cca_fast.stages.objectives import TrainingObjective
+from cca_fast.stages.update import UpdateConfig, run_update
 from helpers import VOCAB, assert_only_owned_rows_may_differ, make_tiny
 
 PREFIX = 23
@@ -53,12 +54,12 @@ def _config(**kw):
 
 
 def _loss_and_grads(model, examples, **kw):
-    """``(mean logit difference, {name: dL/dW})`` of one ``_Batches.pass_`` with dense gradients."""
-    batches = _Batches(model, examples, _config(**kw))
+    """``(mean logit difference, {name: dL/dW})`` of one ``TrainingObjective.pass_`` with dense gradients."""
+    batches = TrainingObjective(model, examples, _config(**kw))
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
-    ld = batches.pass_(backward=True)
+    ld = batches.pass_(backward=True)["logit_diff"]
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for p in model.parameters():
         p.grad = None
@@ -159,14 +160,14 @@ class _NoCache(_NoLogitsToKeep):
 def test_model_without_logits_to_keep_and_without_cache():
     inner = make_tiny("qwen2", attn="sdpa")
     ex = _examples(seed=3)
-    ref = _Batches(inner, ex, _config(share_prefix=False)).pass_(backward=False)
+    ref = TrainingObjective(inner, ex, _config(share_prefix=False)).pass_(backward=False)["logit_diff"]
     wrapped = _NoLogitsToKeep(inner)
-    b = _Batches(wrapped, ex, _config())
+    b = TrainingObjective(wrapped, ex, _config())
     assert isinstance(b.batches[0], SharedPrefixBatch)
-    assert abs(b.pass_(backward=False) - ref) <= 1e-12
-    no_cache = _Batches(_NoCache(inner), ex, _config())
+    assert abs(b.pass_(backward=False)["logit_diff"] - ref) <= 1e-12
+    no_cache = TrainingObjective(_NoCache(inner), ex, _config())
     assert isinstance(no_cache.batches[0], PivotBatch)  # falls back to the plain path
-    assert abs(no_cache.pass_(backward=False) - ref) <= 1e-12
+    assert abs(no_cache.pass_(backward=False)["logit_diff"] - ref) <= 1e-12
 
 
 def test_falls_back_to_the_plain_path():
@@ -176,12 +177,12 @@ def test_falls_back_to_the_plain_path():
     g = torch.Generator().manual_seed(4)
     disjoint = [PivotExample(f"p{i}", (3 + i,) + tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist()), 5, 6)
                 for i, n in enumerate((4, 9, 6))]
-    b = _Batches(model, disjoint, _config(batch_size=2))
-    plain = _Batches(model, disjoint, _config(batch_size=2, share_prefix=False))
+    b = TrainingObjective(model, disjoint, _config(batch_size=2))
+    plain = TrainingObjective(model, disjoint, _config(batch_size=2, share_prefix=False))
     assert all(isinstance(x, PivotBatch) for x in b.batches)
     # nothing shared: the very batches of the plain path (length order), so the same loss bit for bit
     assert [x.input_ids.tolist() for x in b.batches] == [x.input_ids.tolist() for x in plain.batches]
-    assert b.pass_(backward=False) == plain.pass_(backward=False)
+    assert b.pass_(backward=False)["logit_diff"] == plain.pass_(backward=False)["logit_diff"]
     short = _examples(prefix=7)
     assert isinstance(collate_for_loss(model, short, 0, "cpu", min_shared=8), PivotBatch)
     # short[0] is the whole common prefix: 6 shareable tokens, not 7

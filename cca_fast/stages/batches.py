@@ -75,13 +75,17 @@ def group_by_prefix(examples: Sequence[PivotExample], batch_size: int) -> list[l
 
 
 def collate_for_loss(model: nn.Module, examples: Sequence[PivotExample], pad_id: int,
-                     device: torch.device | str, min_shared: int = 16) -> PivotBatch | SharedPrefixBatch:
+                     device: torch.device | str, min_shared: int = 16,
+                     max_shared: int | None = None) -> PivotBatch | SharedPrefixBatch:
     """A :class:`SharedPrefixBatch` when sharing pays and is exact, else a plain
-    :class:`PivotBatch` (see the module docstring for when)."""
+    :class:`PivotBatch` (see the module docstring for when). ``max_shared``: share at most this
+    many tokens (keeps later positions, e.g. a whole trace, in every row's suffix)."""
     seqs = [e.prefix_ids for e in examples]
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("collate_for_loss needs at least one example and no empty prefix")
     P = shared_len(seqs, min_shared)  # every row keeps >= 1 suffix token
+    if max_shared is not None and P > max_shared:
+        P = max_shared if max_shared >= min_shared else 0
     S = max(len(s) for s in seqs) - P
     if len(seqs) < 2 or not P or not can_share(model, P + S):
         return collate(examples, pad_id, device)
@@ -100,20 +104,30 @@ def collate_for_loss(model: nn.Module, examples: Sequence[PivotExample], pad_id:
     return SharedPrefixBatch(*(t.to(device) for t in (prefix, ids, mask, pos, desired, undesired)))
 
 
-def last_logits(model: nn.Module, batch: PivotBatch | SharedPrefixBatch) -> torch.Tensor:
-    """Next-token logits at each row's last position, ``[B, V]`` (float16/bfloat16 upcast to
-    float32), with autograd when grad mode is on.
+def tail_logits(model: nn.Module, batch: PivotBatch | SharedPrefixBatch, n: int = 1) -> torch.Tensor:
+    """Next-token logits at each row's last ``n`` positions, ``[B, n, V]`` (float16/bfloat16
+    upcast to float32), with autograd when grad mode is on. Slot ``-1`` is the intervention
+    position; a row shorter than ``n`` (or than ``n`` suffix tokens of a shared batch) has padding
+    logits in its leading slots, which callers mask.
 
     A :class:`SharedPrefixBatch` runs its prefix once and the suffixes on the expanded cache (see
     the module docstring); a :class:`PivotBatch` runs as is (``use_cache=False``).
     """
     if isinstance(batch, PivotBatch):
-        logits = runtime.forward(model, **batch.model_inputs(), keep=1)[0][:, -1]
+        logits = runtime.forward(model, **batch.model_inputs(), keep=n)[0]
     else:
+        if n > batch.input_ids.shape[1]:
+            raise ValueError(f"{n} tail positions asked of a shared-prefix batch with {batch.input_ids.shape[1]} "
+                             "suffix slots (collate it with a shorter max_shared)")
         _, cache = run_prefix(model, batch.prefix_ids, attention_mask=batch.attention_mask[:1, :batch.prefix_len])
         expand(cache, len(batch))  # [1, H, P, D] -> [B, H, P, D], differentiable
         logits = runtime.forward(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.position_ids, cache=cache, keep=1)[0][:, -1]
+                                 position_ids=batch.position_ids, cache=cache, keep=n)[0]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return logits
+
+
+def last_logits(model: nn.Module, batch: PivotBatch | SharedPrefixBatch) -> torch.Tensor:
+    """Next-token logits at each row's last position, ``[B, V]`` (:func:`tail_logits` with ``n=1``)."""
+    return tail_logits(model, batch, 1)[:, -1]

@@ -38,13 +38,13 @@ from torch import nn
 
 from cca_fast.delta import SparseDelta
 from cca_fast.errors import CCAError, KernelError
-from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff
+from cca_fast.stages.examples import PivotExample
 from cca_fast.kernels.dispatch import BACKENDS, Backend, accumulation_dtype
 from cca_fast.kernels.row_grad import row_selective, zero_delta
 from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, gather_rows,
                                            scatter_rows)
 from cca_fast.models.components import ComponentSpace, RowSelection
-from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss, group_by_prefix, last_logits
+from cca_fast.stages.objectives import TrainingObjective, check_objective
 from cca_fast.models import runtime
 
 Progress = Callable[[dict], None]
@@ -78,6 +78,12 @@ class UpdateConfig:
             gradient up to summation order, far fewer token positions for few-shot prompts.
             ``False``: every full sequence runs (the reference path).
         min_shared_prefix: share only a common prefix of at least this many tokens.
+        objective: what the rows are trained on (:mod:`cca_fast.stages.objectives`): the paper's
+            ``"logit_diff"``, the capped margin ``"hinge"``, or ``"gold_nll"`` (the training
+            problems' gold solutions: sparse SFT on the circuit).
+        margin: the hinge's cap on the logit difference.
+        retain_weight: weight of the KL to the base model on the pivots' other trace tokens
+            (pivot objectives; 0 = none, the paper).
     """
 
     lr: float = 1e-4
@@ -101,6 +107,9 @@ class UpdateConfig:
     store_base_rows: bool = True
     share_prefix: bool = True
     min_shared_prefix: int = 16
+    objective: str = "logit_diff"
+    margin: float = 3.0
+    retain_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -132,6 +141,7 @@ class UpdateConfig:
         checks.integer("UpdateConfig.eval_every", self.eval_every)
         checks.integer("UpdateConfig.eval_every_early", self.eval_every_early)
         checks.integer("UpdateConfig.early_steps", self.early_steps, lo=0)
+        check_objective(self)
         try:
             self.optim_config()
         except KernelError as e:
@@ -156,7 +166,9 @@ class UpdateResult:
         best_step: step whose weights the model is left at (0 = base).
         best_val: its validation accuracy (``None`` without ``validate``).
         history: one record per step: ``step``, ``train_logit_diff`` (mean logit difference over
-            the training set at that step's weights), ``val`` (when evaluated), ``seconds``.
+            the training pivots at that step's weights; pivot objectives), ``train_loss`` (the
+            objective's loss, when it is not the paper's), ``retain_kl`` (with a retain term),
+            ``val`` (when evaluated), ``seconds``.
         delta: the best step's rows as a :class:`SparseDelta` (base rows and hashes included);
             empty (no parameter) when step 0 is the best: the base weights are kept.
         seconds: wall time.
@@ -181,45 +193,6 @@ def eval_steps(max_steps: int, every: int = 5, early_every: int = 2, early_steps
     steps.update(range(early_every, min(early_steps, max_steps) + 1, early_every))
     steps.update(s for s in range(every, max_steps + 1, every) if s > early_steps)
     return sorted(steps)
-
-
-# ---------------------------------------------------------------------------------------------
-# loss over the training set
-# ---------------------------------------------------------------------------------------------
-class _Batches:
-    """Mini-batches of the training set and the loss.
-
-    ``share_prefix``: examples grouped in token order (long common prefixes per mini-batch), each
-    mini-batch run as a :class:`~cca_fast.stages.batches.SharedPrefixBatch` when that pays. When
-    no mini-batch shares (or ``share_prefix`` is off): sorted by length (little padding), run
-    whole - exactly the plain path.
-    """
-
-    def __init__(self, model: nn.Module, examples: Sequence[PivotExample], config: UpdateConfig):
-        self.model = model
-        self.n = len(examples)
-        self.device = runtime.input_device(model)
-        pad = runtime.pad_id(model, explicit=config.pad_id)
-        self.batches: list[PivotBatch | SharedPrefixBatch] = []
-        if config.share_prefix:
-            self.batches = [collate_for_loss(model, group, pad, self.device, config.min_shared_prefix)
-                            for group in group_by_prefix(examples, config.batch_size)]
-        if not any(isinstance(b, SharedPrefixBatch) for b in self.batches):  # nothing shared: least padding
-            order = sorted(examples, key=lambda e: len(e.prefix_ids))
-            self.batches = [collate(order[i : i + config.batch_size], pad, self.device)
-                            for i in range(0, self.n, config.batch_size)]
-
-    def pass_(self, backward: bool) -> float:
-        """Mean logit difference over the set; with ``backward``, gradients of
-        ``-mean logit difference`` accumulate (mini-batch by mini-batch)."""
-        total = 0.0
-        for batch in self.batches:
-            with torch.set_grad_enabled(backward):
-                ld = logit_diff(last_logits(self.model, batch), batch.desired, batch.undesired)
-                if backward:
-                    (-ld.sum() / self.n).backward()
-            total += float(ld.detach().sum())
-        return total / self.n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +346,7 @@ def run_update(
     config: UpdateConfig | None = None,
     validate: Callable[[nn.Module], float] | None = None,
     progress: Progress | bool | None = None,
+    gold: Sequence[Any] | None = None,
 ) -> UpdateResult:
     """Stage 3 (see module docstring).
 
@@ -384,13 +358,15 @@ def run_update(
         config: :class:`UpdateConfig` (default: paper).
         validate: ``validate(model) -> accuracy``; without it the last step is kept.
         progress: ``True`` for a progress bar, or a callable receiving each history record.
+        gold: the training problems' gold solutions
+            (:class:`~cca_fast.baselines.lora.sft.SFTExample`), for ``objective="gold_nll"``.
     Returns:
         :class:`UpdateResult`; the model is left at the best step's weights.
     """
     t0 = time.perf_counter()
     config = config or UpdateConfig()
     config.check()
-    if not train_examples:
+    if not train_examples and config.objective != "gold_nll":
         raise CCAError("stage 3 needs at least one training example (stage 1 found no pivotal tokens?)")
     sel = torch.as_tensor(list(selection_flat_indices) if not isinstance(selection_flat_indices, torch.Tensor)
                           else selection_flat_indices, dtype=torch.long).flatten().unique()
@@ -405,7 +381,7 @@ def run_update(
         plan = _full_plan(model)
     components = [str(c) for c in space.components(sel)] if config.scope == "selected" else ["all"]
 
-    batches = _Batches(model, train_examples, config)
+    objective = TrainingObjective(model, train_examples, config, gold)
     schedule = set(eval_steps(config.max_steps, config.eval_every, config.eval_every_early, config.early_steps))
     dense = config.mode == "reference" or config.scope == "all"
     base_rows = _snapshot(model, plan)
@@ -429,7 +405,13 @@ def run_update(
                 last = step == config.max_steps
                 if not last:
                     stepper.zero_grad()
-                record["train_logit_diff"] = batches.pass_(backward=not last)
+                measured = objective.pass_(backward=not last)
+                if "logit_diff" in measured:
+                    record["train_logit_diff"] = measured["logit_diff"]
+                if config.objective != "logit_diff" or "retain_kl" in measured:
+                    record["train_loss"] = measured["loss"]
+                    if "retain_kl" in measured:
+                        record["retain_kl"] = measured["retain_kl"]
                 if not last:
                     stepper.step()
                 record["seconds"] = time.perf_counter() - t0
@@ -438,7 +420,8 @@ def run_update(
                     progress(record)
                 if bar is not None and not last:
                     bar.update(1)
-                    bar.set_postfix(ld=f"{record['train_logit_diff']:.3f}", **({"val": f"{record['val']:.3f}"} if "val" in record else {}))
+                    shown = ("train_logit_diff", "train_loss", "val")
+                    bar.set_postfix(**{k: f"{record[k]:.3f}" for k in shown if k in record})
         if best_rows is not None and best_step != config.max_steps:
             _restore(model, plan, best_rows)
     finally:
@@ -454,7 +437,10 @@ def run_update(
         "hyperparameters": config.to_dict(),
         "metrics": {"best_step": best_step, "best_val": best_val,
                     "base_val": history[0].get("val") if history else None,
-                    "train_logit_diff": {str(h["step"]): h["train_logit_diff"] for h in history}},
+                    "train_logit_diff": {str(h["step"]): h["train_logit_diff"] for h in history
+                                         if "train_logit_diff" in h},
+                    **({"train_loss": {str(h["step"]): h["train_loss"] for h in history}}
+                       if any("train_loss" in h for h in history) else {})},
         "stage": "update",
     }
     kept_base = best_step == 0 and best_rows is not None
