@@ -7,6 +7,7 @@
 ``generation``  :class:`GenerationSettings` (greedy decoding of every evaluation)
 ``trace``       :class:`~cca_fast.stages.traces.TraceConfig` (stage 1 sampling)
 ``dcm``         :class:`~cca_fast.stages.localize.dcm.DCMConfig` (stage 2, ``selector="dcm"``)
+``fork``        :class:`~cca_fast.stages.pivots.fork.ForkConfig` (greedy-path forking pivots)
 ``update``      :class:`~cca_fast.stages.update.UpdateConfig` (stage 3)
 ==============  ===================================================================
 
@@ -29,6 +30,7 @@ from cca_fast.experiments import config_io
 from cca_fast.evaluation.prompting import paper_stops
 from cca_fast.generation.decode import GenerationConfig
 from cca_fast.stages.localize.dcm import DCMConfig
+from cca_fast.stages.pivots.fork import ForkConfig
 from cca_fast.stages.traces import TraceConfig
 from cca_fast.stages.update import UpdateConfig
 
@@ -36,6 +38,11 @@ SELECTORS = ("dcm", "atp-topk", "atp-fraction", "random", "none")
 PROCEDURES = ("fast", "reference")
 PIVOT_METHODS = ("branching", "prefix")
 BRANCHINGS = ("fast", "reference")
+#: where stage 3's training pivots come from: the paper's (``pivot_method`` on sampled traces),
+#: greedy-path forks, or both
+PIVOT_SOURCES = ("paper", "fork", "both")
+#: which pivots train: all, or only those whose desired token is not already the argmax
+PIVOT_FILTERS = ("all", "not_argmax")
 
 
 @dataclass
@@ -74,7 +81,7 @@ def _default_update() -> UpdateConfig:
 
 #: nested configuration fields and their types (checked by :meth:`RunConfig.validate`)
 NESTED = {"prompt": PromptConfig, "generation": GenerationSettings, "trace": TraceConfig, "dcm": DCMConfig,
-          "update": UpdateConfig}
+          "fork": ForkConfig, "update": UpdateConfig}
 
 
 @dataclass
@@ -100,6 +107,16 @@ class RunConfig:
             The default ``dcm`` differs from ``DCMConfig()`` in ``reuse_prefix_cache=True`` and
             the default ``update`` from ``UpdateConfig()`` in ``max_steps=8``.
         pivot_method: ``"branching"`` or ``"prefix"``; ``branching``: ``"fast"`` or ``"reference"``.
+        pivot_source: the training pivots (:data:`PIVOT_SOURCES`): ``"paper"`` (``pivot_method``
+            on the sampled flipped traces), ``"fork"`` (greedy-path forking pivots of the
+            training problems, settings in ``fork``) or ``"both"``.
+        pivot_filter: ``"all"`` or ``"not_argmax"`` (drop pivots whose desired token is already
+            the base model's argmax: raising its margin cannot change greedy decoding there).
+        val_from_train: validation also takes this many training-split problems that stage 1 did
+            not use (seeded; 0 = the validation split only), so that one problem is a smaller step
+            of validation accuracy.
+        diagnostics: write ``diagnostics.json`` before stage 3 (pivot table, gradient alignment,
+            leave-fold-out transfer, gold-loss alignment; :mod:`cca_fast.experiments.diagnostics`).
         selector: one of :data:`SELECTORS`; ``select_k`` (atp-topk), ``select_fraction``
             (atp-fraction, random), ``select_count`` (random).
         procedure: ``"fast"`` or ``"reference"`` (see :class:`ProcedureSettings`).
@@ -131,6 +148,11 @@ class RunConfig:
     dcm: DCMConfig = field(default_factory=_default_dcm)
     update: UpdateConfig = field(default_factory=_default_update)
     procedure: str = "fast"
+    pivot_source: str = "paper"
+    pivot_filter: str = "all"
+    fork: ForkConfig = field(default_factory=ForkConfig)
+    val_from_train: int = 0
+    diagnostics: bool = True
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -172,6 +194,15 @@ class RunConfig:
         if self.branching not in BRANCHINGS:
             raise CCAError(f"unknown branching implementation {self.branching!r} (RunConfig.branching, "
                            "--branching); use 'fast' or 'reference'")
+        if self.pivot_source not in PIVOT_SOURCES:
+            raise CCAError(f"unknown pivot source {self.pivot_source!r} (RunConfig.pivot_source, --pivot-source); "
+                           f"choose one of {', '.join(PIVOT_SOURCES)}")
+        if self.pivot_filter not in PIVOT_FILTERS:
+            raise CCAError(f"unknown pivot filter {self.pivot_filter!r} (RunConfig.pivot_filter, --pivot-filter); "
+                           f"choose one of {', '.join(PIVOT_FILTERS)}")
+        if isinstance(self.val_from_train, bool) or not isinstance(self.val_from_train, int) or self.val_from_train < 0:
+            raise CCAError(f"RunConfig.val_from_train (--val-from-train) must be an integer >= 0, got "
+                           f"{self.val_from_train!r}")
         if self.procedure not in PROCEDURES:
             raise CCAError(f"unknown procedure {self.procedure!r} (RunConfig.procedure, --procedure); use 'fast' "
                            "(the default fast paths) or 'reference' (the authors' procedure, for comparisons)")

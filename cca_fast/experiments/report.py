@@ -27,6 +27,9 @@ class RunReport:
             with a flipped sample and pivot examples; ``pivot_search``: what the search cost.
         components_selected, components_total, fraction, per_kind, component_space: stage 2.
         delta: the delta directory; ``seconds``: seconds per stage (``stages.json``).
+        training_examples: counts of stage 3's training pivots (source, filter, forks).
+        diagnostics: :func:`~cca_fast.experiments.stages.diagnostics_summary` (pivot summary,
+            gradient alignment, leave-fold-out transfer, gold alignment, changed test traces).
     """
 
     model: str
@@ -56,6 +59,8 @@ class RunReport:
     component_space: dict[str, Any]
     delta: str
     seconds: dict[str, float]
+    training_examples: dict[str, Any] | None = None
+    diagnostics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -112,6 +117,38 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x: Any, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def diagnostics_lines(d: dict[str, Any] | None) -> list[str]:
+    """Markdown lines for a report's diagnostics (empty without any)."""
+    if not d:
+        return []
+    lines = ["## Diagnostics: will the update transfer?", ""]
+    piv = d.get("pivots") or {}
+    if piv:
+        lines.append(f"- pivots: {piv.get('n', 'n/a')}; by direction {piv.get('by_direction', {})}; desired token "
+                     f"already the argmax: {_pct(piv.get('fraction_desired_is_argmax'))}; prefix on the greedy "
+                     f"path: {_pct(piv.get('fraction_on_greedy_path'))}; median position {piv.get('median_t', 'n/a')}")
+    al = d.get("alignment") or {}
+    if al:
+        lines.append(f"- per-pivot gradients on the selected rows: mean pairwise cosine "
+                     f"{_num(al.get('mean_pairwise_cos'))}, positive pairs {_pct(al.get('fraction_positive_pairs'))}")
+    tr = d.get("transfer") or {}
+    if tr:
+        lines.append(f"- one step, leave-fold-out: held-out logit-difference gain {_num(tr.get('mean_heldout_gain'), '.4f')}"
+                     f" vs training gain {_num(tr.get('mean_train_gain'), '.4f')} (ratio {_num(tr.get('ratio'), '.2f')})")
+    gold = d.get("gold") or {}
+    if gold:
+        lines.append(f"- cosine of the pivot gradient with lowering the gold solutions' loss: {_num(gold.get('cos'))}")
+    ch = d.get("changed_traces") or {}
+    if ch:
+        lines.append(f"- test traces changed by the update: {ch.get('output_changed')} of {ch.get('n')} "
+                     f"({ch.get('wrong_to_correct')} wrong -> correct, {ch.get('correct_to_wrong')} correct -> wrong)")
+    return lines + [""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable summary of ``report`` (the dict written to ``report.json``)."""
     lines = [
@@ -146,6 +183,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           else []),
         "![selected components per layer](components.png)",
         "",
+        *diagnostics_lines(report.get("diagnostics")),
         "| stage | seconds |",
         "|---|---|",
     ]

@@ -9,7 +9,9 @@
 ``training_set.json``      stage 1's training problems: weak templates and problem ids, in order
 ``traces.jsonl``           stage 1a: greedy trace + first flipped sample per training problem
 ``pivots.jsonl``           stage 1b: pivot examples (one line per trace pair; resumable)
+``training_examples.json`` stage 3's training pivots (``pivot_source``, ``pivot_filter``) + counts
 ``selection.json``         stage 2: the selected components
+``diagnostics.json``       why an update will or will not transfer (before stage 3)
 ``update.json``            stage 3: history, best step (the delta is in ``delta/``)
 ``delta/``                 the sparse delta (``delta_config.json`` + ``delta.safetensors``)
 ``eval_cca_test.jsonl``    the updated model (base + delta) on the test split (resumable)
@@ -46,6 +48,8 @@ class RunDir:
     TRACES = "traces.jsonl"
     PIVOTS = "pivots.jsonl"
     SELECTION = "selection.json"
+    TRAINING_EXAMPLES = "training_examples.json"
+    DIAGNOSTICS = "diagnostics.json"
     UPDATE = "update.json"
     DELTA = "delta"
     CCA_TEST = "eval_cca_test.jsonl"
@@ -98,6 +102,14 @@ class RunDir:
     @property
     def pivots(self) -> Path:
         return self.path / self.PIVOTS
+
+    @property
+    def training_examples(self) -> Path:
+        return self.path / self.TRAINING_EXAMPLES
+
+    @property
+    def diagnostics(self) -> Path:
+        return self.path / self.DIAGNOSTICS
 
     @property
     def selection(self) -> Path:

@@ -9,7 +9,9 @@ stage          outputs (:class:`RunDir` names)               result
 ``base_eval``  ``eval_base_{train,test}.jsonl``              :class:`BaseEval`
 ``traces``     ``training_set.json``, ``traces.jsonl``       :class:`Traces`
 ``pivots``     ``pivots.jsonl``                              :class:`Pivots`
+``examples``   ``training_examples.json``                    :class:`TrainingExamples`
 ``localize``   ``selection.json``                            :class:`Localized`
+``diagnostics`` ``diagnostics.json``                         :class:`Diagnostics`
 ``update``     ``update.json``, ``delta/``                   :class:`UpdateInfo`
 ``cca_eval``   ``eval_cca_test.jsonl``                       :class:`CCAEval`
 ``report``     ``report.json``, ``report.md``, ``components.png``  :class:`~cca_fast.experiments.report.RunReport`
@@ -181,6 +183,33 @@ class UpdateInfo:
 
     def message(self) -> str:
         return f"stage 3: best step {self.best_step} (validation accuracy {self.best_val})"
+
+
+@dataclass
+class TrainingExamples:
+    """Stage 3's training pivots (after ``pivot_source`` and ``pivot_filter``) and their counts."""
+
+    examples: list
+    stats: dict[str, Any]
+
+    def message(self) -> str:
+        return f"training examples: {len(self.examples)} ({self.stats.get('source')}, filter {self.stats.get('filter')})"
+
+
+@dataclass
+class Diagnostics:
+    """``diagnostics.json`` (``None`` when ``RunConfig.diagnostics`` is off)."""
+
+    data: dict[str, Any] | None
+
+    def message(self) -> str | None:
+        if not self.data:
+            return None
+        t = (self.data.get("transfer") or {}).get("ratio")
+        a = (self.data.get("alignment") or {}).get("mean_pairwise_cos")
+        return ("diagnostics: held-out / training gain of one step "
+                + ("n/a" if t is None else f"{t:.2f}") + ", mean pairwise gradient cosine "
+                + ("n/a" if a is None else f"{a:.3f}"))
 
 
 @dataclass
@@ -363,6 +392,53 @@ class PivotsStage:
         return self._checked(examples, stats)
 
 
+class TrainingExamplesStage:
+    """Stage 3's training pivots: the paper's (``pivots.jsonl``), greedy-path forks of the
+    training problems (:mod:`cca_fast.stages.pivots.fork`), or both (``pivot_source``); then
+    ``pivot_filter``. With the paper's settings they are ``pivots.jsonl`` as it is."""
+
+    name = "examples"
+    outputs = (RunDir.TRAINING_EXAMPLES,)
+
+    def load(self, ctx: RunContext) -> TrainingExamples | None:
+        from cca_fast.stages.examples import PivotExample
+
+        if not ctx.rd.training_examples.exists():
+            return None
+        d = read_json(ctx.rd.training_examples)
+        return TrainingExamples([PivotExample.from_dict(e) for e in d["examples"]], d["stats"])
+
+    def run(self, ctx: RunContext) -> TrainingExamples:
+        c = ctx.config
+        examples: list = []
+        stats: dict[str, Any] = {"source": c.pivot_source, "filter": c.pivot_filter}
+        if c.pivot_source in ("paper", "both"):
+            examples += ctx.results["pivots"].examples
+            stats["paper"] = len(ctx.results["pivots"].examples)
+        if c.pivot_source in ("fork", "both"):
+            from cca_fast.stages.pivots.fork import fork_pivots_for
+
+            greedy = {r["id"]: r for r in ctx.results["base_eval"].train_records}
+            forks, fstats = fork_pivots_for(ctx.model, ctx.tokenizer, ctx.results["traces"].problems, greedy,
+                                            ctx.settings.generation, c.fork, progress=ctx.progress,
+                                            prefix_cache=ctx.prefix_cache)
+            examples += forks
+            stats["fork"] = {**fstats, "examples": len(forks)}
+        if c.pivot_filter == "not_argmax" and examples:
+            from cca_fast.experiments.diagnostics import pivot_table
+
+            rows = pivot_table(ctx.model, examples, None)
+            kept = [e for e, r in zip(examples, rows) if not r["desired_is_argmax"]]
+            stats["dropped_desired_is_argmax"] = len(examples) - len(kept)
+            examples = kept
+        stats["examples"] = len(examples)
+        if not examples:
+            raise CCAError(f"no training pivots left ({stats}): use --pivot-filter all, --pivot-source both, or "
+                           "more training problems (--max-train-problems)")
+        atomic_write_json(ctx.rd.training_examples, {"stats": stats, "examples": [e.to_dict() for e in examples]})
+        return TrainingExamples(examples, stats)
+
+
 class LocalizeStage:
     """Stage 2: the components of ``selector`` (none for the no-mask baseline)."""
 
@@ -382,9 +458,68 @@ class LocalizeStage:
     def run(self, ctx: RunContext) -> Localized:
         from cca_fast.experiments.pipeline import localize
 
-        selection = localize(ctx.model, ctx.space, ctx.results["pivots"].examples, ctx.config, ctx.progress)
+        selection = localize(ctx.model, ctx.space, ctx.results["examples"].examples, ctx.config, ctx.progress)
         atomic_write_json(ctx.rd.selection, selection.to_dict())
         return Localized(selection, ctx.space.total)
+
+
+def gold_examples(ctx: RunContext) -> list | None:
+    """The gold-solution examples of stage 1's training problems (``None`` when a problem has no
+    solution text, e.g. a template without one)."""
+    from cca_fast.baselines.lora.sft import build_sft_examples
+    from cca_fast.errors import DataError
+
+    try:
+        return build_sft_examples(ctx.results["traces"].problems, ctx.tokenizer, ctx.config.prompt)
+    except DataError:
+        return None
+
+
+def validation_problems(config: RunConfig, splits: "Splits", training_ids: Sequence[str]) -> list[Problem]:
+    """The problems every update step (and the LoRA baseline's epochs) is selected on: the
+    validation split plus ``val_from_train`` training-split problems stage 1 did not use (a
+    seeded draw), so that one problem moves validation accuracy less."""
+    if not config.val_from_train:
+        return list(splits.val)
+    import random
+
+    used = set(training_ids)
+    unused = [p for p in splits.train if p.id not in used]
+    extra = random.Random(f"val_from_train:{config.seed}").sample(unused, min(config.val_from_train, len(unused)))
+    return list(splits.val) + sorted(extra, key=lambda p: p.id)
+
+
+class DiagnosticsStage:
+    """Why the update will or will not transfer, before stage 3 spends the evaluation
+    (:func:`cca_fast.experiments.diagnostics.diagnose`): the pivot table (direction, position,
+    desired token already the argmax, on the greedy path), the pairwise alignment of per-pivot
+    gradients on the selected rows, the leave-fold-out gain of one step relative to its training
+    gain, and the alignment with lowering the gold solutions' loss. The no-mask baseline gets the
+    pivot table only (its per-pivot gradients would be whole models)."""
+
+    name = "diagnostics"
+    outputs = (RunDir.DIAGNOSTICS,)
+
+    def load(self, ctx: RunContext) -> Diagnostics | None:
+        if not ctx.config.diagnostics:
+            return Diagnostics(None)
+        return Diagnostics(read_json(ctx.rd.diagnostics)) if ctx.rd.diagnostics.exists() else None
+
+    def run(self, ctx: RunContext) -> Diagnostics:
+        from cca_fast.experiments.diagnostics import diagnose, pivot_table, summarize_pivots
+
+        examples = ctx.results["examples"].examples
+        greedy = {r["id"]: r["output_ids"] for r in ctx.results["base_eval"].train_records if "output_ids" in r}
+        selection = ctx.results["localize"].selection
+        if selection is None:
+            rows = pivot_table(ctx.model, examples, greedy)
+            data: dict[str, Any] = {"n_examples": len(examples), "pivots": {"rows": rows, "summary": summarize_pivots(rows)}}
+        else:
+            data = diagnose(ctx.model, ctx.space, examples, selection.indices, greedy=greedy, gold=gold_examples(ctx),
+                            lr=ctx.settings.update.lr, folds=min(5, max(2, len(examples))), seed=ctx.config.seed,
+                            max_examples=32)
+        atomic_write_json(ctx.rd.diagnostics, data)
+        return Diagnostics(data)
 
 
 class UpdateStage:
@@ -408,7 +543,7 @@ class UpdateStage:
 
         selection = ctx.results["localize"].selection
         c, s, tok = ctx.config, ctx.settings, ctx.tokenizer
-        val = ctx.results["data"].val
+        val = validation_problems(c, ctx.results["data"], [p.id for p in ctx.results["traces"].problems])
         # the no-mask baseline changes every row: its delta is a full model, so no base copy in it
         ucfg = s.update if selection is not None else dataclasses.replace(s.update, scope="all", store_base_rows=False)
 
@@ -417,8 +552,13 @@ class UpdateStage:
                                   prefix_cache=ctx.prefix_cache)
             return summarize(recs)["accuracy"]
 
+        gold = gold_examples(ctx) if ucfg.objective == "gold_nll" else None
+        if ucfg.objective == "gold_nll" and not gold:
+            raise CCAError("objective gold_nll needs gold solutions of the training problems, and this data has "
+                           "none (a template without a solution?): use a pivot objective")
         result = run_update(ctx.model, ctx.space, selection.indices if selection is not None else [],
-                            ctx.results["pivots"].examples, ucfg, validate=validate, progress=ctx.progress)
+                            ctx.results["examples"].examples, ucfg, validate=validate, progress=ctx.progress,
+                            gold=gold)
         result.delta.meta.update({"selection": selection.to_dict() if selection is not None else None,
                                   "run_config": c.to_dict()})
         result.delta.save(ctx.rd.delta)
@@ -458,6 +598,25 @@ class CCAEvalStage:
         return CCAEval(summarize(records))
 
 
+def diagnostics_summary(data: dict[str, Any] | None, rd: RunDir) -> dict[str, Any]:
+    """The report's diagnostics: the summaries of ``diagnostics.json`` (no per-pivot rows) and
+    how many test traces the update changed at all (base vs updated greedy outputs)."""
+    from cca_fast.experiments.diagnostics import changed_traces
+
+    out: dict[str, Any] = {}
+    if data:
+        out["pivots"] = (data.get("pivots") or {}).get("summary")
+        for key in ("alignment", "gold", "gradient_subsample"):
+            if data.get(key) is not None:
+                out[key] = data[key] if key != "gradient_subsample" else {
+                    k: v for k, v in data[key].items() if k != "indices"}
+        if data.get("transfer"):
+            out["transfer"] = {k: v for k, v in data["transfer"].items() if k != "per_fold"}
+    if rd.base_test.exists() and rd.cca_test.exists():
+        out["changed_traces"] = changed_traces(read_jsonl(rd.base_test), read_jsonl(rd.cca_test))
+    return out
+
+
 class ReportStage:
     """``report.json``, ``report.md`` and ``components.png`` (always rewritten: cheap, and the
     seconds change on every resumption)."""
@@ -495,7 +654,7 @@ class ReportStage:
             weak_templates=r["traces"].weak_templates,
             n_train_problems=len(r["traces"].problems),
             n_flipped=r["traces"].n_flipped,
-            n_examples=len(r["pivots"].examples),
+            n_examples=len(r["examples"].examples),
             pivot_search=r["pivots"].stats,
             components_selected=n_sel,
             components_total=space.total,
@@ -505,6 +664,8 @@ class ReportStage:
             component_space=space.describe(),
             delta=str(ctx.rd.delta),
             seconds=ctx.rd.seconds(),
+            training_examples=r["examples"].stats,
+            diagnostics=diagnostics_summary(r["diagnostics"].data, ctx.rd),
         )
         per_layer = (space.layer_kind_counts(selection.indices) if selection is not None
                      else {k: [space.counts[k]] * space.n_layers for k in space.counts})
@@ -513,8 +674,8 @@ class ReportStage:
 
 
 #: the stages of ``cca run``, in order
-STAGES: tuple[Stage, ...] = (DataStage(), BaseEvalStage(), TracesStage(), PivotsStage(), LocalizeStage(),
-                             UpdateStage(), CCAEvalStage(), ReportStage())
+STAGES: tuple[Stage, ...] = (DataStage(), BaseEvalStage(), TracesStage(), PivotsStage(), TrainingExamplesStage(),
+                             LocalizeStage(), DiagnosticsStage(), UpdateStage(), CCAEvalStage(), ReportStage())
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

@@ -196,7 +196,7 @@ def check_objective(config: Any) -> None:
     if config.objective not in OBJECTIVES:
         raise CCAError(f"unknown update objective {config.objective!r} (UpdateConfig.objective, --objective); "
                        f"choose one of {', '.join(OBJECTIVES)}")
-    checks.number("UpdateConfig.margin", config.margin, flag="--margin", lo=0, lo_open=True,
+    checks.number("UpdateConfig.margin", config.margin, flag="--margin",
                   hint="the logit difference above which a pivot stops pulling (hinge), e.g. 3.0")
     checks.number("UpdateConfig.retain_weight", config.retain_weight, flag="--retain-weight", lo=0,
                   hint="0 (no retain term) or a positive weight of the KL to the base model, e.g. 1.0")
