@@ -6,7 +6,8 @@ import json
 
 from cca_fast.cli.common import (FieldFlag, add_generation_args, add_model_args, add_prompt_args, bind_flags,
                                  none_is_zero, overrides_from_args, zero_is_none)
-from cca_fast.experiments.config import BRANCHINGS, PIVOT_METHODS, PROCEDURES
+from cca_fast.experiments.config import BRANCHINGS, PIVOT_FILTERS, PIVOT_METHODS, PIVOT_SOURCES, PROCEDURES
+from cca_fast.stages.objectives import OBJECTIVES
 
 DESCRIPTION = """\
 Run Constructive Circuit Amplification end to end on a model and data set:
@@ -37,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("run", help="the whole CCA method end to end (resumable)", description=DESCRIPTION)
     add_run_args(p)
+    from cca_fast.experiments.recipes import DEFAULT_RECIPE, RECIPES
+
+    p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                   help="a named bundle of settings (cca_fast.experiments.recipes); other flags override it. "
+                        "paper: the paper's procedure")
     s2 = p.add_argument_group("selection")
     s2.add_argument("--selector", choices=SELECTORS,
                     help="component selection; random = the control; none = the no-mask baseline "
@@ -88,6 +94,17 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     s1.add_argument("--pivot-method", choices=PIVOT_METHODS, help="how the pivotal token is found")
     s1.add_argument("--branching", choices=BRANCHINGS,
                     help="fast: pruned batched search (same pivots); reference: the literal per-position loop")
+    s1.add_argument("--pivot-source", choices=PIVOT_SOURCES,
+                    help="stage 3's pivots: paper (sampled flipped traces), fork (greedy-path forks), both")
+    s1.add_argument("--pivot-filter", choices=PIVOT_FILTERS,
+                    help="not_argmax: drop pivots whose desired token is already the base model's argmax")
+    s1.add_argument("--fork-p-min", type=float, metavar="P",
+                    help="greedy-path forks: least probability of the alternative token")
+    s1.add_argument("--fork-max", type=int, metavar="N", help="greedy-path forks: candidate positions per problem")
+    s1.add_argument("--val-from-train", type=int, metavar="N",
+                    help="validation also takes N training-split problems stage 1 did not use")
+    s1.add_argument("--no-diagnostics", action="store_true",
+                    help="skip diagnostics.json (pivot table, gradient alignment, transfer, gold alignment)")
     s2 = p.add_argument_group("stage 2")
     s2.add_argument("--dcm-lambda", type=float, help="DCM L1 weight (paper 0.01)")
     s2.add_argument("--dcm-epochs", type=int, help="DCM epochs (paper 50)")
@@ -100,13 +117,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     s3.add_argument("--update-steps", type=int, help="optimizer steps (paper 50)")
     s3.add_argument("--update-mode", choices=["sparse", "reference"],
                     help="sparse: row-selective gradients + row-sparse step; reference: dense gradients")
+    s3.add_argument("--objective", choices=OBJECTIVES,
+                    help="logit_diff (paper), hinge (capped margin), gold_nll (gold solutions on the selected rows)")
+    s3.add_argument("--margin", type=float, help="hinge: the logit difference above which a pivot stops pulling")
+    s3.add_argument("--retain-weight", type=float,
+                    help="weight of the KL to the base model on the pivots' other trace tokens (0 = none)")
 
 
 #: the pipeline flags of :func:`add_run_args` -> :class:`RunConfig` fields (``cca run`` and ``cca study``)
 RUN_FLAGS: list[FieldFlag] = [
     *(FieldFlag(name, name) for name in ("model", "dtype", "device", "attn_implementation", "data",
                                          "n_per_template", "seed", "weak_threshold", "procedure",
-                                         "pivot_method", "branching")),
+                                         "pivot_method", "branching", "pivot_source", "pivot_filter",
+                                         "val_from_train")),
     *(FieldFlag(name, name, zero_is_none, none_is_zero)
       for name in ("max_train_problems", "max_val_problems", "max_test_problems")),
     FieldFlag("skip_bad_templates", "skip_bad_templates"),
@@ -125,6 +148,12 @@ RUN_FLAGS: list[FieldFlag] = [
     FieldFlag("lr", "update.lr"),
     FieldFlag("update_steps", "update.max_steps"),
     FieldFlag("update_mode", "update.mode"),
+    FieldFlag("objective", "update.objective"),
+    FieldFlag("margin", "update.margin"),
+    FieldFlag("retain_weight", "update.retain_weight"),
+    FieldFlag("fork_p_min", "fork.p_min"),
+    FieldFlag("fork_max", "fork.max_forks"),
+    FieldFlag("no_diagnostics", "diagnostics", to_field=lambda v: not v, to_flag=lambda v: not v),
 ]
 #: the flags only ``cca run`` has (a study sets the selection per condition)
 RUN_ONLY_FLAGS: list[FieldFlag] = [FieldFlag(name, name) for name in
@@ -133,9 +162,9 @@ RUN_ONLY_FLAGS: list[FieldFlag] = [FieldFlag(name, name) for name in
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`RunConfig` of ``cca run``'s flags: ``RunConfig()`` with the given flags' fields set."""
-    from cca_fast.experiments.config import RunConfig
+    from cca_fast.experiments.recipes import recipe_config
 
-    return RunConfig.from_dict(overrides_from_args(args, RUN_FLAGS + RUN_ONLY_FLAGS))
+    return recipe_config(getattr(args, "recipe", None) or "paper", overrides_from_args(args, RUN_FLAGS + RUN_ONLY_FLAGS))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from typing import Callable
 from cca_fast.cli.common import FieldFlag, bind_flags, none_is_zero, overrides_from_args
 from cca_fast.cli.run import RUN_FLAGS, add_run_args
 from cca_fast.errors import CCAError
+from cca_fast.experiments.recipes import study_variants
 
 DESCRIPTION = """\
 Does CCA work on this model? On the same seeded splits, with the same training examples:
@@ -44,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated controls and baselines: random, none, lora (empty: none of them)")
     g.add_argument("--random-like", metavar="SEL",
                    help="the random control selects as many components as this selector did")
+    g.add_argument("--variants", metavar="LIST",
+                   help="comma-separated recipes (cca_fast.experiments.recipes) run as further conditions; "
+                        "NAME:random adds its random control, NAME:none its update on every weight")
     lg = p.add_argument_group("LoRA baseline")
     lg.add_argument("--lora-r", type=int, help="LoRA rank (paper 16)")
     lg.add_argument("--lora-alpha", type=float, help="LoRA alpha (paper 32)")
@@ -98,6 +102,7 @@ STUDY_FLAGS: list[FieldFlag] = [
     *(_run_flag(f) for f in RUN_FLAGS),
     FieldFlag("selectors", "selectors", _list),
     FieldFlag("controls", "controls", _list),
+    FieldFlag("variants", "variants", lambda text: study_variants(_list(text)), lambda v: ",".join(v) or None),
     *(FieldFlag(name, name) for name in ("select_fraction", "select_k", "random_like", "bootstrap", "output")),
     FieldFlag("lora_r", "lora.r"),
     FieldFlag("lora_alpha", "lora.alpha"),

@@ -82,6 +82,13 @@ class StudyConfig:
         side_effects: run the side-effect suites before and after.
         suites: the suites' :class:`cca_fast.evaluation.suites.SuiteConfig` (limits, data root).
         bootstrap: bootstrap resamples for the intervals; ``level``: their coverage.
+        variants: further conditions by name, each a dict of :class:`RunConfig` overrides applied
+            to ``run`` (``{"selector": "atp-fraction", "select_fraction": 0.02, "update":
+            {"objective": "gold_nll"}}``; :data:`cca_fast.experiments.recipes.RECIPES` holds the
+            named ones). Two extra keys: ``"random_like": NAME`` makes the variant a random control
+            drawing as many components as condition ``NAME`` selected (with the variant's other
+            settings), and ``"label"`` is its name in the table. They run after the selectors and
+            controls, in order.
     """
 
     output: str = "runs/study"
@@ -96,6 +103,7 @@ class StudyConfig:
     suites: SuiteConfig = field(default_factory=study_suite_defaults)
     bootstrap: int = 10_000
     level: float = 0.95
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,7 +116,7 @@ class StudyConfig:
                 raise CCAError(f"StudyConfig.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}: "
                                f"pass {kind.__name__}(...), or use StudyConfig.from_dict({{'{name}': {{...}}}})")
         bad = [s for s in self.selectors if s not in SELECTORS or s in ("random", "none")]
-        if bad or not self.selectors:
+        if bad or not (self.selectors or self.variants):
             raise CCAError(f"study selectors must be among dcm, atp-topk, atp-fraction (got {self.selectors}); "
                            "the random control and the no-mask update are --controls")
         if len(set(self.selectors)) != len(self.selectors):
@@ -116,6 +124,7 @@ class StudyConfig:
         badc = [c for c in self.controls if c not in CONTROLS]
         if badc:
             raise CCAError(f"unknown controls {badc}; choose among {', '.join(CONTROLS)}")
+        self._check_variants()
         if "random" in self.controls and self.random_like not in self.selectors:
             raise CCAError(f"the random control copies the size of the {self.random_like!r} selection, which is "
                            f"not among the selectors {self.selectors} (set --random-like)")
@@ -132,6 +141,36 @@ class StudyConfig:
         for name in ("shared", *self.condition_names()):
             self.run_config(name, random_count=1).validate()
 
+    def _check_variants(self) -> None:
+        if not isinstance(self.variants, dict):
+            raise CCAError(f"StudyConfig.variants must be a dict of name -> RunConfig overrides, got "
+                           f"{type(self.variants).__name__}")
+        taken = {"base", "shared", "lora", "side_effects", *self.selectors, *CONTROLS}
+        seen: list[str] = [*self.selectors, *(c for c in self.controls if c in ("random", "none"))]
+        for name, spec in self.variants.items():
+            if not isinstance(name, str) or not name or name in taken or "/" in name:
+                raise CCAError(f"study variant name {name!r} is empty, has a '/', or is taken by a condition "
+                               f"({', '.join(sorted(taken))})")
+            if not isinstance(spec, dict):
+                raise CCAError(f"study variant {name!r} must be a dict of RunConfig overrides, got {spec!r}")
+            like = spec.get("random_like")
+            if like is not None and like not in seen:
+                raise CCAError(f"study variant {name!r}: random_like={like!r} must name a selector or an earlier "
+                               f"variant ({', '.join(seen) or 'none'})")
+            seen.append(name)
+
+    def random_partners(self) -> dict[str, str]:
+        """``{condition: its random control}``: each selector -> ``random`` (when that control
+        runs), each variant named by a later variant's ``random_like`` -> that variant."""
+        out = {s: "random" for s in self.selectors if "random" in self.controls}
+        out.update({spec["random_like"]: name for name, spec in self.variants.items() if spec.get("random_like")})
+        return out
+
+    def label(self, name: str) -> str | None:
+        """A variant's table label (``None`` for the built-in conditions)."""
+        spec = self.variants.get(name)
+        return None if spec is None else spec.get("label", name)
+
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a JSON-able nested dict (what ``study_config.json`` holds)."""
         return config_io.to_dict(self)
@@ -145,7 +184,7 @@ class StudyConfig:
     # ---- per condition ---------------------------------------------------------------------
     def condition_names(self) -> list[str]:
         """CCA conditions (run directories), in the order they run."""
-        return [*self.selectors, *(c for c in self.controls if c in ("random", "none"))]
+        return [*self.selectors, *(c for c in self.controls if c in ("random", "none")), *self.variants]
 
     def run_config(self, name: str, random_count: int | None = None) -> RunConfig:
         """The :class:`RunConfig` of condition ``name`` (``"shared"``: the shared stages)."""
@@ -154,7 +193,9 @@ class StudyConfig:
         if name == "shared":  # stages up to pivots only: later stages' settings do not enter it
             defaults = RunConfig()
             return dataclasses.replace(self.run, output=out, **unset, selector="dcm", dcm=defaults.dcm,
-                                       update=defaults.update)
+                                       update=defaults.update, pivot_source=defaults.pivot_source,
+                                       pivot_filter=defaults.pivot_filter, fork=defaults.fork,
+                                       val_from_train=defaults.val_from_train, diagnostics=defaults.diagnostics)
         if name == "random":
             if random_count is None:
                 raise CCAError("the random control needs the count of the selection it controls for")
@@ -162,6 +203,15 @@ class StudyConfig:
                                        selector="random")
         if name == "none":
             return dataclasses.replace(self.run, output=out, **unset, selector="none")
+        if name in self.variants:
+            spec = {k: v for k, v in self.variants[name].items() if k not in ("random_like", "label")}
+            cfg = RunConfig.from_dict(spec, base=dataclasses.replace(self.run, output=out, **unset))
+            if self.variants[name].get("random_like"):
+                if random_count is None:
+                    raise CCAError(f"variant {name!r} (a random control) needs the count of the selection it "
+                                   "controls for")
+                cfg = dataclasses.replace(cfg, **{**unset, "select_count": int(random_count)}, selector="random")
+            return cfg
         return dataclasses.replace(self.run, output=out, **{
             **unset, "select_fraction": self.select_fraction if name == "atp-fraction" else None,
             "select_k": self.select_k if name == "atp-topk" else None}, selector=name)
@@ -236,6 +286,8 @@ def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[st
         count = None
         if name == "random":
             count = reports[config.random_like].components_selected
+        elif config.variants.get(name, {}).get("random_like"):
+            count = reports[config.variants[name]["random_like"]].components_selected
         seed_from_shared(shared, target)
         say(f"study: condition {name}")
         reports[name] = timed(name, lambda: run_cca(config.run_config(name, count), progress=progress))
@@ -257,13 +309,15 @@ def study_problems(config: StudyConfig):
     """``(training problems, validation problems, test problems)`` of the study, read from the
     shared run directory: the training problems CCA's stage 1 used (``training_set.json``), the
     validation and test problems every condition is selected and scored on (the data stage's)."""
+    from cca_fast.experiments.stages import validation_problems
+
     rd = RunDir(Path(config.output) / "shared", create=False)
     splits = DataStage().load(RunContext(config.run_config("shared"), rd))
     if splits is None:
         raise CCAError(f"{rd.path} has no data splits: run the study's shared stages first")
     by_id = {p.id: p for p in splits.train}
     chosen = [by_id[i] for i in rd.read_training_set()["problem_ids"]]
-    return chosen, splits.val, splits.test
+    return chosen, validation_problems(config.run, splits, [p.id for p in chosen]), splits.test
 
 
 def _load(config: StudyConfig):

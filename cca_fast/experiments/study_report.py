@@ -9,6 +9,7 @@ random control on the held-out test problems, and by how much.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
     n_params = info.get("n_params")
 
     names = side_effect_names(config)
+    partners = config.random_partners()
     correct = {n: aligned_correct(recs, ids) for n in names if (recs := _test_records(out, n))}
     sides = {n: _side(out, n) for n in names}
     rows = []
@@ -86,23 +88,27 @@ def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
         if n not in correct:
             continue
         acc = boot.accuracy(correct[n], config.level)
-        row: dict[str, Any] = {"condition": n, "label": LABELS.get(n, n), "test_accuracy": acc.to_dict(),
+        row: dict[str, Any] = {"condition": n, "label": config.label(n) or LABELS.get(n, n), "test_accuracy": acc.to_dict(),
                                **_changed(out, n, n_params)}
         if n != "base":
             row["vs_base"] = boot.difference(correct[n], correct["base"], config.level).to_dict()
-        if n in config.selectors and "random" in correct:
-            row["vs_random"] = boot.difference(correct[n], correct["random"], config.level).to_dict()
+        partner = partners.get(n)
+        if partner is not None and partner in correct:
+            row["vs_random"] = boot.difference(correct[n], correct[partner], config.level).to_dict()
+            row["random_control"] = partner
         if n in config.condition_names():
             rep = read_json(out / n / "report.json")
             row.update({"best_step": rep["best_step"], "best_val_accuracy": rep["best_val_accuracy"],
-                        "base_val_accuracy": rep["base_val_accuracy"]})
+                        "base_val_accuracy": rep["base_val_accuracy"], "diagnostics": rep.get("diagnostics"),
+                        "training_examples": rep.get("training_examples")})
         elif n == "lora" and (out / "lora" / "lora.json").exists():
             li = read_json(out / "lora" / "lora.json")
             row.update({"best_epoch": li.get("best_epoch"), "best_val_accuracy": li.get("best_val")})
         row["side_effects"] = _side_row(sides.get("base"), sides.get(n), n == "base")
         rows.append(row)
 
-    shared_report = read_json(out / (config.selectors[0]) / "report.json") if (out / config.selectors[0] / "report.json").exists() else {}
+    first = config.condition_names()[0]
+    shared_report = read_json(out / first / "report.json") if (out / first / "report.json").exists() else {}
     return {
         "model": config.run.model or "default (SmolLM2-135M-Instruct)",
         "data": config.run.data or "builtin",
@@ -119,7 +125,9 @@ def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
         "n_params": n_params,
         "components_total": shared_report.get("components_total"),
         "rows": rows,
-        "verdicts": verdicts(rows, config.selectors),
+        "verdicts": verdicts(rows, [*config.selectors, *(v for v, spec in config.variants.items()
+                                                           if not spec.get("random_like"))]),
+        "variants": config.variants,
         "phases_seconds": phases,
         "shared_seconds": sum(v for k, v in (read_json(out / "shared" / "stages.json").items()
                                              if (out / "shared" / "stages.json").exists() else [])),
@@ -160,6 +168,32 @@ def verdicts(rows: list[dict[str, Any]], selectors: list[str]) -> list[str]:
     return out
 
 
+def diagnostics_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the diagnostics of each condition that has them (report.json ``diagnostics``)."""
+    diag = [r for r in rows if r.get("diagnostics")]
+    if not diag:
+        return []
+
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = ["**Diagnostics** (training pivots; per-pivot gradients on the condition's selected rows; a step's "
+             "held-out / training logit-difference gain, leave-fold-out; cosine with lowering the gold solutions' "
+             "loss; test traces the update changed):", "",
+             "| condition | pivots | desired already argmax | on greedy path | mean pairwise cos | "
+             "transfer ratio | gold cos | test traces changed (w->c / c->w) |", "|---" * 8 + "|"]
+    for r in diag:
+        d = r["diagnostics"]
+        pv, al, tr, gd, ch = (d.get(k) or {} for k in ("pivots", "alignment", "transfer", "gold", "changed_traces"))
+        pct = (lambda x: "-" if x is None else f"{100 * x:.0f}%")
+        changed = (f"{ch['output_changed']} of {ch['n']} ({ch['wrong_to_correct']} / {ch['correct_to_wrong']})"
+                   if ch else "-")
+        lines.append(f"| {r['label']} | {pv.get('n', '-')} | {pct(pv.get('fraction_desired_is_argmax'))} | "
+                     f"{pct(pv.get('fraction_on_greedy_path'))} | {f(al.get('mean_pairwise_cos'), '.3f')} | "
+                     f"{f(tr.get('ratio'), '.2f')} | {f(gd.get('cos'), '.3f')} | {changed} |")
+    return lines + [""]
+
+
 def render_markdown(study: dict[str, Any]) -> str:
     head = ["| condition | test accuracy % [95% CI] | vs base, points [95% CI] | vs random, points | "
             "components selected | parameters updatable | best val % (step) | "
@@ -197,6 +231,11 @@ def render_markdown(study: dict[str, Any]) -> str:
                      f"{_ci(r['vs_random'], True) if 'vs_random' in r else '-'} | {comp} | {par} | {val} | "
                      + " | ".join(side) + " |")
     lines += ["", "**Verdict.**", ""] + [f"- {v}" for v in study["verdicts"]] + ["", "![test accuracy](study.png)", ""]
+    lines += diagnostics_table(study["rows"])
+    if study.get("variants"):
+        lines += ["Variants (RunConfig overrides of the study's shared settings):", ""]
+        lines += [f"- `{name}`: `{json.dumps(spec, sort_keys=True)}`" for name, spec in study["variants"].items()]
+        lines += [""]
     lines += ["Best step 0 (epoch 0) means validation accuracy never rose above the base's: the condition "
               "keeps the base weights, bit for bit (its side effects are the base's).", ""]
     phases = {**({"shared stages (data, base eval, traces, pivots)": study["shared_seconds"]}

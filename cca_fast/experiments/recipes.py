@@ -1,0 +1,84 @@
+"""Named recipes: bundles of :class:`~cca_fast.experiments.config.RunConfig` settings.
+
+A recipe is a dict of ``RunConfig`` overrides (``RunConfig.from_dict`` merges it into the
+defaults; nested dicts into the nested configurations). ``cca run --recipe NAME`` starts from it,
+and every other flag still overrides it; ``cca study --variants NAME,...`` runs recipes side by
+side on the same shared stages.
+
+================  ===========================================================================
+``paper``         the paper's procedure (METHOD.md), at the CPU sizes of ``RunConfig()``:
+                  pivots from sampled flipped traces, DCM masks, plain SGD on the logit
+                  difference of every pivot; exactly ``RunConfig()``
+``circuit-sft``   the paper's pivots and AtP top-2% components, the rows trained on the
+                  training problems' gold solutions (sparse SFT on the circuit), AdamW
+``fork-hinge``    paper + greedy-path forking pivots, only those whose desired token is not
+                  already the argmax, a capped margin (hinge 3.0) and a retain term (KL to the
+                  base on the other trace tokens), AtP top-2%
+================  ===========================================================================
+
+The study in ``results/`` says which of them improves the embedded default model, and by how much
+(README, "Which recipe"). :data:`DEFAULT_RECIPE` is what ``cca run`` uses without ``--recipe``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from cca_fast.errors import CCAError
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "circuit-sft": {
+        "selector": "atp-fraction", "select_fraction": 0.02,
+        "update": {"objective": "gold_nll", "optimizer": "adamw", "lr": 1e-4},
+    },
+    "fork-hinge": {
+        "selector": "atp-fraction", "select_fraction": 0.02,
+        "pivot_source": "both", "pivot_filter": "not_argmax",
+        "update": {"objective": "hinge", "margin": 3.0, "retain_weight": 1.0},
+    },
+}
+DEFAULT_RECIPE = "paper"
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """A copy of recipe ``name``'s overrides. Raises :class:`CCAError` for an unknown name."""
+    if name not in RECIPES:
+        raise CCAError(f"unknown recipe {name!r} (--recipe); recipes: {', '.join(RECIPES)}")
+    return copy.deepcopy(RECIPES[name])
+
+
+def recipe_config(name: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None):
+    """The :class:`RunConfig` of recipe ``name`` with ``overrides`` (a nested dict) on top."""
+    from cca_fast.experiments.config import RunConfig
+
+    base = RunConfig.from_dict(recipe(name))
+    return RunConfig.from_dict(overrides or {}, base=base)
+
+
+#: ``NAME:KIND`` suffixes of :func:`study_variants`: a control of recipe ``NAME``'s settings
+VARIANT_KINDS = ("random", "none")
+
+
+def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
+    """``cca study --variants`` entries -> :attr:`StudyConfig.variants`.
+
+    ``NAME`` is recipe ``NAME``; ``NAME:random`` its random control (the same settings on as many
+    random components as ``NAME`` selected; condition ``NAME-random``); ``NAME:none`` the same
+    update on every weight (condition ``NAME-none``: with ``circuit-sft``, full fine-tuning on the
+    gold solutions, the paper's third baseline).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for entry in spec:
+        name, _, kind = entry.partition(":")
+        settings = recipe(name)
+        if not kind:
+            out[name] = settings
+        elif kind == "random":
+            out[f"{name}-random"] = {**settings, "random_like": name, "label": f"random control ({name})"}
+        elif kind == "none":
+            out[f"{name}-none"] = {**settings, "selector": "none", "label": f"every weight ({name})"}
+        else:
+            raise CCAError(f"--variants entry {entry!r}: the suffix must be one of "
+                           f"{', '.join(':' + k for k in VARIANT_KINDS)}")
+    return out
