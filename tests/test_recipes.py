@@ -1,0 +1,95 @@
+"""Recipes (``cca run --recipe``) and study variants on the tiny biased model of test_pipeline.py.
+
+``--recipe paper`` must be today's defaults exactly: the same configuration, and bit-identical
+outputs (pivots, selection, delta, test evaluation) to a run with the paper's settings spelled out
+flag by flag. A study with variants must run each variant on the shared stages, give a variant's
+random control as many components as the variant selected, and put the diagnostics in the table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cca_fast.cli.main import main
+from cca_fast.errors import CCAError
+from cca_fast.experiments.config import RunConfig
+from cca_fast.experiments.recipes import RECIPES, recipe_config, study_variants
+from cca_fast.experiments.study import StudyConfig, run_study
+from cca_fast.io import read_json
+from helpers import run_argv, run_config
+
+OUTPUTS = ("pivots.jsonl", "training_examples.json", "selection.json", "eval_cca_test.jsonl",
+           "eval_base_test.jsonl")
+
+
+def test_paper_recipe_is_the_default_configuration():
+    assert recipe_config("paper").to_dict() == RunConfig().to_dict()
+    for name in RECIPES:  # every recipe is a valid configuration
+        recipe_config(name).validate()
+    with pytest.raises(CCAError, match="unknown recipe"):
+        recipe_config("nope")
+
+
+@pytest.mark.slow
+def test_recipe_paper_gives_bit_identical_outputs_to_the_spelled_out_paper_flags(workdir, tmp_path):
+    small = ("--max-train-problems", "8", "--selector", "atp-topk", "--select-k", "5")
+    a, b, c = tmp_path / "default", tmp_path / "recipe", tmp_path / "flags"
+    assert main(run_argv(workdir, a, *small)) == 0
+    assert main(run_argv(workdir, b, *small, "--recipe", "paper")) == 0
+    assert main(run_argv(workdir, c, *small, "--objective", "logit_diff", "--pivot-source", "paper",
+                         "--pivot-filter", "all", "--retain-weight", "0", "--val-from-train", "0")) == 0
+    for rel in OUTPUTS:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes() == (c / rel).read_bytes(), rel
+    # the delta's tensors bit for bit (its metadata names the run directory, which differs)
+    deltas = [load_file(d / "delta" / "delta.safetensors") for d in (a, b, c)]
+    assert deltas[0] and set(deltas[0]) == set(deltas[1]) == set(deltas[2])
+    for name, t in deltas[0].items():
+        assert torch.equal(t, deltas[1][name]) and torch.equal(t, deltas[2][name]), name
+    configs = [json.loads((d / "config.json").read_text()) for d in (a, b)]
+    assert [c.pop("output") for c in configs] == [str(a), str(b)]
+    assert configs[0] == configs[1]
+
+
+def test_study_variants_spec():
+    v = study_variants(["circuit-sft", "circuit-sft:random", "circuit-sft:none"])
+    assert list(v) == ["circuit-sft", "circuit-sft-random", "circuit-sft-none"]
+    assert v["circuit-sft-random"]["random_like"] == "circuit-sft"
+    assert v["circuit-sft-none"]["selector"] == "none"
+    with pytest.raises(CCAError, match="suffix"):
+        study_variants(["paper:odd"])
+    with pytest.raises(CCAError, match="random_like"):
+        StudyConfig(selectors=[], variants={"r": {"random_like": "later"}, "later": {}})
+
+
+@pytest.mark.slow
+def test_study_runs_variants_with_their_random_control_and_diagnostics(workdir, tmp_path):
+    out = tmp_path / "study"
+    run = run_config(workdir, out / "unused", max_train_problems=8, val_from_train=4)
+    variants = study_variants(["circuit-sft", "circuit-sft:random", "fork-hinge"])
+    variants["circuit-sft"]["select_fraction"] = variants["circuit-sft-random"]["select_fraction"] = 0.05
+    variants["fork-hinge"].update({"select_fraction": 0.05, "pivot_filter": "all", "fork": {"p_min": 0.05}})
+    cfg = StudyConfig(output=str(out), run=run, selectors=[], controls=[], variants=variants, side_effects=False,
+                      bootstrap=200)
+    study = run_study(cfg, progress=False)
+    rows = {r["condition"]: r for r in study["rows"]}
+    assert set(rows) == {"base", "circuit-sft", "circuit-sft-random", "fork-hinge"}
+    sft = read_json(out / "circuit-sft" / "report.json")
+    rnd = read_json(out / "circuit-sft-random" / "report.json")
+    assert rnd["components_selected"] == sft["components_selected"] and rnd["selector"] == "random"
+    assert rows["circuit-sft"]["random_control"] == "circuit-sft-random" and "vs_random" in rows["circuit-sft"]
+    # every condition trained on the same validation problems: 34-style split + 4 unused training problems
+    assert read_json(out / "circuit-sft" / "update.json")["config"]["objective"] == "gold_nll"
+    hist = read_json(out / "circuit-sft" / "update.json")["history"]
+    assert all("train_loss" in h for h in hist)
+    fork = read_json(out / "fork-hinge" / "training_examples.json")["stats"]
+    assert fork["source"] == "both" and fork["fork"]["candidates"] > 0
+    assert fork["examples"] == fork["paper"] + fork["fork"]["examples"]
+    diag = sft["diagnostics"]
+    assert diag["pivots"]["n"] == sft["n_examples"] and "mean_pairwise_cos" in diag["alignment"]
+    assert diag["changed_traces"]["n"] == sft["n_test"]
+    md = (out / "study.md").read_text()
+    assert "**Diagnostics**" in md and "random control (circuit-sft)" in md
