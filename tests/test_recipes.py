@@ -55,8 +55,9 @@ def test_recipe_paper_gives_bit_identical_outputs_to_the_spelled_out_paper_flags
 
 
 def test_study_variants_spec():
-    v = study_variants(["circuit-sft", "circuit-sft:random", "circuit-sft:none"])
-    assert list(v) == ["circuit-sft", "circuit-sft-random", "circuit-sft-none"]
+    v = study_variants(["circuit-sft", "circuit-sft:random", "circuit-sft:random-kinds", "circuit-sft:none"])
+    assert list(v) == ["circuit-sft", "circuit-sft-random", "circuit-sft-random-kinds", "circuit-sft-none"]
+    assert v["circuit-sft-random-kinds"]["match_kinds"] is True
     assert v["circuit-sft-random"]["random_like"] == "circuit-sft"
     assert v["circuit-sft-none"]["selector"] == "none"
     with pytest.raises(CCAError, match="suffix"):
@@ -69,18 +70,22 @@ def test_study_variants_spec():
 def test_study_runs_variants_with_their_random_control_and_diagnostics(workdir, tmp_path):
     out = tmp_path / "study"
     run = run_config(workdir, out / "unused", max_train_problems=8, val_from_train=4)
-    variants = study_variants(["circuit-sft", "circuit-sft:random", "fork-hinge"])
-    variants["circuit-sft"]["select_fraction"] = variants["circuit-sft-random"]["select_fraction"] = 0.05
+    variants = study_variants(["circuit-sft", "circuit-sft:random", "circuit-sft:random-kinds", "fork-hinge"])
+    for name in ("circuit-sft", "circuit-sft-random", "circuit-sft-random-kinds"):
+        variants[name]["select_fraction"] = 0.05
     variants["fork-hinge"].update({"select_fraction": 0.05, "pivot_filter": "all", "fork": {"p_min": 0.05}})
     cfg = StudyConfig(output=str(out), run=run, selectors=[], controls=[], variants=variants, side_effects=False,
                       bootstrap=200)
     study = run_study(cfg, progress=False)
     rows = {r["condition"]: r for r in study["rows"]}
-    assert set(rows) == {"base", "circuit-sft", "circuit-sft-random", "fork-hinge"}
+    assert set(rows) == {"base", "circuit-sft", "circuit-sft-random", "circuit-sft-random-kinds", "fork-hinge"}
     sft = read_json(out / "circuit-sft" / "report.json")
     rnd = read_json(out / "circuit-sft-random" / "report.json")
     assert rnd["components_selected"] == sft["components_selected"] and rnd["selector"] == "random"
-    assert rows["circuit-sft"]["random_control"] == "circuit-sft-random" and "vs_random" in rows["circuit-sft"]
+    kinds = read_json(out / "circuit-sft-random-kinds" / "report.json")
+    assert kinds["per_kind"] == sft["per_kind"]  # as many q / k / v / MLP components: as many parameters
+    assert set(rows["circuit-sft"]["vs_randoms"]) == {"circuit-sft-random", "circuit-sft-random-kinds"}
+    assert rows["circuit-sft"]["random_control"] == "circuit-sft-random-kinds"
     # every condition trained on the same validation problems: 34-style split + 4 unused training problems
     assert read_json(out / "circuit-sft" / "update.json")["config"]["objective"] == "gold_nll"
     hist = read_json(out / "circuit-sft" / "update.json")["history"]

@@ -118,7 +118,8 @@ class RunConfig:
         diagnostics: write ``diagnostics.json`` before stage 3 (pivot table, gradient alignment,
             leave-fold-out transfer, gold-loss alignment; :mod:`cca_fast.experiments.diagnostics`).
         selector: one of :data:`SELECTORS`; ``select_k`` (atp-topk), ``select_fraction``
-            (atp-fraction, random), ``select_count`` (random).
+            (atp-fraction, random), ``select_count`` (random), ``select_kinds`` (random: a count per
+            kind, ``{"q": 4, "k": 3, "v": 0, "mlp": 924}``, which matches parameters too).
         procedure: ``"fast"`` or ``"reference"`` (see :class:`ProcedureSettings`).
     """
 
@@ -145,6 +146,7 @@ class RunConfig:
     select_k: int | None = None
     select_fraction: float | None = None
     select_count: int | None = None
+    select_kinds: dict[str, int] | None = None
     dcm: DCMConfig = field(default_factory=_default_dcm)
     update: UpdateConfig = field(default_factory=_default_update)
     procedure: str = "fast"
@@ -211,7 +213,14 @@ class RunConfig:
             raise CCAError("selector atp-topk needs RunConfig.select_k (--select-k K)")
         if self.selector == "atp-fraction" and not self.select_fraction:
             raise CCAError("selector atp-fraction needs RunConfig.select_fraction (--select-fraction F)")
-        if self.selector == "random" and not (self.select_count or self.select_fraction):
+        if self.select_kinds is not None:
+            from cca_fast.models.adapters import KINDS
+
+            if (not isinstance(self.select_kinds, dict) or set(self.select_kinds) - set(KINDS)
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.select_kinds.values())):
+                raise CCAError(f"RunConfig.select_kinds must map {', '.join(KINDS)} to integers >= 0, got "
+                               f"{self.select_kinds!r}")
+        if self.selector == "random" and not (self.select_count or self.select_fraction or self.select_kinds):
             raise CCAError("selector random needs RunConfig.select_count (--select-count N) or select_fraction "
                            "(--select-fraction F): use the count of the selection it controls for")
         _positive("n_per_template", self.n_per_template)

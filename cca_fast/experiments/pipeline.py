@@ -156,6 +156,8 @@ def localize(model, space: ComponentSpace, examples: Sequence[PivotExample], con
         scores = run_atp(model, examples, AtPConfig(batch_size=config.generation.batch_size), progress=progress, space=space)
         return select(sel, space, scores=scores, k=config.select_k, fraction=config.select_fraction)
     if sel == "random":
+        if config.select_kinds:  # as many of each kind (and so as many parameters) as another selection
+            return select("random", space, like=dict(config.select_kinds), seed=config.seed)
         count = config.select_count or max(1, round(config.select_fraction * space.total))
         return select("random", space, like=int(count), seed=config.seed)
     raise CCAError(f"selector {sel!r} selects nothing")

@@ -57,14 +57,16 @@ def recipe_config(name: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None =
 
 
 #: ``NAME:KIND`` suffixes of :func:`study_variants`: a control of recipe ``NAME``'s settings
-VARIANT_KINDS = ("random", "none")
+VARIANT_KINDS = ("random", "random-kinds", "none")
 
 
 def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
     """``cca study --variants`` entries -> :attr:`StudyConfig.variants`.
 
     ``NAME`` is recipe ``NAME``; ``NAME:random`` its random control (the same settings on as many
-    random components as ``NAME`` selected; condition ``NAME-random``); ``NAME:none`` the same
+    random components as ``NAME`` selected; condition ``NAME-random``); ``NAME:random-kinds`` the
+    same with as many components *of each kind* (q, k, v, MLP), hence as many parameters
+    (condition ``NAME-random-kinds``); ``NAME:none`` the same
     update on every weight (condition ``NAME-none``: with ``circuit-sft``, full fine-tuning on the
     gold solutions, the paper's third baseline).
     """
@@ -76,6 +78,9 @@ def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
             out[name] = settings
         elif kind == "random":
             out[f"{name}-random"] = {**settings, "random_like": name, "label": f"random control ({name})"}
+        elif kind == "random-kinds":
+            out[f"{name}-random-kinds"] = {**settings, "random_like": name, "match_kinds": True,
+                                           "label": f"random control, kinds matched ({name})"}
         elif kind == "none":
             out[f"{name}-none"] = {**settings, "selector": "none", "label": f"every weight ({name})"}
         else:

@@ -44,6 +44,8 @@ SHARED_UNTIL = "pivots"
 SHARED_FILES = outputs_through(SHARED_UNTIL)
 SHARED_STAGES = ("load_model", "data", "base_eval", "traces", "pivots")
 CONTROLS = ("random", "none", "lora")
+#: keys of a study variant that are not RunConfig overrides
+VARIANT_KEYS = ("random_like", "match_kinds", "label")
 
 
 def study_run_defaults() -> RunConfig:
@@ -85,9 +87,10 @@ class StudyConfig:
         variants: further conditions by name, each a dict of :class:`RunConfig` overrides applied
             to ``run`` (``{"selector": "atp-fraction", "select_fraction": 0.02, "update":
             {"objective": "gold_nll"}}``; :data:`cca_fast.experiments.recipes.RECIPES` holds the
-            named ones). Two extra keys: ``"random_like": NAME`` makes the variant a random control
-            drawing as many components as condition ``NAME`` selected (with the variant's other
-            settings), and ``"label"`` is its name in the table. They run after the selectors and
+            named ones). Three extra keys: ``"random_like": NAME`` makes the variant a random
+            control drawing as many components as condition ``NAME`` selected (with the variant's
+            other settings), ``"match_kinds": True`` as many of each kind (hence as many
+            parameters), and ``"label"`` is its name in the table. They run after the selectors and
             controls, in order.
     """
 
@@ -159,11 +162,13 @@ class StudyConfig:
                                f"variant ({', '.join(seen) or 'none'})")
             seen.append(name)
 
-    def random_partners(self) -> dict[str, str]:
-        """``{condition: its random control}``: each selector -> ``random`` (when that control
-        runs), each variant named by a later variant's ``random_like`` -> that variant."""
-        out = {s: "random" for s in self.selectors if "random" in self.controls}
-        out.update({spec["random_like"]: name for name, spec in self.variants.items() if spec.get("random_like")})
+    def random_partners(self) -> dict[str, list[str]]:
+        """``{condition: its random controls}``: each selector -> ``["random"]`` (when that control
+        runs), each variant named by later variants' ``random_like`` -> those variants (in order)."""
+        out = {s: ["random"] for s in self.selectors if "random" in self.controls}
+        for name, spec in self.variants.items():
+            if spec.get("random_like"):
+                out.setdefault(spec["random_like"], []).append(name)
         return out
 
     def label(self, name: str) -> str | None:
@@ -186,10 +191,10 @@ class StudyConfig:
         """CCA conditions (run directories), in the order they run."""
         return [*self.selectors, *(c for c in self.controls if c in ("random", "none")), *self.variants]
 
-    def run_config(self, name: str, random_count: int | None = None) -> RunConfig:
+    def run_config(self, name: str, random_count: int | dict[str, int] | None = None) -> RunConfig:
         """The :class:`RunConfig` of condition ``name`` (``"shared"``: the shared stages)."""
         out = str(Path(self.output) / name)
-        unset = {"select_k": None, "select_fraction": None, "select_count": None}
+        unset = {"select_k": None, "select_fraction": None, "select_count": None, "select_kinds": None}
         if name == "shared":  # stages up to pivots only: later stages' settings do not enter it
             defaults = RunConfig()
             return dataclasses.replace(self.run, output=out, **unset, selector="dcm", dcm=defaults.dcm,
@@ -204,13 +209,15 @@ class StudyConfig:
         if name == "none":
             return dataclasses.replace(self.run, output=out, **unset, selector="none")
         if name in self.variants:
-            spec = {k: v for k, v in self.variants[name].items() if k not in ("random_like", "label")}
+            spec = {k: v for k, v in self.variants[name].items() if k not in VARIANT_KEYS}
             cfg = RunConfig.from_dict(spec, base=dataclasses.replace(self.run, output=out, **unset))
             if self.variants[name].get("random_like"):
                 if random_count is None:
                     raise CCAError(f"variant {name!r} (a random control) needs the count of the selection it "
                                    "controls for")
-                cfg = dataclasses.replace(cfg, **{**unset, "select_count": int(random_count)}, selector="random")
+                size = ({"select_kinds": dict(random_count)} if isinstance(random_count, dict)
+                        else {"select_count": int(random_count)})
+                cfg = dataclasses.replace(cfg, **{**unset, **size}, selector="random")
             return cfg
         return dataclasses.replace(self.run, output=out, **{
             **unset, "select_fraction": self.select_fraction if name == "atp-fraction" else None,
@@ -287,7 +294,8 @@ def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[st
         if name == "random":
             count = reports[config.random_like].components_selected
         elif config.variants.get(name, {}).get("random_like"):
-            count = reports[config.variants[name]["random_like"]].components_selected
+            like = reports[config.variants[name]["random_like"]]
+            count = dict(like.per_kind) if config.variants[name].get("match_kinds") else like.components_selected
         seed_from_shared(shared, target)
         say(f"study: condition {name}")
         reports[name] = timed(name, lambda: run_cca(config.run_config(name, count), progress=progress))

@@ -92,10 +92,11 @@ def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
                                **_changed(out, n, n_params)}
         if n != "base":
             row["vs_base"] = boot.difference(correct[n], correct["base"], config.level).to_dict()
-        partner = partners.get(n)
-        if partner is not None and partner in correct:
-            row["vs_random"] = boot.difference(correct[n], correct[partner], config.level).to_dict()
-            row["random_control"] = partner
+        done = [c for c in partners.get(n, []) if c in correct]
+        if done:  # the table's column: the last (strictest) control listed; every one in vs_randoms
+            row["vs_randoms"] = {c: boot.difference(correct[n], correct[c], config.level).to_dict() for c in done}
+            row["random_control"] = done[-1]
+            row["vs_random"] = row["vs_randoms"][done[-1]]
         if n in config.condition_names():
             rep = read_json(out / n / "report.json")
             row.update({"best_step": rep["best_step"], "best_val_accuracy": rep["best_val_accuracy"],
@@ -153,8 +154,11 @@ def verdicts(rows: list[dict[str, Any]], selectors: list[str]) -> list[str]:
         if r is None:
             continue
         parts = []
-        for key, other in (("vs_base", "the base model"), ("vs_random", "the random control")):
-            d = r.get(key)
+        others = [(r.get("vs_base"), "the base model")]
+        randoms = r.get("vs_randoms") or ({"random": r["vs_random"]} if r.get("vs_random") else {})
+        others += [(d, (by[c]["label"] if c in by else c) if len(randoms) > 1 else "the random control")
+                   for c, d in randoms.items()]
+        for d, other in others:
             if d is None:
                 continue
             ci = f"95% CI [{_pts(d['low'])}, {_pts(d['high'])}]"

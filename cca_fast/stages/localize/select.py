@@ -179,14 +179,22 @@ def select_atp_fraction(scores: Attribution | torch.Tensor, space: ComponentSpac
     return Selection.build(space, order[:k], "atp-fraction", {"fraction": float(fraction), "k": k, "by": by})
 
 
-def select_random(space: ComponentSpace, like: Selection | int, seed: int = 0, match_kinds: bool = True) -> Selection:
-    """Random control: as many components as ``like`` (a :class:`Selection` or a count).
+def select_random(space: ComponentSpace, like: Selection | int | dict[str, int], seed: int = 0,
+                  match_kinds: bool = True) -> Selection:
+    """Random control: as many components as ``like`` (a :class:`Selection`, a count, or a count
+    per kind ``{"q": 107, "k": 24, "v": 14, "mlp": 786}``).
 
-    With ``match_kinds`` (and a :class:`Selection`) the count of each kind is matched too;
+    With ``match_kinds`` (and a :class:`Selection` or per-kind counts) the count of each kind is
+    matched too, and so the number of parameters (every component of a kind owns as many);
     components are drawn uniformly over layers within a kind. Deterministic in ``seed``.
     """
     g = torch.Generator().manual_seed(int(seed))
-    if isinstance(like, Selection):
+    if isinstance(like, dict):
+        unknown = set(like) - set(KINDS)
+        if unknown or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in like.values()):
+            raise CCAError(f"per-kind counts must map {', '.join(KINDS)} to integers >= 0, got {like!r}")
+        count, per_kind = sum(like.values()), dict(like)
+    elif isinstance(like, Selection):
         like.check_space(space)
         count, per_kind = len(like), dict(like.counts)
     else:
@@ -196,6 +204,8 @@ def select_random(space: ComponentSpace, like: Selection | int, seed: int = 0, m
     params: dict[str, Any] = {"seed": int(seed), "count": count, "match_kinds": bool(match_kinds)}
     if isinstance(like, Selection):
         params["like"] = like.method
+    elif isinstance(like, dict):
+        params["like_kinds"] = dict(per_kind)
     if not match_kinds:
         return Selection.build(space, torch.randperm(space.total, generator=g)[:count], "random", params)
     chosen: list[int] = []
@@ -211,7 +221,7 @@ def select_random(space: ComponentSpace, like: Selection | int, seed: int = 0, m
 
 def select(method: str, space: ComponentSpace, *, scores: Attribution | torch.Tensor | None = None,
            mask: Any = None, k: int | None = None, fraction: float | None = None, threshold: float = 0.5,
-           like: Selection | int | None = None, seed: int = 0, by: str = "signed",
+           like: Selection | int | dict[str, int] | None = None, seed: int = 0, by: str = "signed",
            match_kinds: bool = True) -> Selection:
     """Dispatch to the ``method`` (one of :data:`METHODS`) with the arguments it needs."""
     def need(name: str, value: Any) -> Any:
