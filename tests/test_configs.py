@@ -211,7 +211,8 @@ def test_stage_loop_until_resume_and_timing(tmp_path, capsys):
 
 
 def test_run_dir_owns_the_file_names():
-    assert STAGE_NAMES == ("data", "base_eval", "traces", "pivots", "localize", "update", "cca_eval", "report")
+    assert STAGE_NAMES == ("data", "base_eval", "traces", "pivots", "examples", "localize", "diagnostics", "update",
+                           "cca_eval", "report")
     assert SHARED_FILES == outputs_through("pivots") == (
         "data/train.jsonl", "data/val.jsonl", "data/test.jsonl", RunDir.BASE_TRAIN, RunDir.BASE_TEST,
         RunDir.TRAINING_SET, RunDir.TRACES, RunDir.PIVOTS)
