@@ -210,13 +210,20 @@ def _has(d: Mapping[str, Any], name: str) -> bool:
 
 
 def check_records(records: Sequence[Record], metric: str, method: str) -> None:
-    """Every record has what ``metric`` and ``method`` need (:class:`CCAError` naming its line)."""
+    """Every record has what ``metric`` and ``method`` need, and an optional ``"metric"`` field
+    names this run's metric (:class:`CCAError` naming the file and line)."""
     why = {"prompt": "every example needs one",
            "desired": "the logit_diff metric needs desired and undesired next tokens",
            "undesired": "the logit_diff metric needs desired and undesired next tokens",
            "target": "the logprob metric needs a target continuation",
            "corrupt": "--method patch needs a corrupted prompt per example"}
     for r in records:
+        m = r.data.get("metric")
+        if m is not None and m not in METRICS:
+            raise CCAError(f"{r.source}: unknown metric {m!r}; choose one of {', '.join(METRICS)}")
+        if m is not None and m != metric:
+            raise CCAError(f"{r.source}: metric {m!r} but this run scores {metric!r} (one metric per run: pass "
+                           f"--metric {m} or drop the line's metric field)")
         for name in needs(metric, method):
             if not _has(r.data, name):
                 raise CCAError(f"{r.source}: no {name!r} (or {name + '_ids'!r}): {why[name]}")
