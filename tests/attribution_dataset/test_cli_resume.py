@@ -141,3 +141,16 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
     for k in ("scores", "per_example", "metric"):
         torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-12)
     assert len(list((tmp_path / "two" / "chunks").iterdir())) == 3
+
+
+def test_device_map_passthrough(tmp_path, model_dir):
+    """``load_model(device_map=...)`` hands the map to accelerate; the scorer follows the layers'
+    devices (here all CPU: the multi-GPU path needs GPUs and is not exercised on the CPU machine)."""
+    plain, tok = load_model(str(model_dir), dtype="float64", device="cpu")
+    mapped, _ = load_model(str(model_dir), dtype="float64", device_map="auto")
+    assert getattr(mapped, "hf_device_map", None) is not None
+    data = _data(tmp_path / "d.jsonl", n=3)
+    cfg = AttributeConfig(plots=False)
+    a = attribute_dataset(plain, tok, data, tmp_path / "a", cfg, progress=False).scores
+    b = attribute_dataset(mapped, tok, data, tmp_path / "b", cfg, progress=False).scores
+    torch.testing.assert_close(b, a, rtol=0, atol=0)  # same weights, same device, same arithmetic
