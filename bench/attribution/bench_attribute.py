@@ -6,7 +6,7 @@ Both score the same sites (every q / k / v head, MLP neuron, attention output an
 with gradient x activation of the logit difference at the scored positions. Each measurement runs
 in a fresh subprocess, so peak memory is that run's own:
 
-* CPU: peak resident memory (``ru_maxrss``) minus the resident memory after loading the model;
+* CPU: peak resident memory (``VmHWM``, reset after the warm-up batch) minus the resident memory then;
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the memory after loading the model.
 
 Attributed tokens per second = tokens run through forward + backward / wall time (after one
@@ -15,14 +15,14 @@ warm-up batch). ``cca attribute`` is timed end to end through :func:`attribute_d
 
 Usage::
 
-    python bench/attribution/bench_attribute.py            # CPU: the default model (SmolLM2-135M)
+    python bench/attribution/bench_attribute.py            # CPU: a random SmolLM2-135M-shaped Llama
+    python bench/attribution/bench_attribute.py --model default   # the embedded SmolLM2-135M itself
     python bench/attribution/bench_attribute.py --gpu      # + random 1B / 8B Llama at 512 / 2048 tokens (CUDA only)
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,12 +46,23 @@ SHAPES = {  # random Llama-shaped models (config fields)
 }
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak() -> float:
+    """Reset the kernel's peak-RSS counter (``/proc/self/clear_refs`` 5); the RSS now, MiB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # pragma: no cover - not Linux: the peak then includes the model load
+        pass
+    return _status_mib("VmRSS")
 
 
 def _load(model_name: str, device: str, dtype: torch.dtype):
@@ -141,7 +152,6 @@ def _one(args) -> dict:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _rss_mib()
 
     def run(exs, out):
         if args.impl == "cca":
@@ -154,6 +164,8 @@ def _one(args) -> dict:
             run(warm, Path(tmp) / "warm")
             if cuda:
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            rss0 = _reset_peak()
             t = time.perf_counter()
             scores = run(timed_ex, Path(tmp) / "timed")
             if cuda:
@@ -161,7 +173,7 @@ def _one(args) -> dict:
             sec = time.perf_counter() - t
     except torch.OutOfMemoryError:
         return {"oom": True}
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _status_mib("VmHWM") - rss0
     return {"oom": False, "seconds": sec, "tokens": args.seq * len(timed_ex), "tokens_per_s": args.seq * len(timed_ex) / sec,
             "peak_mib": peak, "checksum": float(scores.abs().sum())}
 
@@ -181,10 +193,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="cca")
-    ap.add_argument("--model", default="default", help="'default' (SmolLM2-135M) or one of " + ", ".join(SHAPES))
+    ap.add_argument("--model", default="smollm2-135m-shape",
+                    help="'default' (the embedded SmolLM2-135M, loaded) or a random Llama of one of these shapes: "
+                         + ", ".join(SHAPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--positions", default="all")

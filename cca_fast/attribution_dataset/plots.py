@@ -40,23 +40,26 @@ def plot_heads(layout: Layout, scores: torch.Tensor, path: Path, title: str = ""
     vmax = max(float(abs(h).max()) for h in heads) or 1.0
     L = layout.n_layers
     widths = [h.shape[1] for h in heads] + [2]
-    fig, axes = plt.subplots(1, 4, figsize=(3 + 0.35 * sum(widths) + 2, 1.5 + 0.22 * L),
-                             gridspec_kw={"width_ratios": [max(w, 2) for w in widths]})
+    fig, axes = plt.subplots(1, 4, figsize=(3 + 0.35 * sum(widths) + 2, 2.2 + 0.22 * L),
+                             gridspec_kw={"width_ratios": [max(w, 2) for w in widths]}, layout="constrained")
+    yticks = list(range(L)) if L <= 16 else list(range(0, L, 2 if L <= 40 else 4))
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
     for ax, h, name in zip(axes[:3], heads, ("q heads", "k heads", "v heads")):
         im = ax.imshow(h, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest", origin="lower")
         ax.set_title(name)
         ax.set_xlabel("head")
+        ax.set_yticks(yticks)
         ax.set_xticks(range(h.shape[1]) if h.shape[1] <= 16 else range(0, h.shape[1], max(1, h.shape[1] // 8)))
     axes[0].set_ylabel("layer")
-    fig.colorbar(im, ax=axes[:3].tolist(), shrink=0.8, label="score")
+    fig.colorbar(im, ax=axes[2], shrink=0.8, label="score (shared by q, k, v)")
     blocks = torch.cat([torch.from_numpy(parts["attn_out"]), torch.from_numpy(parts["mlp_out"])], 1).numpy()
     bmax = float(abs(blocks).max()) or 1.0
     im2 = axes[3].imshow(blocks, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -bmax, bmax),
                          interpolation="nearest", origin="lower")
     axes[3].set_xticks([0, 1], ["attn\nout", "mlp\nout"])
     axes[3].set_title("blocks")
-    fig.colorbar(im2, ax=axes[3], shrink=0.8)
+    axes[3].set_yticks(yticks)
+    fig.colorbar(im2, ax=axes[3], shrink=0.8, label="score")
     if title:
         fig.suptitle(title)
     _save(fig, path)

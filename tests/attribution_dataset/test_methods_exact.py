@@ -310,3 +310,14 @@ def test_other_layouts_first_order(tmp_path, arch):
     got = _fast(model, ex, tmp_path, method="gradxact", metric="logit_diff", positions="all")
     ref = _fd_scores(model, Layout(ComponentSpace(model)), ex, "gradxact", "logit_diff", "all")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["gradxact", "patch", "mean"])
+def test_block_output_is_the_sum_of_its_neurons(tmp_path, method):
+    """Llama's down projection has no bias, so ``(W h) . g = h . (W^T g)``: each layer's MLP-output
+    score equals the sum of its neuron scores (float64 rounding: 1e-10 relative)."""
+    model = _model()
+    ex = _for_metric(_examples(seed=5), "logprob")
+    r = attribute_dataset(model, None, ex, tmp_path / "o", AttributeConfig(method=method, metric="logprob",
+                          positions="all", plots=False), progress=False)
+    torch.testing.assert_close(r.kind("mlp").sum(1), r.kind("mlp_out")[:, 0], rtol=1e-10, atol=1e-12)
