@@ -143,12 +143,23 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
     assert len(list((tmp_path / "two" / "chunks").iterdir())) == 3
 
 
-def test_device_map_passthrough(tmp_path, model_dir):
-    """``load_model(device_map=...)`` hands the map to accelerate; the scorer follows the layers'
-    devices (here all CPU: the multi-GPU path needs GPUs and is not exercised on the CPU machine)."""
+def test_device_map_passthrough(tmp_path, model_dir, monkeypatch):
+    """``load_model(device_map=...)`` hands the map to ``from_pretrained`` (accelerate); the scorer
+    follows the layers' devices (here all CPU: the multi-GPU path needs GPUs and is not exercised
+    on the CPU machine)."""
+    from transformers import AutoModelForCausalLM
+
     plain, tok = load_model(str(model_dir), dtype="float64", device="cpu")
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     mapped, _ = load_model(str(model_dir), dtype="float64", device_map="auto")
-    assert getattr(mapped, "hf_device_map", None) is not None
+    assert seen.get("device_map") == "auto"
     data = _data(tmp_path / "d.jsonl", n=3)
     cfg = AttributeConfig(plots=False)
     a = attribute_dataset(plain, tok, data, tmp_path / "a", cfg, progress=False).scores
