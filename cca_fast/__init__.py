@@ -10,7 +10,8 @@ reference implementations, helpers: see the README's architecture map).
   :func:`paper_stops`), :func:`generate`, :class:`PrefixCache`
 * stage 1: :class:`TraceConfig`, :func:`collect_traces`, :func:`pivot_for_pair`
 * stage 2: :class:`PivotExample`, :func:`collate`, :func:`attribute` (gradient x activation, any
-  metric), :func:`run_atp`, :func:`run_dcm`, :func:`select`
+  metric), :func:`attribute_dataset` with an :class:`AttributeConfig` (``cca attribute``: every
+  head and neuron over a data set, resumable, under torchrun), :func:`run_atp`, :func:`run_dcm`, :func:`select`
 * stage 3: :func:`run_update` -> :class:`SparseDelta` (:func:`apply_delta`, :func:`revert_delta`,
   :func:`merge_delta`)
 * everything: :func:`run_cca` with a :class:`RunConfig` (the ``cca run`` command: typed nested
@@ -21,6 +22,7 @@ reference implementations, helpers: see the README's architecture map).
 * errors: :class:`CCAError` (bad input, with the fix), :class:`KernelError` (from the kernels)
 """
 from cca_fast.attribution import attribute
+from cca_fast.attribution_dataset import AttributeConfig, attribute_dataset
 from cca_fast.baselines.lora.train import LoRAConfig, load_lora, merge_lora, train_lora
 from cca_fast.data import load_problems, split_problems
 from cca_fast.delta import SparseDelta, apply_delta, merge_delta, revert_delta
@@ -50,7 +52,7 @@ __all__ = [
     "load_problems", "split_problems", "PromptConfig", "paper_stops", "evaluate",
     "GenerationConfig", "generate", "PrefixCache",
     "TraceConfig", "collect_traces", "pivot_for_pair",
-    "PivotExample", "collate", "attribute", "AtPConfig", "run_atp", "DCMConfig", "run_dcm", "select",
+    "PivotExample", "collate", "attribute", "attribute_dataset", "AttributeConfig", "AtPConfig", "run_atp", "DCMConfig", "run_dcm", "select",
     "UpdateConfig", "run_update", "SparseDelta", "apply_delta", "revert_delta", "merge_delta",
     "RunConfig", "GenerationSettings", "run_cca",
     "StudyConfig", "run_study", "LoRAConfig", "train_lora", "load_lora", "merge_lora", "SuiteConfig", "run_suites",

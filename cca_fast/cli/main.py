@@ -20,7 +20,7 @@ from typing import Sequence
 from cca_fast import __version__
 from cca_fast.errors import USER_ERRORS
 
-COMMANDS = ["eval", "run", "study", "apply", "suites"]
+COMMANDS = ["eval", "run", "study", "apply", "suites", "attribute"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

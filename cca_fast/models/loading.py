@@ -421,6 +421,7 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
@@ -434,6 +435,9 @@ def load_model(
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
         cache_dir: where converted GGUF models are cached (see module docstring).
         revision: hub revision.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``: accelerate spreads the layers
+            over the visible GPUs, for models larger than one); ``device`` is then ignored and
+            the model stays where accelerate put it.
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device`` with ``model.cca_source``
         set; the tokenizer with left padding and a pad token.
@@ -445,6 +449,8 @@ def load_model(
     attn = _check_attn(attn_implementation, dev)
     name = "default" if name_or_path in (None, "default") else str(name_or_path)
     kwargs: dict[str, Any] = dict(dtype=dt, attn_implementation=attn, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     cache_folder = None
 
     if name == "default" or name.endswith(".gguf"):
@@ -494,7 +500,9 @@ def load_model(
         raise CCAError(f"{what}: the weights do not fit its config ({len(bad['missing_keys'])} missing, "
                        f"{len(bad['mismatched_keys'])} with another shape, e.g. {first}); transformers would fill "
                        f"them with random values; {fix}")
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    model.eval()
     if tokenizer.pad_token_id is None:  # batch encoding needs a pad token: the id of runtime.pad_id's rule
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(runtime.pad_id(model, tokenizer))
     tokenizer.padding_side = "left"
