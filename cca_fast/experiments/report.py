@@ -27,6 +27,8 @@ class RunReport:
             with a flipped sample and pivot examples; ``pivot_search``: what the search cost.
         components_selected, components_total, fraction, per_kind, component_space: stage 2.
         delta: the delta directory; ``seconds``: seconds per stage (``stages.json``).
+        attn_implementation: the attention backend the model ran (``auto`` resolved:
+            ``sdpa``, ``flash_attention_2``...; ``""`` in reports written before it was recorded).
     """
 
     model: str
@@ -56,6 +58,7 @@ class RunReport:
     component_space: dict[str, Any]
     delta: str
     seconds: dict[str, float]
+    attn_implementation: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -118,7 +121,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# CCA run report: {report.get('model', '')}",
         "",
         f"- data: `{report.get('data', '')}`, seed {report.get('seed', '')}",
-        f"- selector: `{report.get('selector', '')}`, pivots: `{report.get('pivot_method', '')}`",
+        f"- selector: `{report.get('selector', '')}`, pivots: `{report.get('pivot_method', '')}`"
+        + (f", attention `{report['attn_implementation']}`" if report.get("attn_implementation") else ""),
         f"- training examples (pivots): {report.get('n_examples', 0)} from {report.get('n_train_problems', 0)} "
         f"training problems of {len(report.get('weak_templates', []))} weak templates",
         "",

@@ -29,6 +29,7 @@ from cca_fast.errors import CCAError
 from cca_fast.experiments.config import ProcedureSettings, RunConfig, procedure_settings
 from cca_fast.experiments.rundir import SPLITS, RunDir
 from cca_fast.io import atomic_write_json, read_json, read_jsonl
+from cca_fast.models import runtime
 
 
 # ---- the protocol and the loop -------------------------------------------------------------------
@@ -505,6 +506,7 @@ class ReportStage:
             component_space=space.describe(),
             delta=str(ctx.rd.delta),
             seconds=ctx.rd.seconds(),
+            attn_implementation=runtime.attention_backend(ctx.model),
         )
         per_layer = (space.layer_kind_counts(selection.indices) if selection is not None
                      else {k: [space.counts[k]] * space.n_layers for k in space.counts})
