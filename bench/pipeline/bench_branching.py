@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import environment  # noqa: E402
+from harness import environment  # noqa: E402
 
 from cca_fast.data import load_problems  # noqa: E402
 from cca_fast.generation import GenerationConfig, generate  # noqa: E402

