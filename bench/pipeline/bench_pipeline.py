@@ -344,6 +344,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep the whole-run directories here (default: a temp dir)")
     ap.add_argument("--output", default=None, help="default: bench/pipeline/results/pipeline_<scale>.json")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--no-markdown", action="store_true", help="write the JSON only (bench/gpu/check.py folds the "
+                                                                 "table into its own check.md)")
     args = ap.parse_args(argv)
     if args.tiny and args.scale != "gpu":
         ap.error("--tiny applies to --scale gpu")
@@ -351,9 +353,10 @@ def main(argv=None) -> int:
     out = Path(args.output) if args.output else HERE / "results" / f"pipeline_{res['scale']}.json"
     atomic_write_json(out, res)
     text = summary(res)
-    atomic_write_text(out.with_suffix(".md"), text)
+    if not args.no_markdown:
+        atomic_write_text(out.with_suffix(".md"), text)
     print(text)
-    print(f"results in {out} and {out.with_suffix('.md')}")
+    print(f"results in {out}" + ("" if args.no_markdown else f" and {out.with_suffix('.md')}"))
     return 0 if res["same"] else 1
 
 
