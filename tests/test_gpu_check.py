@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -67,9 +68,15 @@ def test_check_tiny_runs_every_section_on_cpu(tmp_path, check, harness):
     out = tmp_path / "check"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the check decides per section
     env["PYTHON"] = sys.executable
-    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "check.sh"), "--dry-run", "--budget", "1500",
-                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=1800)
+    # ~1 minute of CPU in all; the budget allows for a shared, busy machine (sections run niced there)
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "check.sh"), "--dry-run", "--budget", "3000",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=3600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    check_folder(out, check, harness)
+
+
+def check_folder(out: Path, check, harness) -> None:
+    """What a ``--tiny`` results folder must hold."""
     assert sorted(p.name for p in out.iterdir()) == sorted(check.FILES) and len(check.FILES) <= 8
     summary = json.loads((out / "summary.json").read_text())
     harness.validate(summary)
