@@ -84,13 +84,16 @@ METHODS = ("floor", "fused_last", "fused_all", "caching_last", "caching_all")
 
 
 def build_model(shape: dict[str, Any], dtype: torch.dtype, device: str, seed: int = 0):
-    """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (SDPA attention, eval mode)."""
+    """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (attention ``"auto"``: flash-attn
+    on CUDA half dtypes when installed, else SDPA; eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**shape, max_position_embeddings=8192, tie_word_embeddings=False,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg._attn_implementation = "sdpa"
+    from cca_fast.models.loading import resolve_attn_implementation
+
+    cfg._attn_implementation = resolve_attn_implementation("auto", device, dtype)  # flash-attn where it runs
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.to(dtype).eval()

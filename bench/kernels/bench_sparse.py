@@ -286,7 +286,10 @@ def bench_stage3_step(p: Preset, fraction: float, device: torch.device, dtype: t
                 for i in range(batch)]
     ucfg = UpdateConfig(lr=1e-4, batch_size=batch)
     batches = _Batches(model, examples, ucfg)
-    out: dict[str, Any] = {"measurement": "stage3_step", "fraction_components": fraction, "components_selected": int(sel.numel()),
+    from cca_fast.models.runtime import attention_backend
+
+    out: dict[str, Any] = {"measurement": "stage3_step", "attn_implementation": attention_backend(model),
+                           "fraction_components": fraction, "components_selected": int(sel.numel()),
                            "layers": layers, "batch": batch, "seq": seq}
     for mode, cls in (("sparse", _SparseStepper), ("reference", _ReferenceStepper)):
         for q in model.parameters():

@@ -130,10 +130,13 @@ def random_model(shape: dict[str, Any], tokenizer: Any, anchors: Sequence[int], 
         margin: greedy margin in logits; the default gives P(greedy token) ~0.95 at temperature
             0.8 and ~0.8 at 1.2 under top-8 sampling.
     Returns:
-        ``(model, info)``: the model in eval mode (sdpa attention, float32 head), ``info`` with the
+        ``(model, info)``: the model in eval mode (attention ``"auto"``: flash-attn on CUDA half
+        dtypes when installed, else sdpa; float32 head), ``info`` with the
         parameter count and what the design achieved (measured).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cca_fast.models.loading import resolve_attn_implementation
 
     device = torch.device(device)
     vocab = len(tokenizer)
@@ -142,7 +145,8 @@ def random_model(shape: dict[str, Any], tokenizer: Any, anchors: Sequence[int], 
                       eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype,
+                                              attn_implementation=resolve_attn_implementation("auto", device, dtype))
     model.eval()
     model.lm_head = Float32Head(model.lm_head)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
