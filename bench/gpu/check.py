@@ -2,7 +2,7 @@
 
     bench/gpu/check.sh                      # on a GPU machine: everything, results in bench/gpu/results/<stamp>/
     bench/gpu/check.sh --out "$OUT/check"   # into a given folder
-    bench/gpu/check.sh --tiny               # the same code path on a CPU at toy sizes (< 2 min; alias --dry-run)
+    bench/gpu/check.sh --tiny               # the same code path on a CPU at toy sizes (~1 min of CPU; alias --dry-run)
 
 Sections, in order (each a subprocess with its own time limit, inside one overall budget, so a
 slow or failing section cannot take the others with it):

@@ -4,7 +4,7 @@
 #
 #   bench/gpu/check.sh                     # GPU: results in bench/gpu/results/<UTC stamp>_gpu/
 #   bench/gpu/check.sh --out "$OUT/check"  # into a given (new or empty) folder
-#   bench/gpu/check.sh --tiny              # CPU rehearsal of the same code path, toy sizes, < 2 min
+#   bench/gpu/check.sh --tiny              # CPU rehearsal of the same code path, toy sizes (~1 min of CPU)
 #
 # Options: bench/gpu/check.py --help. Run from any directory; python3 is the interpreter that holds
 # torch (override with PYTHON=...). The checkout must be importable as cca_fast
