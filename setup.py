@@ -38,7 +38,7 @@ setup(
         "matplotlib>=3.7,<3.12",
     ],
     extras_require={
-        "dev": ["pytest>=7,<10", "datasets>=2.18,<5.3", "peft>=0.11,<0.22"],
+        "dev": ["pytest>=7,<10", "pytest-benchmark>=5,<6", "datasets>=2.18,<5.3", "peft>=0.11,<0.22"],
         "triton": ["triton>=3.0,<3.10"],
         "datasets": ["datasets>=2.18,<5.3"],
         "lora": ["peft>=0.11,<0.22"],

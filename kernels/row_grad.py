@@ -24,6 +24,7 @@ the result is written in the accumulation dtype, so fp16/bf16 models get fp32 ro
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -78,11 +79,78 @@ def _row_grad_kernel_src(dy_ptr, x_ptr, rows_ptr, out_ptr, N, R, C,
 _row_grad_kernel = jit_lazily(_row_grad_kernel_src) if triton is not None else None
 
 
-# Tiles: 64x64 outputs per program keep a tile of dY^T and of X (64x32 each) in registers/shared
-# memory on GPU with room to pipeline; the N loop runs in steps of 32 (the minimum K for fp16
-# tensor-core dot is 16). Under the interpreter smaller tiles keep numpy temporaries small.
-_GPU_BLOCKS = (64, 64, 32)
-_INTERP_BLOCKS = (16, 32, 16)
+# ---------------------------------------------------------------------------------------------
+# tiles
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowGradTiles:
+    """One launch configuration: a ``[block_r, block_c]`` output tile per program, the ``N`` loop
+    in steps of ``block_n``, ``num_warps`` warps, ``num_stages`` software-pipelining stages."""
+
+    block_r: int
+    block_c: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_r", "block_c", "block_n", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ShapeError(f"RowGradTiles.{name} must be a power of two, got {v}")
+        if self.num_stages < 1:
+            raise ShapeError(f"RowGradTiles.num_stages must be >= 1, got {self.num_stages}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.block_r}x{self.block_c}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+
+
+# Why these sizes (Liger style: the reason beside the number).
+# * DEFAULT_TILES 64x64x32, 4 warps, 3 stages: a 64x64 fp32 accumulator is 16 KiB (32 registers
+#   per thread at 4 warps), a 64x32 tile of dY^T and of X is 4 KiB each in bf16, so 3 pipelined
+#   stages use 24 KiB of shared memory; 32 is twice the minimum K (16) of an fp16/bf16 tensor-core
+#   dot. Not yet measured on a GPU (no GPU was lent to the task that wrote it): it is the size
+#   every shape gets until the sweep below pins a winner, and what the kernel launched before
+#   tiles became selectable (Triton's defaults: 4 warps, 3 stages).
+# * TILE_CANDIDATES: what ``bench/gpu/check.py`` sweeps on a GPU (wider C tiles reuse each dY^T
+#   load for more columns; taller R tiles suit many selected rows; BLOCK_N 64 halves the loop
+#   trips for long N; 8 warps / 4 stages for the big tiles). It writes the measured time of each
+#   candidate per shape to ``row_grad_tiles.json``; a GPU session pins the winners in
+#   MEASURED_TILES with the measured speed-up in a comment beside each entry.
+# * INTERP_TILES 16x32x16: under the interpreter each program is numpy; small tiles keep its
+#   temporaries small, and the tests' odd shapes still leave partly masked tiles.
+DEFAULT_TILES = RowGradTiles(64, 64, 32, num_warps=4, num_stages=3)
+INTERP_TILES = RowGradTiles(16, 32, 16, num_warps=4, num_stages=1)
+TILE_CANDIDATES: tuple[RowGradTiles, ...] = (
+    DEFAULT_TILES,
+    RowGradTiles(64, 64, 32, num_warps=4, num_stages=4),
+    RowGradTiles(64, 64, 64, num_warps=4, num_stages=3),
+    RowGradTiles(64, 128, 32, num_warps=4, num_stages=3),
+    RowGradTiles(128, 64, 32, num_warps=4, num_stages=3),
+    RowGradTiles(128, 128, 32, num_warps=8, num_stages=3),
+    RowGradTiles(64, 128, 64, num_warps=8, num_stages=3),
+    RowGradTiles(32, 64, 32, num_warps=4, num_stages=4),
+)
+#: measured winners: ``(dtype name, tile_bucket(R), tile_bucket(C)) -> tiles``. Empty until a GPU
+#: sweep (``bench/gpu/check.py``, ``row_grad_tiles.json``) measures one that beats DEFAULT_TILES;
+#: write the measured time of both beside each entry.
+MEASURED_TILES: dict[tuple[str, int, int], RowGradTiles] = {}
+
+
+def tile_bucket(n: int) -> int:
+    """The table's key for a size: the next power of two, at least 16 (the sweep's sizes fall in
+    distinct buckets)."""
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def choose_tiles(R: int, C: int, dtype: torch.dtype, *, interpret: bool | None = None) -> RowGradTiles:
+    """The tiles for ``R`` selected rows x ``C`` input features of ``dtype``: the interpreter's
+    small tiles, else a measured winner from :data:`MEASURED_TILES`, else :data:`DEFAULT_TILES`."""
+    if interpret_mode() if interpret is None else interpret:
+        return INTERP_TILES
+    key = (str(dtype).replace("torch.", ""), tile_bucket(R), tile_bucket(C))
+    return MEASURED_TILES.get(key, DEFAULT_TILES)
 
 
 def row_grad_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
@@ -100,7 +168,8 @@ def row_grad_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
 
 
 def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype | None = None,
-             backend: Backend | None = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+             backend: Backend | None = "auto", out: torch.Tensor | None = None,
+             tiles: RowGradTiles | None = None) -> torch.Tensor:
     """``dW_R = dY[:, rows]^T X`` (see module docstring).
 
     Args:
@@ -110,6 +179,8 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
         backend: ``"auto"`` / ``"triton"`` / ``"torch"``.
         out: optional ``[R, in]`` tensor (accumulation dtype, row stride free, unit column
             stride) to write the result into.
+        tiles: the launch configuration (default :func:`choose_tiles`; the GPU sweep passes
+            each candidate).
     Returns:
         ``[R, in]`` (``out`` when given).
     """
@@ -138,12 +209,13 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
         if N == 0:
             out.zero_()
         else:
-            br, bc, bn = _INTERP_BLOCKS if interpret_mode() else _GPU_BLOCKS
-            grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+            t = tiles or choose_tiles(R, C, dy.dtype)
+            grid = (triton.cdiv(R, t.block_r), triton.cdiv(C, t.block_c))
             upcast = dy.dtype == torch.float32 or (interpret_mode() and dy.dtype == torch.bfloat16)
             _row_grad_kernel()[grid](dy, x, rows, out, N, R, C, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-                                   out.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_N=bn,
-                                   UPCAST=upcast, F64=acc == torch.float64)
+                                   out.stride(0), BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_N=t.block_n,
+                                   UPCAST=upcast, F64=acc == torch.float64, num_warps=t.num_warps,
+                                   num_stages=t.num_stages)
     return out if out_dtype in (None, acc) else out.to(out_dtype)
 
 

@@ -16,12 +16,10 @@ d_ff 14336; tiny vocabulary so the LM head does not dominate); ``model`` = a who
 initialised Llama-shaped model (the real Llama-3-8B config on CUDA; a scaled-down one on CPU,
 see ``PRESETS``). Each is run over batch sizes and sequence lengths.
 
-Timing: ``triton.testing.do_bench`` (median) on CUDA; on CPU the median of ``--repeats`` calls
-after ``--warmup`` calls (``time.perf_counter``), methods interleaved round-robin, one thread
-by default (the CPU machines are shared; oversubscribed threads make timings erratic). Peak memory: extra bytes above the state
-before the call, from the allocator: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU
-``torch.profiler`` with ``profile_memory=True`` (peak of the running sum of the ``[memory]``
-allocation/free events of one call, read from the exported trace).
+Timing and memory: ``bench/harness.py`` (20 / 50 / 80 % quantiles of ``--repeats`` calls after
+``--warmup`` calls, methods interleaved round-robin; CUDA events on CUDA, ``time.perf_counter``
+elsewhere; peak extra memory of one separate call). One CPU thread by default (the CPU machines
+are shared; oversubscribed threads make timings erratic). Ratios are of the medians.
 
 Usage::
 
@@ -31,20 +29,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+import harness  # noqa: E402
 
 # GPU targets (issue 4): documented, checked only where a GPU is available
 TARGETS = {
@@ -57,6 +52,10 @@ LLAMA3_8B_LAYER = dict(hidden_size=4096, intermediate_size=14336, num_attention_
                        num_key_value_heads=8, head_dim=128, num_hidden_layers=1, vocab_size=1024)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, num_hidden_layers=32, vocab_size=128256)
+#: Llama-3.2-1B (the whole-model workload of ``bench/gpu/check.py``: 1.2B parameters with its
+#: 128k vocabulary, fits the check's time budget at 2k tokens)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=64, num_hidden_layers=16, vocab_size=128256)
 LLAMA_SMALL = dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2,
                    head_dim=64, num_hidden_layers=8, vocab_size=4096)
 
@@ -69,18 +68,32 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         {"workload": "layer", "shape": LLAMA3_8B_LAYER, "bt": [(1, 512), (4, 512), (1, 2048), (8, 2048)]},
         {"workload": "model", "shape": LLAMA3_8B, "bt": [(1, 512), (4, 512), (1, 2048), (4, 2048)]},
     ],
+    # bench/gpu/check.py: Llama-3-8B layer shapes and a whole random 1B Llama at 2k-token prompts
+    "check": [
+        {"workload": "layer", "shape": LLAMA3_8B_LAYER, "bt": [(1, 2048), (4, 2048)]},
+        {"workload": "model", "shape": LLAMA_1B, "bt": [(1, 2048), (4, 2048)]},
+    ],
+    # the same code path at toy size (bench/gpu/check.py --tiny, tests)
+    "tiny": [
+        {"workload": "model", "shape": dict(hidden_size=32, intermediate_size=40, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=8, num_hidden_layers=2, vocab_size=64),
+         "bt": [(2, 5)]},
+    ],
 }
 METHODS = ("floor", "fused_last", "fused_all", "caching_last", "caching_all")
 
 
 def build_model(shape: dict[str, Any], dtype: torch.dtype, device: str, seed: int = 0):
-    """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (SDPA attention, eval mode)."""
+    """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (attention ``"auto"``: flash-attn
+    on CUDA half dtypes when installed, else SDPA; eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**shape, max_position_embeddings=8192, tie_word_embeddings=False,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg._attn_implementation = "sdpa"
+    from cca_fast.models.loading import resolve_attn_implementation
+
+    cfg._attn_implementation = resolve_attn_implementation("auto", device, dtype)  # flash-attn where it runs
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.to(dtype).eval()
@@ -129,56 +142,15 @@ def method_fns(model, batch, backend: str | None) -> dict[str, Callable[[], Any]
     }
 
 
-def time_all(fns: dict[str, Callable[[], Any]], device: str, warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms per method. On CPU the methods are timed round-robin (one call of each per
-    round) so that load from other processes hits all of them alike."""
-    if device.startswith("cuda"):
-        import triton.testing
-
-        return {k: float(triton.testing.do_bench(fns[k], warmup=25 * warmup, rep=100 * repeats, return_mode="median"))
-                for k in METHODS}
-    for _ in range(warmup):
-        for k in METHODS:
-            fns[k]()
-    times: dict[str, list[float]] = {k: [] for k in METHODS}
-    for _ in range(repeats):
-        for k in METHODS:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+def time_all(fns: dict[str, Callable[[], Any]], device: str, warmup: int, repeats: int) -> dict[str, harness.Timing]:
+    """:class:`harness.Timing` per method, timed round-robin (one call of each per round) so
+    that load from other processes hits all of them alike."""
+    return harness.measure_round_robin({k: fns[k] for k in METHODS}, device, warmup=warmup, repeats=repeats)
 
 
 def peak_mb(fn: Callable[[], Any], device: str) -> float:
-    """Peak extra allocator memory during one call, MiB (see the module docstring)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        result = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del result
-        return peak / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    # prof.events() keeps only some [memory] events; the exported trace has every one
-    fd, trace = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(trace)
-        with open(trace, encoding="utf-8") as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.unlink(trace)
-    running, peak = 0, 0
-    for e in sorted(events, key=lambda e: e["ts"]):
-        running += int(e["args"]["Bytes"])
-        peak = max(peak, running)
-    return peak / 2**20
+    """Peak extra allocator memory during one call, MiB (``harness.peak_memory_mib``)."""
+    return harness.peak_memory_mib(fn, device)
 
 
 def check_agreement(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
@@ -201,21 +173,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     preset = PRESETS[args.preset]
     results = []
+    attn = None
     for spec in preset:
         if args.workload and spec["workload"] not in args.workload:
             continue
         model = build_model(spec["shape"], dtype, device)
+        from cca_fast.models.runtime import attention_backend
+
+        attn = attention_backend(model)
         n_params = sum(p.numel() for p in model.parameters())
         for B, T in spec["bt"]:
             batch = make_batch(spec["shape"]["vocab_size"], B, T, device)
             fns = method_fns(model, batch, args.backend)
             row: dict[str, Any] = {"workload": spec["workload"], "batch": B, "seq": T, "params": n_params,
                                    "layers": spec["shape"]["num_hidden_layers"], "time_ms": {}, "peak_mib": {}}
-            row["time_ms"] = {k: round(v, 3) for k, v in time_all(fns, device, args.warmup, args.repeats).items()}
+            timing = time_all(fns, device, args.warmup, args.repeats)
+            row["time_ms"] = {k: v.to_dict() for k, v in timing.items()}
             for name in METHODS:
-                row["peak_mib"][name] = round(peak_mb(fns[name], device), 3)
+                row["peak_mib"][name] = peak_mb(fns[name], device)
             row["agreement_rel_err"] = check_agreement(fns)
-            t, m = row["time_ms"], row["peak_mib"]
+            t, m = {k: v.p50_ms for k, v in timing.items()}, row["peak_mib"]
             row["ratios"] = {
                 "fused_last_vs_floor_time": round(t["fused_last"] / t["floor"], 3),
                 "fused_all_vs_floor_time": round(t["fused_all"] / t["floor"], 3),
@@ -232,75 +209,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps({k: row[k] for k in ("workload", "batch", "seq", "time_ms", "peak_mib", "ratios")}),
                   flush=True)
         del model
-    return {
-        "meta": meta(args, device, dtype, resolve_backend(device, args.backend)),
-        "targets_gpu": TARGETS,
-        "results": results,
-    }
+    rep = harness.report("attribution", device, results, config=config(args, dtype, resolve_backend(device, args.backend)),
+                         targets={"gpu": TARGETS})
+    rep["env"]["attn_implementation"] = attn
+    return rep
 
 
-def meta(args: argparse.Namespace, device: str, dtype: torch.dtype, backend: str) -> dict[str, Any]:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device.startswith("cuda"):
-        dev_name = torch.cuda.get_device_name(device)
-        timer = "triton.testing.do_bench (median)"
-        memory = "torch.cuda.max_memory_allocated - memory_allocated before the call"
-    else:
-        dev_name = platform.processor() or platform.machine()
-        timer = (f"time.perf_counter, median of {args.repeats} round-robin calls per method after "
-                 f"{args.warmup} warm-up round(s)")
-        memory = ("torch.profiler(profile_memory=True): peak running sum of the [memory] allocation/free "
-                  "events of one call (exported trace)")
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device, "device_name": dev_name, "cpu_threads": torch.get_num_threads(),
-        "dtype": str(dtype).replace("torch.", ""), "backend": backend, "preset": args.preset,
-        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-        "python": platform.python_version(), "timer": timer, "memory": memory,
-    }
+def config(args: argparse.Namespace, dtype: torch.dtype, backend: str) -> dict[str, Any]:
+    """What was measured, and how."""
+    return {"dtype": str(dtype).replace("torch.", ""), "backend": backend, "preset": args.preset,
+            "warmup": args.warmup, "repeats": args.repeats,
+            "timer": "bench/harness.py: CUDA events per call (CUDA) or time.perf_counter (CPU), round-robin, "
+                     "20/50/80 % quantiles",
+            "memory": "bench/harness.py: peak extra bytes of one separate call (torch.cuda.max_memory_allocated "
+                      "on CUDA, torch.profiler [memory] events on CPU)"}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def markdown(report: dict[str, Any]) -> str:
-    m = report["meta"]
+def markdown(report: dict[str, Any], title: str = "# Attribution benchmark") -> str:
+    c, e = report["config"], report["env"]
     lines = [
-        "# Attribution benchmark",
+        title,
         "",
-        f"Device: **{m['device']}** ({m['device_name']}, {m['cpu_threads']} threads), dtype {m['dtype']}, "
-        f"kernel backend {m['backend']}; torch {m['torch']}, triton {m['triton']}, transformers "
-        f"{m['transformers']}; {m['date']}. Timer: {m['timer']}. Memory: {m['memory']}.",
+        f"{harness.environment_line(e)}; dtype {c['dtype']}, kernel backend {c['backend']}, preset "
+        f"`{c['preset']}`. Timer: {c['timer']}. Memory: {c['memory']}.",
         "",
         "`floor` = forward + backward with no scoring; `fused` = `cca_fast.attribute` (every head and "
         "neuron, last position or all positions); `caching` = hooks keeping every activation and "
         "gradient, then einsum. Time in ms, peak = extra MiB during one call.",
         "",
-        "## Speed (median ms; ratios: lower fused/floor is better, higher caching/fused is better)",
+        "## Speed (median ms of the 20/50/80 % quantiles; ratios: lower fused/floor is better, higher "
+        "caching/fused is better)",
         "",
         "| workload | B | T | floor | fused last | fused all | caching last | caching all | "
         "fused/floor (last / all) | caching/fused (last / all) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        t, q = r["time_ms"], r["ratios"]
+        t, q = {k: harness.p50(v) for k, v in r["time_ms"].items()}, r["ratios"]
         lines.append(
             f"| {_workload(r)} | {r['batch']} | {r['seq']} | {t['floor']:.1f} | {t['fused_last']:.1f} | "
             f"{t['fused_all']:.1f} | {t['caching_last']:.1f} | {t['caching_all']:.1f} | "
@@ -321,7 +266,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{p['fused_all']:.1f} | {p['caching_last']:.1f} | {p['caching_all']:.1f} | "
             f"{q['fused_last_vs_caching_memory']:.2f} / {q['fused_all_vs_caching_memory']:.2f} | "
             f"{_fmt(q['fused_last_vs_caching_overhead_memory'])} / {_fmt(q['fused_all_vs_caching_overhead_memory'])} |")
-    if m["device"] == "cpu":
+    if e.get("device_type") == "cpu":
         lines += [
             "",
             "CPU notes: these results are from a shared 2-core CPU machine (no GPU was available to "
@@ -333,7 +278,7 @@ def markdown(report: dict[str, Any]) -> str:
             "position has to keep every site activation, so its peak is close to caching's "
             "(caching's extra gradients are mostly created after the peak, as backward frees saved tensors).",
         ]
-    tg = report["targets_gpu"]
+    tg = report["targets"]["gpu"]
     lines += [
         "",
         f"GPU targets (issue 4; not measurable without a GPU): fused attribution of all heads and neurons "
@@ -365,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU: stabler timings)")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default results/attribution_<device>.json)")
-    ap.add_argument("--md", type=Path, default=None, help="markdown table (default attribution.md)")
+    ap.add_argument("--md", type=Path, default=None, help="markdown table (default attribution.md; 'none': no table)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -377,10 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or 1)
     out = args.out or HERE / "results" / f"attribution_{'cuda' if cuda else 'cpu'}.json"
     md = args.md or HERE / "attribution.md"
+    from cca_fast.io import atomic_write_text
+
     report = run(args)
-    write_atomic(out, json.dumps(report, indent=1) + "\n")
-    write_atomic(md, markdown(report))
-    print(f"wrote {out} and {md}")
+    harness.validate(report)
+    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+    if str(md) != "none":
+        atomic_write_text(md, markdown(report))
+    print(f"wrote {out}" + ("" if str(md) == "none" else f" and {md}"))
     return 0
 
 

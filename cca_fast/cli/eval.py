@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data, "split": args.split, "limit": args.limit, "seed": args.seed,
         "n_per_template": args.n_per_template, "hub_split": args.hub_split,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(runtime.input_device(model)), "attn_implementation": args.attn_implementation,
+        "device": str(runtime.input_device(model)), "attn_implementation": runtime.attention_backend(model),
     }  # the prompt and generation configs are saved by evaluate() as prompt_config / generation_config
     path = result.save(Path(args.output) / "eval.json")
     print(f"eval: {result.summary()} -> {path}")

@@ -30,6 +30,8 @@ class RunReport:
         training_examples: counts of stage 3's training pivots (source, filter, forks).
         diagnostics: :func:`~cca_fast.experiments.stages.diagnostics_summary` (pivot summary,
             gradient alignment, leave-fold-out transfer, gold alignment, changed test traces).
+        attn_implementation: the attention backend the model ran (``auto`` resolved:
+            ``sdpa``, ``flash_attention_2``...; ``""`` in reports written before it was recorded).
     """
 
     model: str
@@ -61,6 +63,7 @@ class RunReport:
     seconds: dict[str, float]
     training_examples: dict[str, Any] | None = None
     diagnostics: dict[str, Any] | None = None
+    attn_implementation: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -155,7 +158,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# CCA run report: {report.get('model', '')}",
         "",
         f"- data: `{report.get('data', '')}`, seed {report.get('seed', '')}",
-        f"- selector: `{report.get('selector', '')}`, pivots: `{report.get('pivot_method', '')}`",
+        f"- selector: `{report.get('selector', '')}`, pivots: `{report.get('pivot_method', '')}`"
+        + (f", attention `{report['attn_implementation']}`" if report.get("attn_implementation") else ""),
         f"- training examples (pivots): {report.get('n_examples', 0)} from {report.get('n_train_problems', 0)} "
         f"training problems of {len(report.get('weak_templates', []))} weak templates",
         "",

@@ -31,6 +31,7 @@ from cca_fast.errors import CCAError
 from cca_fast.experiments.config import ProcedureSettings, RunConfig, procedure_settings
 from cca_fast.experiments.rundir import SPLITS, RunDir
 from cca_fast.io import atomic_write_json, read_json, read_jsonl
+from cca_fast.models import runtime
 
 
 # ---- the protocol and the loop -------------------------------------------------------------------
@@ -666,6 +667,7 @@ class ReportStage:
             seconds=ctx.rd.seconds(),
             training_examples=r["examples"].stats,
             diagnostics=diagnostics_summary(r["diagnostics"].data, ctx.rd),
+            attn_implementation=runtime.attention_backend(ctx.model),
         )
         per_layer = (space.layer_kind_counts(selection.indices) if selection is not None
                      else {k: [space.counts[k]] * space.n_layers for k in space.counts})

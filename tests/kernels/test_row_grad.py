@@ -13,8 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from cca_fast.kernels.row_grad import (RowSelectiveProjection, row_grad, row_grad_reference, row_selective,
-                                       zero_delta)
+import cca_fast.kernels.row_grad as rg
+from cca_fast.kernels.row_grad import (DEFAULT_TILES, INTERP_TILES, TILE_CANDIDATES, RowGradTiles,
+                                       RowSelectiveProjection, choose_tiles, row_grad, row_grad_reference,
+                                       row_selective, zero_delta)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton compiled on CUDA, interpreted on CPU
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -46,6 +48,35 @@ def test_row_grad_kernel_matches_float64(dtype, shape):
     assert got.data_ptr() == poisoned.data_ptr() and got.dtype == acc
     _check_bound(got, dy, x, rows)
     _check_bound(row_grad_reference(dy, x, rows), dy, x, rows)
+
+
+@pytest.mark.parametrize("tiles", TILE_CANDIDATES, ids=lambda t: t.name)
+def test_every_tile_candidate_gives_the_same_bound(tiles):
+    """Each launch configuration the GPU sweep may pin computes the same gradient (fp32 and bf16:
+    the interpreter runs the same masked tile loop at each size)."""
+    N, out, C, R = 41, 23, 37, 11
+    g = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.bfloat16):
+        dy = torch.randn(N, out, generator=g).to(dtype).to(DEVICE)
+        x = torch.randn(N, C, generator=g).to(dtype).to(DEVICE)
+        rows = torch.randperm(out, generator=g)[:R]
+        _check_bound(row_grad(dy, x, rows, backend="triton", tiles=tiles), dy, x, rows)
+
+
+def test_tile_choice(monkeypatch):
+    """Interpreter: its small tiles; compiled: a measured winner for the shape's bucket, else the
+    default 64x64x32 (what the kernel always launched before tiles became selectable)."""
+    assert choose_tiles(300, 4096, torch.bfloat16, interpret=True) == INTERP_TILES
+    assert choose_tiles(300, 4096, torch.bfloat16, interpret=False) == DEFAULT_TILES
+    assert DEFAULT_TILES == RowGradTiles(64, 64, 32, num_warps=4, num_stages=3) == TILE_CANDIDATES[0]
+    winner = RowGradTiles(128, 64, 32, num_warps=8)
+    monkeypatch.setitem(rg.MEASURED_TILES, ("bfloat16", 512, 4096), winner)
+    assert choose_tiles(300, 4096, torch.bfloat16, interpret=False) == winner
+    assert choose_tiles(300, 4096, torch.float16, interpret=False) == DEFAULT_TILES
+    assert choose_tiles(600, 4096, torch.bfloat16, interpret=False) == DEFAULT_TILES
+    assert [rg.tile_bucket(n) for n in (1, 16, 17, 300, 4096)] == [16, 16, 32, 512, 4096]
+    with pytest.raises(ValueError, match="power of two"):
+        RowGradTiles(48, 64, 32)
 
 
 def test_row_grad_strided_inputs_and_unsorted_rows():
