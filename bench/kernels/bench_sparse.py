@@ -271,7 +271,8 @@ def bench_stage3_step(p: Preset, fraction: float, device: torch.device, dtype: t
 
     from cca_fast import ComponentSpace
     from cca_fast.stages.examples import PivotExample
-    from cca_fast.stages.update import UpdateConfig, _Batches, _ReferenceStepper, _SparseStepper
+    from cca_fast.stages.objectives import TrainingObjective
+    from cca_fast.stages.update import UpdateConfig, _ReferenceStepper, _SparseStepper
 
     cfg = LlamaConfig(hidden_size=p.hidden, intermediate_size=p.d_ff, num_attention_heads=p.heads,
                       num_key_value_heads=p.kv_heads, head_dim=p.head_dim, num_hidden_layers=layers,
@@ -285,7 +286,7 @@ def bench_stage3_step(p: Preset, fraction: float, device: torch.device, dtype: t
     examples = [PivotExample(str(i), tuple(torch.randint(3, 4096, (seq,), generator=g).tolist()), 5, 6)
                 for i in range(batch)]
     ucfg = UpdateConfig(lr=1e-4, batch_size=batch)
-    batches = _Batches(model, examples, ucfg)
+    batches = TrainingObjective(model, examples, ucfg)
     from cca_fast.models.runtime import attention_backend
 
     out: dict[str, Any] = {"measurement": "stage3_step", "attn_implementation": attention_backend(model),
