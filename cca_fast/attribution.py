@@ -31,7 +31,7 @@ from torch import nn
 
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotBatch, logit_diff
-from cca_fast.models.hooks import position_mask
+from cca_fast.models.hooks import position_mask, tap_module
 from cca_fast.kernels.attribution import Segment, TapSpec, tap
 from cca_fast.kernels.dispatch import Backend, accumulation_dtype
 from cca_fast.models.adapters import KINDS
@@ -213,13 +213,8 @@ class AttributionSession:
             emb = self.model.get_input_embeddings()
             self._handles.append(emb.register_forward_hook(self._embedding_hook))
             for group in self.groups:
-                module = self.model.get_submodule(group.module_name)
-                if group.io == "output":
-                    self._handles.append(module.register_forward_hook(
-                        lambda _m, _i, out, g=group: self._tap(g, out)))
-                else:
-                    self._handles.append(module.register_forward_pre_hook(
-                        lambda _m, args, g=group: (self._tap(g, args[0]),) + tuple(args[1:])))
+                self._handles.append(tap_module(self.model, group.module_name, group.io,
+                                                lambda x, g=group: self._tap(g, x)))
         except BaseException:
             self.__exit__(None, None, None)
             raise

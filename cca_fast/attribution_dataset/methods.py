@@ -43,6 +43,7 @@ from cca_fast.errors import CCAError
 from cca_fast.kernels.attribution import Segment, component_scores
 from cca_fast.kernels.dispatch import Backend, accumulation_dtype
 from cca_fast.models import runtime
+from cca_fast.models.hooks import tap_module
 from cca_fast.models.adapters import KINDS, ModelAdapter, Site
 from cca_fast.models.components import ComponentSpace
 
@@ -288,13 +289,7 @@ class Scorer:
             emb = self.model.get_input_embeddings()
             self._handles.append(emb.register_forward_hook(self._embedding_hook))
             for gi, g in enumerate(self.groups):
-                module = self.model.get_submodule(g.module_name)
-                if g.io == "output":
-                    self._handles.append(module.register_forward_hook(
-                        lambda _m, _i, out, gi=gi: self._hook(gi, out)))
-                else:
-                    self._handles.append(module.register_forward_pre_hook(
-                        lambda _m, args, gi=gi: (self._hook(gi, args[0]),) + tuple(args[1:])))
+                self._handles.append(tap_module(self.model, g.module_name, g.io, lambda x, gi=gi: self._hook(gi, x)))
         except BaseException:
             self.__exit__(None, None, None)
             raise

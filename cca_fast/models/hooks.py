@@ -77,8 +77,15 @@ def scale_activation(x: torch.Tensor, site: Site, scale: torch.Tensor, mask: tor
 
 def _register(model: nn.Module, site: Site, fn) -> torch.utils.hooks.RemovableHandle:
     """Register ``fn(x) -> x'`` on the site's activation tensor."""
-    module = model.get_submodule(site.module_name)
-    if site.io == "output":
+    return tap_module(model, site.module_name, site.io, fn)
+
+
+def tap_module(model: nn.Module, module_name: str, io: str, fn) -> torch.utils.hooks.RemovableHandle:
+    """Register ``fn(x) -> x'`` on a module's output (``io="output"``) or on its first input
+    (a forward pre-hook, the other inputs passed through); the one place cca_fast hooks an
+    activation tensor."""
+    module = model.get_submodule(module_name)
+    if io == "output":
         def out_hook(_m, _inp, out):
             return fn(out)
         return module.register_forward_hook(out_hook)
