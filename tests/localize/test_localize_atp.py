@@ -12,7 +12,7 @@ from cca_fast.attribution import attribute
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotExample, collate
 from cca_fast.stages.localize import AtPConfig, dcm_loss, run_atp
-from cca_fast.stages.localize.atp import check_examples
+from cca_fast.stages.localize.atp import check_examples, length_chunks
 from cca_fast.models.components import ComponentSpace
 from cca_fast.models import runtime
 from helpers import examples, tiny
@@ -30,6 +30,33 @@ def test_atp_sums_over_batches_independently_of_batch_size(arch):
         assert got.n_batches == -(-len(ex) // bs)
         torch.testing.assert_close(got.scores, whole, rtol=0, atol=TOL)
     assert whole.abs().max() > 1e-2
+
+
+def test_token_budget_splits_batches_and_keeps_the_scores():
+    model = tiny("llama")
+    ex = examples("llama", n=5)
+    whole = attribute(model, collate(ex, pad_id=0)).scores
+    longest = max(len(e.prefix_ids) for e in ex)
+    for budget in (1, longest, 2 * longest + 1):
+        got = run_atp(model, ex, AtPConfig(batch_size=8, max_batch_tokens=budget))
+        want_chunks = length_chunks([len(e.prefix_ids) for e in ex], 8, budget)
+        assert got.n_batches == len(want_chunks) > 1
+        torch.testing.assert_close(got.scores, whole, rtol=0, atol=TOL)
+    with pytest.raises(CCAError, match="max_batch_tokens"):
+        AtPConfig(max_batch_tokens=0)
+
+
+def test_length_chunks():
+    lengths = [5, 3, 9, 3, 4, 20]
+    assert length_chunks(lengths, 2) == [[1, 3], [4, 0], [2, 5]]
+    # budget 10: (3, 3) -> 6 tokens; + 4 would be 12; (4, 5) -> 10; 9 alone; 20 alone (over the budget)
+    assert length_chunks(lengths, 8, 10) == [[1, 3], [4, 0], [2], [5]]
+    assert length_chunks([], 4, 10) == []
+    for bs, budget in ((1, None), (3, 12), (8, 100)):
+        chunks = length_chunks(lengths, bs, budget)
+        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+        assert all(len(c) <= bs and (budget is None or len(c) == 1 or len(c) * max(lengths[i] for i in c) <= budget)
+                   for c in chunks)
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2", "gemma2"])

@@ -35,6 +35,11 @@ class AtPConfig:
     Attributes:
         batch_size: examples per forward/backward pass (scores are summed over batches, so
             the result does not depend on it beyond rounding).
+        max_batch_tokens: at most this many padded tokens (examples x longest prefix) per pass,
+            ``None`` for no limit. Backward keeps every layer's activations, and on the CPU the
+            attention probabilities too: about 1.5 MB per token on SmolLM2-135M in float32, so
+            16 pivots of an 8-shot prompt (14k tokens) need over 20 GB; 4096 tokens stay near
+            6 GB. A longer single example still runs, alone.
         pad_id: token used for left padding (``None``: the model's pad, else EOS, else 0).
         absolute: ``|score|`` per example before summing.
         kinds: kinds to score.
@@ -42,6 +47,7 @@ class AtPConfig:
     """
 
     batch_size: int = 8
+    max_batch_tokens: int | None = 4096
     pad_id: int | None = None
     absolute: bool = False
     kinds: tuple[str, ...] = KINDS
@@ -50,6 +56,25 @@ class AtPConfig:
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
             raise CCAError(f"AtPConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_batch_tokens is not None and int(self.max_batch_tokens) < 1:
+            raise CCAError(f"AtPConfig.max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
+
+
+def length_chunks(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices ``0..len(lengths)-1`` sorted by length (less padding), cut into consecutive chunks
+    of at most ``batch_size`` indices and at most ``max_tokens`` padded tokens (chunk size x its
+    longest length); an index whose length alone exceeds ``max_tokens`` gets a chunk of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    for i in order:
+        cur = chunks[-1] if chunks else None
+        fits = cur is not None and len(cur) < batch_size and (
+            max_tokens is None or (len(cur) + 1) * lengths[i] <= max_tokens)  # sorted: lengths[i] is the longest
+        if fits:
+            cur.append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def check_examples(examples: Sequence[PivotExample], vocab_size: int | None = None) -> None:
@@ -96,9 +121,7 @@ def run_atp(model: nn.Module, examples: Sequence[PivotExample], config: AtPConfi
     check_examples(examples, getattr(model.config, "vocab_size", None))
     device = runtime.input_device(model)
     pad = runtime.pad_id(model, explicit=config.pad_id)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prefix_ids))  # less padding
-    bs = int(config.batch_size)
-    chunks = [order[i : i + bs] for i in range(0, len(order), bs)]
+    chunks = length_chunks([len(e.prefix_ids) for e in examples], int(config.batch_size), config.max_batch_tokens)
     kwargs = runtime.keep_kwargs(model, 1)
     update, close = make_progress(progress, len(chunks), "AtP")
     try:
