@@ -168,7 +168,10 @@ def check_or_write_config(path: str | os.PathLike, new: dict[str, Any], defaults
             atomic_write_json(path, new)
         return
     old, new_flat, default_flat = _flatten(read_json(path)), _flatten(new), _flatten(defaults)
-    old = {**{k: default_flat[k] for k in set(default_flat) - set(old)}, **old}
+    # a default fills a key the saved file lacks, unless the file has keys below it (a default
+    # ``{}`` beside a saved ``variants.paper = {}``)
+    below = {k.rsplit(".", i)[0] for k in old for i in range(1, k.count(".") + 1)}
+    old = {**{k: default_flat[k] for k in set(default_flat) - set(old) - below}, **old}
     diff = sorted(k for k in set(old) | set(new_flat) if k != "output" and old.get(k) != new_flat.get(k))
     if diff:
         raise CCAError(f"{what} holds a run with a different configuration (differs in: {', '.join(diff)}); "

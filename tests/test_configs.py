@@ -226,3 +226,23 @@ def test_until_stops_the_real_pipeline(workdir, tmp_path):  # noqa: F811
     assert not (out / RunDir.BASE_TRAIN).exists() and not (out / RunDir.TRACES).exists()
     assert set(json.loads((out / "stages.json").read_text())) == {"data"}  # the data stage needs no model
     assert RunConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
+
+
+def test_saved_config_with_an_empty_nested_entry_resumes(tmp_path):
+    """A study whose variants include ``paper`` (``{}``, an empty nested dict) must resume: the
+    default ``variants = {}`` may not fill in beside the saved ``variants.paper``."""
+    from cca_fast.experiments.recipes import study_variants
+    from cca_fast.io import check_or_write_config
+
+    cfg = StudyConfig(variants=study_variants(["paper", "circuit-sft"])).to_dict()
+    path = tmp_path / "study_config.json"
+    check_or_write_config(path, cfg, StudyConfig().to_dict(), "study")
+    check_or_write_config(path, cfg, StudyConfig().to_dict(), "study")  # the resume: no error
+    other = StudyConfig(variants=study_variants(["paper"])).to_dict()
+    with pytest.raises(CCAError, match="variants.circuit-sft"):
+        check_or_write_config(path, other, StudyConfig().to_dict(), "study")
+    # a field added since (absent from the saved file) still counts at its default
+    saved = json.loads(path.read_text())
+    del saved["run"]["seed"]
+    path.write_text(json.dumps(saved))
+    check_or_write_config(path, cfg, StudyConfig().to_dict(), "study")
