@@ -6,7 +6,8 @@ Both score the same sites (every q / k / v head, MLP neuron, attention output an
 with gradient x activation of the logit difference at the scored positions. Each measurement runs
 in a fresh subprocess, so peak memory is that run's own:
 
-* CPU: peak resident memory (``VmHWM``, reset after the warm-up batch) minus the resident memory then;
+* CPU: peak resident memory (``VmHWM``, reset before the warm-up batch) minus the resident memory then
+  (the loaded model);
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the memory after loading the model.
 
 Attributed tokens per second = tokens run through forward + backward / wall time (after one
@@ -15,8 +16,8 @@ warm-up batch). ``cca attribute`` is timed end to end through :func:`attribute_d
 
 Usage::
 
-    python bench/attribution/bench_attribute.py            # CPU: a random SmolLM2-135M-shaped Llama
-    python bench/attribution/bench_attribute.py --model default   # the embedded SmolLM2-135M itself
+    python bench/attribution/bench_attribute.py            # CPU: the embedded SmolLM2-135M itself
+    python bench/attribution/bench_attribute.py --model smollm2-135m-shape   # a random Llama of that shape (no gguf needed)
     python bench/attribution/bench_attribute.py --gpu      # + random 1B / 8B Llama at 512 / 2048 tokens (CUDA only)
 """
 from __future__ import annotations
@@ -32,9 +33,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if str(HERE.parent) not in sys.path:  # bench/harness.py; cca_fast itself comes from the installed package
+    sys.path.insert(0, str(HERE.parent))
 
 SHAPES = {  # random Llama-shaped models (config fields)
     "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -148,7 +148,7 @@ def _one(args) -> dict:
     examples = _examples(model.config.vocab_size, args.batch, args.seq, args.batches + 1)
     warm, timed_ex = examples[: args.batch], [
         type(e)(i, e.source, e.prompt_ids, e.target_ids, e.desired, e.undesired) for i, e in enumerate(examples[args.batch :])]
-    if cuda:
+    if cuda:  # the peak covers the warm-up batch and the timed runs
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -159,27 +159,33 @@ def _one(args) -> dict:
             return attribute_dataset(model, None, exs, out, cfg, progress=False).scores
         return _caching(model, exs, args.batch, args.positions)
 
+    from harness import Timing
+
+    times = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            run(warm, Path(tmp) / "warm")
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            rss0 = _reset_peak()
-            t = time.perf_counter()
-            scores = run(timed_ex, Path(tmp) / "timed")
-            if cuda:
-                torch.cuda.synchronize()
-            sec = time.perf_counter() - t
+            rss0 = _reset_peak()  # the peak covers the warm-up too: freed heap is not returned to the OS, so
+            run(warm, Path(tmp) / "warm")  # a peak reset after it would miss memory the timed runs reuse
+            for r in range(args.repeats):  # a fresh output folder each time: nothing is resumed
+                t = time.perf_counter()
+                scores = run(timed_ex, Path(tmp) / f"timed{r}")
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
     except torch.OutOfMemoryError:
         return {"oom": True}
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _status_mib("VmHWM") - rss0
-    return {"oom": False, "seconds": sec, "tokens": args.seq * len(timed_ex), "tokens_per_s": args.seq * len(timed_ex) / sec,
+    timing = Timing.of([1000 * t for t in times])
+    sec = timing.p50_ms / 1000
+    return {"oom": False, "time": timing.to_dict(), "seconds": sec, "tokens": args.seq * len(timed_ex),
+            "tokens_per_s": args.seq * len(timed_ex) / sec,
             "peak_mib": peak, "checksum": float(scores.abs().sum())}
 
 
-def _spawn(model: str, impl: str, device: str, dtype: str, batch: int, seq: int, batches: int, positions: str) -> dict:
+def _spawn(model: str, impl: str, device: str, dtype: str, batch: int, seq: int, batches: int, positions: str,
+           repeats: int = 3) -> dict:
     cmd = [sys.executable, __file__, "--one", "--model", model, "--impl", impl, "--device", device, "--dtype", dtype,
+           "--repeats", str(repeats),
            "--batch", str(batch), "--seq", str(seq), "--batches", str(batches), "--positions", positions]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
@@ -193,7 +199,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="cca")
-    ap.add_argument("--model", default="smollm2-135m-shape",
+    ap.add_argument("--model", default="default",
                     help="'default' (the embedded SmolLM2-135M, loaded) or a random Llama of one of these shapes: "
                          + ", ".join(SHAPES))
     ap.add_argument("--device", default="cpu")
@@ -202,13 +208,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--positions", default="all")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is reported)")
     ap.add_argument("--gpu", action="store_true", help="also the GPU sizes (random 1B / 8B Llama, 512 / 2048 tokens; CUDA only)")
     ap.add_argument("--cpu-seqs", default="128,256", help="sequence lengths of the CPU rows")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(_one(args)))
         return
-    from common import environment
+    from harness import environment_line, report, validate
 
     rows = []
     plan = [(args.model, "cpu", "float32", args.batch, s, args.batches, pos)
@@ -216,7 +223,7 @@ def main() -> None:
     if args.gpu and torch.cuda.is_available():
         plan += [(m, "cuda", "bfloat16", 1, s, 2, "all") for m in ("llama-1b-shape", "llama-8b-shape") for s in (512, 2048)]
     for model, device, dtype, batch, seq, batches, pos in plan:
-        res = {impl: _spawn(model, impl, device, dtype, batch, seq, batches, pos) for impl in ("cca", "caching")}
+        res = {impl: _spawn(model, impl, device, dtype, batch, seq, batches, pos, args.repeats) for impl in ("cca", "caching")}
         row = {"model": model, "device": device, "dtype": dtype, "batch": batch, "seq": seq, "positions": pos, **res}
         if not res["cca"]["oom"] and not res["caching"]["oom"]:
             row["speedup"] = res["cca"]["tokens_per_s"] / res["caching"]["tokens_per_s"]
@@ -224,17 +231,20 @@ def main() -> None:
             row["same_scores"] = abs(res["cca"]["checksum"] - res["caching"]["checksum"]) <= 1e-3 * res["caching"]["checksum"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    env = environment("cuda" if any(r["device"] == "cuda" for r in rows) else "cpu")
+    tag = "gpu" if any(r["device"] == "cuda" for r in rows) else "cpu"
+    result = report("attribute", "cuda" if tag == "gpu" else "cpu", rows,
+                    config={"model": args.model, "batches": args.batches, "repeats": args.repeats, "cpu_seqs": args.cpu_seqs,
+                            "method": "gradient x activation", "metric": "logit_diff"})
+    validate(result)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    tag = "gpu" if any(r["device"] == "cuda" for r in rows) else "cpu"
-    (out / f"attribute_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    md = [f"# `cca attribute` vs caching hooks ({env['device']}, torch {env['torch']}, transformers "
-          f"{env['transformers']}, {env['date']})", "",
+    (out / f"attribute_{tag}.json").write_text(json.dumps(result, indent=1))
+    md = ["# `cca attribute` vs caching hooks", "", environment_line(result["env"]), "",
           "Gradient x activation of the logit difference, every q/k/v head, MLP neuron, attention and MLP output. "
-          "Tokens/s: attributed tokens per second; peak: extra memory over the loaded model (MiB).", "",
-          "| model | device | batch x seq | positions | cca tok/s | caching tok/s | speed-up | cca peak | caching peak | memory ratio |",
-          "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+          "Tokens/s: attributed tokens per second (forward + backward, one warm-up batch excluded); peak: extra "
+          "memory over the loaded model (MiB); each cell is its own process.", "",
+          "| model | device | batch x seq | positions | cca tok/s | caching tok/s | speed-up | cca peak | caching peak | memory ratio | same scores |",
+          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(r, k, fmt):
         return "OOM" if r["oom"] else format(r[k], fmt)
@@ -242,7 +252,8 @@ def main() -> None:
         md.append(f"| {r['model']} | {r['device']} {r['dtype']} | {r['batch']} x {r['seq']} | {r['positions']} | "
                   f"{f(r['cca'], 'tokens_per_s', '.0f')} | {f(r['caching'], 'tokens_per_s', '.0f')} | "
                   f"{r.get('speedup', float('nan')):.2f}x | {f(r['cca'], 'peak_mib', '.0f')} | "
-                  f"{f(r['caching'], 'peak_mib', '.0f')} | {r.get('memory_ratio', float('nan')):.1f}x |")
+                  f"{f(r['caching'], 'peak_mib', '.0f')} | {r.get('memory_ratio', float('nan')):.1f}x | "
+                  f"{r.get('same_scores', '-')} |")
     (out / f"attribute_{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
