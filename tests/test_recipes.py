@@ -98,3 +98,22 @@ def test_study_runs_variants_with_their_random_control_and_diagnostics(workdir, 
     assert diag["changed_traces"]["n"] == sft["n_test"]
     md = (out / "study.md").read_text()
     assert "**Diagnostics**" in md and "random control (circuit-sft)" in md
+
+
+def test_gold_objective_without_solutions_fails_before_any_generation(workdir, tmp_path, capsys):
+    """circuit-sft trains on gold solutions: data without them is refused at the data stage,
+    naming the problem, before the base evaluation generates anything."""
+    rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["answer"] = ""
+    bad = tmp_path / "w"
+    bad.mkdir()
+    for f in ("model", "shots.json"):
+        (bad / f).symlink_to(workdir / f)
+    (bad / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(run_argv(bad, out, "--recipe", "circuit-sft")) != 0
+    err = capsys.readouterr().err
+    assert "gold_nll" in err and "has no solution text" in err and "--recipe paper" in err
+    assert not (out / "eval_base_train.jsonl").exists()
+    assert main(run_argv(bad, tmp_path / "paper", "--recipe", "paper", "--until", "data")) == 0

@@ -236,6 +236,7 @@ class DataStage:
         train, val, test = (ctx.rd.read_split(s) for s in SPLITS)
         splits = Splits(train, _subset(val, c.max_val_problems, c.seed), _subset(test, c.max_test_problems, c.seed))
         check_splits(splits.train, splits.val, splits.test, c)
+        check_gold_solutions(splits.train, c)
         return splits
 
     def run(self, ctx: RunContext) -> Splits:
@@ -259,6 +260,23 @@ def make_splits(config: RunConfig):
     splits = split_problems(problems, seed=c.seed)
     check_splits(splits.train, splits.val, splits.test, config)
     return splits
+
+
+def check_gold_solutions(train: Sequence[Problem], config: RunConfig) -> None:
+    """:class:`CCAError` before any generation when the objective trains on gold solutions
+    (``gold_nll``, recipe ``circuit-sft``) and a training problem has none (or no ``#### N``)."""
+    if config.update.objective != "gold_nll":
+        return
+    from cca_fast.baselines.lora.sft import gold_target
+    from cca_fast.errors import DataError
+
+    for p in train:
+        try:
+            gold_target(p)
+        except DataError as e:
+            raise CCAError(f"objective gold_nll trains the selected rows on the training problems' gold solutions, "
+                           f"and {e}: give every problem an 'answer' solution ending '#### N', or use a pivot "
+                           "objective (--recipe paper, or --objective logit_diff / hinge)") from None
 
 
 def min_per_template() -> int:
