@@ -6,7 +6,7 @@ output and MLP output scored over a data set, streamed, resumable, on one proces
 * :mod:`.methods`: metrics, positions, the layout, gradient x activation / attribution patching /
   mean ablation / integrated gradients reduced inside backward (:class:`~.methods.Scorer`);
 * :mod:`.store`: chunk files, ``scores.safetensors``, ranked tables; :mod:`.plots`: heat maps;
-* :mod:`.distributed`: ranks, chunk ownership, all-reduce;
+* :mod:`cca_fast.distributed`: ranks, chunk ownership, all-reduce (shared with ``cca run``);
 * :mod:`.run`: :func:`attribute_dataset`.
 """
 from .inputs import Example

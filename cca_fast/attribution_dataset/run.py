@@ -4,7 +4,7 @@ Streams the data set in chunks of ``chunk_size`` examples (each scored in batche
 ``batch_size``; memory is bounded by one batch plus one ``[total]`` accumulator, and
 ``[chunk_size, total]`` with ``per_example``); every finished chunk is written atomically to
 ``OUTPUT/chunks/`` so a rerun (after a crash or Ctrl-C) skips it. Under ``torchrun`` each rank
-scores the chunks ``i % world == rank`` and the sums are all-reduced (:mod:`.distributed`).
+scores the chunks ``i % world == rank`` and the sums are all-reduced (:mod:`cca_fast.distributed`).
 The final scores are the fp64 sum of the chunk sums (see :mod:`.store` for every file).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cca_fast.models import runtime
 from cca_fast.models.components import ComponentSpace
 
 from . import store
-from .distributed import Dist, current
+from cca_fast.distributed import Dist, current
 from .inputs import Example, Record, check_options, fingerprint, make_batch, read_records, tokenize_records
 from .methods import Layout, Scorer, iter_batches
 

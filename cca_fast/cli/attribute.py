@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``cca attribute``; returns the exit status."""
     import os
 
-    from cca_fast.attribution_dataset.distributed import init_from_env, rank_device, shutdown
+    from cca_fast.distributed import init_from_env, rank_device, shutdown
     from cca_fast.attribution_dataset.inputs import check_records, read_records
     from cca_fast.attribution_dataset.run import AttributeConfig, attribute_dataset
     from cca_fast.models.loading import load_model

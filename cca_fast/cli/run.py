@@ -168,9 +168,15 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Execute ``cca run`` (under ``torchrun``: stage 1 shared out across the ranks, rank 0 prints
+    the summary); returns the exit status."""
+    from cca_fast.distributed import shutdown
     from cca_fast.experiments.pipeline import run_cca
 
-    report = run_cca(config_from_args(args), until=args.until, progress=not args.quiet)
+    try:
+        report = run_cca(config_from_args(args), until=args.until, progress=not args.quiet)
+    finally:
+        shutdown()
     if report is not None:
         keys = ("base_accuracy", "cca_accuracy", "n_test", "components_selected", "components_total", "fraction")
         print(json.dumps({k: report[k] for k in keys}))

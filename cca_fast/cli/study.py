@@ -123,8 +123,13 @@ def study_config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from cca_fast.experiments.study import run_study
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CCAError("cca study runs as one process (under torchrun only `cca run` shares out its stage 1 and "
+                       "`cca attribute` its chunks): run it without torchrun")
     if args.threads:
         import torch
 

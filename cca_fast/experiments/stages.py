@@ -19,6 +19,15 @@ stage          outputs (:class:`RunDir` names)               result
 
 ``load`` returns ``None`` unless the stage's outputs are complete; ``run`` resumes from partial
 outputs (evaluations, traces and pivots append one line per finished item) and writes them.
+
+Under ``torchrun`` (:attr:`RunContext.dist` of several ranks) the stages with ``all_ranks`` (data,
+``base_eval``, ``traces``, ``pivots``, ``examples``: stage 1's generation) run on every rank: their
+generation batches / problems are shared out across the ranks
+(:func:`cca_fast.distributed.sharded`), every rank gets every result, and only rank 0 writes
+(appending in the order one process appends, so the files are the same). The other ranks then
+return; rank 0 runs the later stages alone (localization, the update and its evaluation need
+one model copy and no collective, so nothing waits on a barrier for hours). Every rank reads a
+stage's outputs between two barriers (:func:`run_stages`), so all ranks agree on what is done.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from cca_fast.data.problem import Problem
+from cca_fast.distributed import Dist
 from cca_fast.errors import CCAError
 from cca_fast.experiments.config import ProcedureSettings, RunConfig, procedure_settings
 from cca_fast.experiments.rundir import SPLITS, RunDir
@@ -41,10 +51,13 @@ class Stage(Protocol):
     Attributes:
         name: the stage's name (``--until`` takes it; ``stages.json`` times it).
         outputs: the :class:`RunDir` names of the files the stage writes.
+        all_ranks: under ``torchrun``, every rank runs the stage (sharing out its generation;
+            rank 0 writes); else rank 0 alone, after the other ranks have returned.
     """
 
     name: str
     outputs: tuple[str, ...]
+    all_ranks: bool
 
     def load(self, ctx: "RunContext") -> Any | None:
         """The result read back from complete outputs (no model work), else ``None``."""
@@ -68,33 +81,61 @@ class RunContext:
     model_holds_update: bool = False  # the model in memory holds the (no-mask) update
     pending_splits: Any = None  # data.splits.Splits made (and checked) before config.json was written
     results: dict[str, Any] = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)  # the torchrun ranks (one rank outside torchrun)
 
     @property
     def settings(self) -> ProcedureSettings:
         return procedure_settings(self.config)
 
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run directory (rank 0)."""
+        return self.dist.main
+
     def say(self, message: str | None) -> None:
-        if message and self.progress:
+        if message and self.progress and self.dist.main:
             print(message, flush=True)
 
 
 def run_stages(stages: Sequence[Stage], ctx: RunContext, *, until: str | None = None) -> Any | None:
     """Run (or load) ``stages`` in order; returns the last stage's result, or ``None`` when
-    stopped by ``until`` before it. Seconds of every stage that ran go to ``stages.json``."""
+    stopped by ``until`` before it. Seconds of every stage that ran go to ``stages.json``.
+
+    On ranks other than 0 (``ctx.dist``) it returns ``None`` at the first stage without
+    ``all_ranks``; an ``all_ranks`` stage is loaded by every rank between barriers (so no rank
+    reads while rank 0 writes), and the ranks must agree on whether it is complete."""
     names = [s.name for s in stages]
     if until is not None and until not in names:
         raise CCAError(f"unknown stage {until!r} (--until); stages: {', '.join(names)}")
     for stage in stages:
-        result = stage.load(ctx)
+        if not ctx.dist.main and not stage.all_ranks:
+            return None
+        result = _load(stage, ctx)
         if result is None:
             t = time.perf_counter()
             result = stage.run(ctx)
-            ctx.rd.record_seconds(stage.name, time.perf_counter() - t)
+            if ctx.writes:
+                ctx.rd.record_seconds(stage.name, time.perf_counter() - t)
         ctx.results[stage.name] = result
         ctx.say(result.message() if hasattr(result, "message") else None)
         if stage.name == until and stage is not stages[-1]:
             return None
     return ctx.results[stages[-1].name]
+
+
+def _load(stage: Stage, ctx: RunContext) -> Any | None:
+    """``stage.load(ctx)``; for an ``all_ranks`` stage on several ranks, between barriers, and
+    checked to be complete on every rank or on none."""
+    if ctx.dist.world == 1 or not stage.all_ranks:
+        return stage.load(ctx)
+    ctx.dist.barrier()  # every write of the stages before is done
+    result = stage.load(ctx)
+    complete = ctx.dist.all_gather_object(result is not None)  # and nobody writes before all have read
+    if len(set(complete)) > 1:
+        raise CCAError(f"the ranks disagree on whether stage {stage.name!r} is complete in {ctx.rd.path} "
+                       f"(rank: complete {dict(enumerate(complete))}): is the run directory on storage that every "
+                       "rank sees the same?")
+    return result
 
 
 def _read_records(path, problems: Sequence[Problem], key: str = "id") -> list[dict[str, Any]] | None:
@@ -226,6 +267,7 @@ class DataStage:
 
     name = "data"
     outputs = tuple(RunDir.split_name(s) for s in SPLITS)
+    all_ranks = True
 
     def load(self, ctx: RunContext) -> Splits | None:
         if not all((ctx.rd / o).exists() for o in self.outputs):
@@ -242,9 +284,11 @@ class DataStage:
     def run(self, ctx: RunContext) -> Splits:
         from cca_fast.data.loaders import write_problems_jsonl
 
-        splits = ctx.pending_splits if ctx.pending_splits is not None else make_splits(ctx.config)
-        for s in SPLITS:
-            write_problems_jsonl(getattr(splits, s), ctx.rd.split(s))
+        if ctx.writes:
+            splits = ctx.pending_splits if ctx.pending_splits is not None else make_splits(ctx.config)
+            for s in SPLITS:
+                write_problems_jsonl(getattr(splits, s), ctx.rd.split(s))
+        ctx.dist.barrier()  # the other ranks read what rank 0 wrote
         return self.load(ctx)
 
 
@@ -313,6 +357,7 @@ class BaseEvalStage:
 
     name = "base_eval"
     outputs = (RunDir.BASE_TRAIN, RunDir.BASE_TEST)
+    all_ranks = True
 
     def load(self, ctx: RunContext) -> BaseEval | None:
         from cca_fast.evaluation.evaluate import summarize
@@ -331,9 +376,10 @@ class BaseEvalStage:
         splits: Splits = ctx.results["data"]
         c, gen = ctx.config, ctx.settings.generation
         train = eval_resumable(ctx.model, ctx.tokenizer, splits.train, c.prompt, gen, ctx.rd.base_train,
-                               "base eval (train)", ctx.progress, prefix_cache=ctx.prefix_cache)
+                               "base eval (train)", ctx.progress, prefix_cache=ctx.prefix_cache, dist=ctx.dist)
         test = eval_resumable(ctx.model, ctx.tokenizer, splits.test, c.prompt, gen, ctx.rd.base_test,
-                              "base eval (test)", ctx.progress, keep_ids=False, prefix_cache=ctx.prefix_cache)
+                              "base eval (test)", ctx.progress, keep_ids=False, prefix_cache=ctx.prefix_cache,
+                              dist=ctx.dist)
         return BaseEval(train, summarize(train), summarize(test))
 
 
@@ -343,6 +389,7 @@ class TracesStage:
 
     name = "traces"
     outputs = (RunDir.TRAINING_SET, RunDir.TRACES)
+    all_ranks = True
 
     def _training_set(self, ctx: RunContext) -> tuple[list[Problem], list[str]]:
         from cca_fast.experiments.pipeline import training_problems
@@ -368,12 +415,13 @@ class TracesStage:
         from cca_fast.stages.traces import GreedyTrace, collect_traces
 
         chosen, weak = self._training_set(ctx)
-        ctx.rd.write_training_set(weak, [p.id for p in chosen])
+        if ctx.writes:
+            ctx.rd.write_training_set(weak, [p.id for p in chosen])
         greedy = {r["id"]: GreedyTrace(r["id"], r["prompt_ids"], r["output_ids"], r["output"], bool(r["correct"]))
                   for r in ctx.results["base_eval"].train_records}
         s = ctx.settings
         pairs = collect_traces(ctx.model, ctx.tokenizer, chosen, greedy, s.generation, s.trace, ctx.rd.traces,
-                               ctx.progress, prefix_cache=ctx.prefix_cache)
+                               ctx.progress, prefix_cache=ctx.prefix_cache, dist=ctx.dist)
         return Traces(chosen, weak, pairs)
 
 
@@ -382,6 +430,7 @@ class PivotsStage:
 
     name = "pivots"
     outputs = (RunDir.PIVOTS,)
+    all_ranks = True
 
     @staticmethod
     def _checked(examples: list, stats: dict[str, int]) -> Pivots:
@@ -407,7 +456,7 @@ class PivotsStage:
         s = ctx.settings
         examples, stats = find_pivots(ctx.model, ctx.tokenizer, ctx.results["traces"].pairs, ctx.config.pivot_method,
                                       s.branching, s.generation, ctx.rd.pivots, ctx.progress,
-                                      prefix_cache=ctx.prefix_cache)
+                                      prefix_cache=ctx.prefix_cache, dist=ctx.dist)
         return self._checked(examples, stats)
 
 
@@ -418,6 +467,7 @@ class TrainingExamplesStage:
 
     name = "examples"
     outputs = (RunDir.TRAINING_EXAMPLES,)
+    all_ranks = True  # the forks are shared out; the filter runs on every rank (cheap), rank 0 writes
 
     def load(self, ctx: RunContext) -> TrainingExamples | None:
         from cca_fast.stages.examples import PivotExample
@@ -440,7 +490,7 @@ class TrainingExamplesStage:
             greedy = {r["id"]: r for r in ctx.results["base_eval"].train_records}
             forks, fstats = fork_pivots_for(ctx.model, ctx.tokenizer, ctx.results["traces"].problems, greedy,
                                             ctx.settings.generation, c.fork, progress=ctx.progress,
-                                            prefix_cache=ctx.prefix_cache)
+                                            prefix_cache=ctx.prefix_cache, dist=ctx.dist)
             examples += forks
             stats["fork"] = {**fstats, "examples": len(forks)}
         if c.pivot_filter == "not_argmax" and examples:
@@ -454,7 +504,8 @@ class TrainingExamplesStage:
         if not examples:
             raise CCAError(f"no training pivots left ({stats}): use --pivot-filter all, --pivot-source both, or "
                            "more training problems (--max-train-problems)")
-        atomic_write_json(ctx.rd.training_examples, {"stats": stats, "examples": [e.to_dict() for e in examples]})
+        if ctx.writes:
+            atomic_write_json(ctx.rd.training_examples, {"stats": stats, "examples": [e.to_dict() for e in examples]})
         return TrainingExamples(examples, stats)
 
 
@@ -463,6 +514,7 @@ class LocalizeStage:
 
     name = "localize"
     outputs = (RunDir.SELECTION,)
+    all_ranks = False
 
     def load(self, ctx: RunContext) -> Localized | None:
         from cca_fast.stages.localize.select import Selection
@@ -518,6 +570,7 @@ class DiagnosticsStage:
 
     name = "diagnostics"
     outputs = (RunDir.DIAGNOSTICS,)
+    all_ranks = False
 
     def load(self, ctx: RunContext) -> Diagnostics | None:
         if not ctx.config.diagnostics:
@@ -548,6 +601,7 @@ class UpdateStage:
 
     name = "update"
     outputs = (RunDir.UPDATE, RunDir.DELTA)
+    all_ranks = False
 
     def load(self, ctx: RunContext) -> UpdateInfo | None:
         return UpdateInfo(**read_json(ctx.rd.update)) if ctx.rd.update.exists() else None
@@ -596,6 +650,7 @@ class CCAEvalStage:
 
     name = "cca_eval"
     outputs = (RunDir.CCA_TEST,)
+    all_ranks = False
 
     def load(self, ctx: RunContext) -> CCAEval | None:
         from cca_fast.evaluation.evaluate import summarize
@@ -642,6 +697,7 @@ class ReportStage:
 
     name = "report"
     outputs = (RunDir.REPORT_JSON, RunDir.REPORT_MD, RunDir.COMPONENTS_PNG)
+    all_ranks = False
 
     def load(self, ctx: RunContext) -> None:
         return None

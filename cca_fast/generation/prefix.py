@@ -16,7 +16,7 @@ GSM8K prompt). Whoever runs many sequences that share a prefix uses the pieces h
   positions, copied) and :func:`share` (a new cache object over the same tensors, for a cache
   that is reused read-only across steps);
 * :class:`PrefixCache`: the decode state of the last prefix, kept across generation calls while
-  the weights stay unchanged.
+  the weights stay unchanged; :func:`start_unit` empties it before an independent unit of work.
 
 Users: generation (:func:`~cca_fast.generation.decode.generate`), the teacher-forced pass and
 completions of the branching pivot search, DCM's last-position mode (the frozen model's prefix
@@ -263,3 +263,16 @@ class PrefixCache:
         self.stats.computed_tokens += len(tokens) - c
         self._store(model, tokens, state)
         return logits[0]
+
+
+def start_unit(cache: PrefixCache | None) -> None:
+    """Empty ``cache`` (if any) before an independent unit of work (a generation batch, a problem).
+
+    Positions taken from the cache were computed in an earlier forward, which equals one forward
+    over everything only up to floating-point reduction order; starting every unit from an empty
+    cache makes the unit's numbers independent of which unit ran before it in this process, so a
+    run sharded across ranks (:func:`cca_fast.distributed.sharded`) or resumed gives bit for bit
+    what one uninterrupted process gives. It costs one recomputation of the shared prefix per
+    unit (the exemplars, once per batch or problem)."""
+    if cache is not None:
+        cache.clear()

@@ -5,7 +5,8 @@ twice), then up to ``k`` samples at temperature 1.2 when ``T_g`` is correct (loo
 sample) or 0.8 when it is wrong; the first sample, in order, whose correctness is the opposite of
 ``T_g`` is kept. Samples are drawn ``sample_batch`` at a time with per-problem seeds, so results do
 not depend on how the work was split or resumed. Problems with no flip are recorded too (and
-dropped later). Each finished problem is appended to ``traces.jsonl`` at once: an interrupted run
+dropped later). Under ``torchrun`` the groups of problems are shared out across ranks
+(:func:`cca_fast.distributed.sharded`) and rank 0 writes them. Each finished problem is appended to ``traces.jsonl`` at once: an interrupted run
 resumes where it stopped.
 """
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cca_fast.data.problem import Problem
+from cca_fast.distributed import Dist, sharded
 from cca_fast.generation.decode import GenerationConfig, generate
 from cca_fast.io import append_jsonl, read_jsonl
-from cca_fast.generation.prefix import PrefixCache
+from cca_fast.generation.prefix import PrefixCache, start_unit
 from cca_fast.evaluation.prompting import extract_answer, is_correct
 
 
@@ -133,12 +135,17 @@ def sample_flip(model, tokenizer, problem: Problem, greedy: GreedyTrace, gen: Ge
 
 def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[str, GreedyTrace],
                    gen: GenerationConfig, config: TraceConfig, path: str | Path | None = None,
-                   progress: bool = True, prefix_cache: PrefixCache | None = None) -> list[TracePair]:
+                   progress: bool = True, prefix_cache: PrefixCache | None = None,
+                   dist: Dist | None = None) -> list[TracePair]:
     """Trace pairs for ``problems`` (in order), resuming from ``path`` (JSON Lines) if given.
-    ``prefix_cache``: see :func:`~cca_fast.generation.decode.generate` (the exemplars, once per weights).
+    ``prefix_cache``: see :func:`~cca_fast.generation.decode.generate` (the exemplars; emptied
+    before every group: :func:`~cca_fast.generation.prefix.start_unit`).
 
     Problems are processed in groups of ``max(1, gen.batch_size // config.sample_batch)`` of the
-    same temperature, so a generation batch holds samples of several problems."""
+    same temperature, so a generation batch holds samples of several problems. ``dist``: the
+    groups are shared out across its ranks (:func:`cca_fast.distributed.sharded`); every rank
+    returns every pair and only rank 0 writes ``path``, in the order one process writes it."""
+    dist = dist or Dist()
     done: dict[str, TracePair] = {}
     if path is not None and Path(path).exists():
         for rec in read_jsonl(path):
@@ -149,20 +156,26 @@ def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
         raise KeyError(f"no greedy trace for problems {missing[:5]}...")
     from tqdm.auto import tqdm
 
-    group = max(1, gen.batch_size // max(1, config.sample_batch))
+    size = max(1, gen.batch_size // max(1, config.sample_batch))
+    groups: list[tuple[float, list[Problem]]] = []
+    for correct in (True, False):
+        temp = config.temperature_if_correct if correct else config.temperature_if_wrong
+        same = [p for p in todo if greedy[p.id].correct == correct]
+        groups += [(temp, same[i : i + size]) for i in range(0, len(same), size)]
+
+    def sample(group: tuple[float, list[Problem]]) -> list[TracePair]:
+        start_unit(prefix_cache)
+        return _sample_rounds(model, tokenizer, group[1], greedy, gen, config, group[0], prefix_cache)
+
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="stage 1: sampling flipped traces",
-               disable=not progress)
+               disable=not (progress and dist.main))
     try:
-        for correct in (True, False):
-            temp = config.temperature_if_correct if correct else config.temperature_if_wrong
-            same = [p for p in todo if greedy[p.id].correct == correct]
-            for i in range(0, len(same), group):
-                for pair in _sample_rounds(model, tokenizer, same[i : i + group], greedy, gen, config, temp,
-                                           prefix_cache):
-                    done[pair.problem_id] = pair
-                    if path is not None:
-                        append_jsonl(path, pair.to_dict())
-                    bar.update(1)
+        for _, pairs in sharded(dist, groups, sample):
+            for pair in pairs:
+                done[pair.problem_id] = pair
+                if path is not None and dist.main:
+                    append_jsonl(path, pair.to_dict())
+                bar.update(1)
     finally:
         bar.close()
     return [done[p.id] for p in problems]

@@ -27,10 +27,11 @@ from typing import Any, Sequence
 
 import torch
 
+from cca_fast.distributed import Dist, sharded
 from cca_fast.errors import CCAError
 from cca_fast.evaluation.prompting import NEW_QUESTION_MARKER
 from cca_fast.generation.decode import GenerationConfig
-from cca_fast.generation.prefix import PrefixCache
+from cca_fast.generation.prefix import PrefixCache, start_unit
 from cca_fast.models import runtime
 from cca_fast.stages.examples import PivotExample
 from cca_fast.stages.pivots.algorithms import Pivot, to_example
@@ -172,11 +173,14 @@ def fork_pivots(model, tokenizer, problem_id: str, gold: float, prompt_ids: Sequ
 
 def fork_pivots_for(model, tokenizer, problems: Sequence[Any], greedy_records: dict[str, dict[str, Any]],
                     gen: GenerationConfig, config: ForkConfig, progress: bool = False,
-                    prefix_cache: PrefixCache | None = None) -> tuple[list[PivotExample], dict]:
+                    prefix_cache: PrefixCache | None = None,
+                    dist: Dist | None = None) -> tuple[list[PivotExample], dict]:
     """:func:`fork_pivots` over ``problems`` (objects with ``id`` and ``gold``, e.g.
     :class:`~cca_fast.data.problem.Problem`), their greedy traces from ``greedy_records[id]``
     (``prompt_ids``, ``output_ids``, ``correct``). Returns all examples (problem order) and the
-    summed stats, plus ``problems``.
+    summed stats, plus ``problems``. ``prefix_cache`` is emptied before every problem
+    (:func:`~cca_fast.generation.prefix.start_unit`); ``dist``: the problems are shared out across
+    its ranks (:func:`cca_fast.distributed.sharded`) and every rank returns the same.
 
     Raises:
         CCAError: a problem has no greedy record, or a record lacks a field (before any work).
@@ -192,13 +196,21 @@ def fork_pivots_for(model, tokenizer, problems: Sequence[Any], greedy_records: d
         if missing:
             raise CCAError(f"the greedy record of problem {p.id!r} lacks {missing}; it needs prompt_ids, "
                            "output_ids and correct")
+    dist = dist or Dist()
+
+    def forks(p: Any) -> tuple[list[PivotExample], dict[str, int]]:
+        start_unit(prefix_cache)
+        rec = greedy_records[p.id]
+        return fork_pivots(model, tokenizer, p.id, p.gold, rec["prompt_ids"], rec["output_ids"],
+                           bool(rec["correct"]), gen, config, prefix_cache=prefix_cache)
+
     examples: list[PivotExample] = []
     totals = {"problems": len(problems), **{k: 0 for k in STAT_KEYS}}
-    for p in tqdm(problems, desc="stage 1: greedy-path forks", disable=not progress):
-        rec = greedy_records[p.id]
-        ex, stats = fork_pivots(model, tokenizer, p.id, p.gold, rec["prompt_ids"], rec["output_ids"],
-                                bool(rec["correct"]), gen, config, prefix_cache=prefix_cache)
+    bar = tqdm(total=len(problems), desc="stage 1: greedy-path forks", disable=not (progress and dist.main))
+    for _, (ex, stats) in sharded(dist, list(problems), forks):
+        bar.update(1)
         examples.extend(ex)
         for k in STAT_KEYS:
             totals[k] += stats[k]
+    bar.close()
     return examples, totals
