@@ -243,8 +243,9 @@ def run_config(d: Path, out: Path, **kw) -> RunConfig:
 
 def run_argv(d: Path, out: Path, *extra: str) -> list[str]:
     """``cca run`` arguments of the pipeline tests' small run (the flags of :func:`run_config`) of
-    the tiny model in ``d`` (:func:`make_pipeline_workdir`), written to ``out``; ``extra`` appended."""
-    return ["run", "--model", str(d / "model"), "--dtype", "float32", "--device", "cpu", "--data",
+    the tiny model in ``d`` (:func:`make_pipeline_workdir`), written to ``out``; ``extra`` appended.
+    ``--recipe paper`` (``RunConfig()``, as :func:`run_config`) unless ``extra`` names another."""
+    return ["run", "--recipe", "paper", "--model", str(d / "model"), "--dtype", "float32", "--device", "cpu", "--data",
             str(d / "data.jsonl"), "--shots", str(d / "shots.json"), "--n-shots", "1", "--weak-threshold", "1.01",
             "--max-train-problems", "0", "--max-new-tokens", "12", "--batch-size", "8", "--dcm-epochs", "4",
             "--dcm-lambda", "0.01", "--update-steps", "4", "--lr", "1e-2", "--output", str(out), "--quiet", *extra]

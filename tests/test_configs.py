@@ -17,6 +17,7 @@ from cca_fast.errors import CCAError
 from cca_fast.evaluation.prompting import PromptConfig
 from cca_fast.evaluation.suites import SuiteConfig
 from cca_fast.experiments.config import GenerationSettings, RunConfig
+from cca_fast.experiments.recipes import DEFAULT_RECIPE, recipe_config
 from cca_fast.experiments.pipeline import run_cca
 from cca_fast.experiments.rundir import RunDir
 from cca_fast.experiments.stages import STAGE_NAMES, RunContext, outputs_through, run_stages
@@ -113,9 +114,12 @@ def test_cli_typo_fails_before_any_work(tmp_path, capsys):
 
 # ---- the command line maps flags to fields --------------------------------------------------------------
 def test_cli_and_python_api_give_the_same_config():
-    assert config_from_args(_parse("run", "--seed", "1")) == RunConfig(seed=1)
-    assert config_from_args(_parse("run")) == RunConfig()
-    argv = ["run", "--seed", "2", "--dcm-epochs", "4", "--lr", "0.01", "--batch-size", "3", "--n-shots", "1",
+    assert config_from_args(_parse("run", "--recipe", "paper", "--seed", "1")) == RunConfig(seed=1)
+    assert config_from_args(_parse("run", "--recipe", "paper")) == RunConfig()
+    # no --recipe: the default recipe, flags on top
+    assert config_from_args(_parse("run")) == recipe_config(DEFAULT_RECIPE)
+    assert config_from_args(_parse("run", "--seed", "1")) == dataclasses.replace(recipe_config(DEFAULT_RECIPE), seed=1)
+    argv = ["run", "--recipe", "paper", "--seed", "2", "--dcm-epochs", "4", "--lr", "0.01", "--batch-size", "3", "--n-shots", "1",
             "--max-test-problems", "0", "--max-train-problems", "5", "--selector", "random", "--select-count", "7",
             "--k", "6", "--dcm-mode", "full", "--output", "x"]
     expected = RunConfig(output="x", seed=2, max_train_problems=5, max_test_problems=None,
@@ -137,7 +141,9 @@ def test_study_cli_defaults_are_the_study_config_defaults(tmp_path):
 
 
 def test_help_shows_the_dataclass_defaults(capsys):
-    for argv, expected in ((["run", "--help"], {"--update-steps": 8, "--n-per-template": 8, "--batch-size": 8}),
+    # cca run shows the default recipe's values (circuit-sft: 10 AdamW steps), the rest RunConfig()'s
+    for argv, expected in ((["run", "--help"], {"--update-steps": 10, "--optimizer": "adamw", "--n-per-template": 8,
+                                                "--batch-size": 8}),
                            (["study", "--help"], {"--update-steps": 10, "--n-per-template": 15, "--dcm-epochs": 100,
                                                   "--mmlu-limit": 114, "--max-val-problems": 0})):
         with pytest.raises(SystemExit):

@@ -34,12 +34,29 @@ def test_paper_recipe_is_the_default_configuration():
         recipe_config("nope")
 
 
+def test_default_recipe_is_circuit_sft():
+    from cca_fast.cli.main import build_parser
+    from cca_fast.cli.run import config_from_args
+    from cca_fast.experiments.recipes import DEFAULT_RECIPE
+
+    assert DEFAULT_RECIPE == "circuit-sft"
+    cfg = config_from_args(build_parser().parse_args(["run"]))
+    assert cfg == recipe_config("circuit-sft") != RunConfig()
+    assert (cfg.selector, cfg.select_fraction, cfg.update.objective, cfg.update.optimizer) == (
+        "atp-fraction", 0.02, "gold_nll", "adamw")
+
+
 @pytest.mark.slow
 def test_recipe_paper_gives_bit_identical_outputs_to_the_spelled_out_paper_flags(workdir, tmp_path):
+    """The paper's procedure three ways: the Python API's ``RunConfig()`` (what ``cca run`` ran by
+    default before circuit-sft became the default), ``--recipe paper``, and its settings flag by flag."""
+    from cca_fast.experiments.pipeline import run_cca
+
     small = ("--max-train-problems", "8", "--selector", "atp-topk", "--select-k", "5")
     a, b, c = tmp_path / "default", tmp_path / "recipe", tmp_path / "flags"
-    assert main(run_argv(workdir, a, *small)) == 0
+    run_cca(run_config(workdir, a, max_train_problems=8, selector="atp-topk", select_k=5), progress=False)
     assert main(run_argv(workdir, b, *small, "--recipe", "paper")) == 0
+    # the variants' flags at their paper values change nothing
     assert main(run_argv(workdir, c, *small, "--objective", "logit_diff", "--pivot-source", "paper",
                          "--pivot-filter", "all", "--retain-weight", "0", "--val-from-train", "0")) == 0
     for rel in OUTPUTS:
@@ -49,8 +66,9 @@ def test_recipe_paper_gives_bit_identical_outputs_to_the_spelled_out_paper_flags
     assert deltas[0] and set(deltas[0]) == set(deltas[1]) == set(deltas[2])
     for name, t in deltas[0].items():
         assert torch.equal(t, deltas[1][name]) and torch.equal(t, deltas[2][name]), name
-    configs = [json.loads((d / "config.json").read_text()) for d in (a, b)]
-    assert [c.pop("output") for c in configs] == [str(a), str(b)]
+    # (a: helpers.run_config builds DCMConfig() itself, reuse_prefix_cache False; DCM does not run here)
+    configs = [json.loads((d / "config.json").read_text()) for d in (b, c)]
+    assert [x.pop("output") for x in configs] == [str(b), str(c)]
     assert configs[0] == configs[1]
 
 

@@ -33,16 +33,17 @@ minutes on 2 CPU cores. Paper-size configuration (GPU): --n-per-template 50 --ma
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cca_fast.experiments.config import SELECTORS, RunConfig
+    from cca_fast.experiments.config import SELECTORS
     from cca_fast.experiments.stages import STAGE_NAMES
 
     p = subparsers.add_parser("run", help="the whole CCA method end to end (resumable)", description=DESCRIPTION)
     add_run_args(p)
-    from cca_fast.experiments.recipes import DEFAULT_RECIPE, RECIPES
+    from cca_fast.experiments.recipes import DEFAULT_RECIPE, RECIPES, recipe_config
 
     p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
-                   help="a named bundle of settings (cca_fast.experiments.recipes); other flags override it. "
-                        "paper: the paper's procedure")
+                   help="a named bundle of settings (cca_fast.experiments.recipes); other flags override it "
+                        "(the defaults shown are the default recipe's). circuit-sft: sparse SFT of the AtP top 2%% "
+                        "on the gold solutions; paper: the paper's procedure (RunConfig())")
     s2 = p.add_argument_group("selection")
     s2.add_argument("--selector", choices=SELECTORS,
                     help="component selection; random = the control; none = the no-mask baseline "
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--until", default=None, choices=STAGE_NAMES, metavar="STAGE",
                    help=f"stop after this stage ({', '.join(STAGE_NAMES)})")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
-    bind_flags(p, RUN_FLAGS + RUN_ONLY_FLAGS, RunConfig())
+    bind_flags(p, RUN_FLAGS + RUN_ONLY_FLAGS, recipe_config(DEFAULT_RECIPE))
     p.set_defaults(func=run)
 
 
@@ -115,6 +116,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     s3.add_argument("--optimizer", choices=["sgd", "adamw"], help="paper: sgd")
     s3.add_argument("--lr", type=float, help="learning rate (paper 1e-4)")
     s3.add_argument("--update-steps", type=int, help="optimizer steps (paper 50)")
+    s3.add_argument("--eval-every", type=int, metavar="N", help="validation every N steps after the early steps")
+    s3.add_argument("--eval-every-early", type=int, metavar="N",
+                    help="validation every N steps during the first --early-steps steps")
+    s3.add_argument("--early-steps", type=int, metavar="N", help="how many steps count as early")
     s3.add_argument("--update-mode", choices=["sparse", "reference"],
                     help="sparse: row-selective gradients + row-sparse step; reference: dense gradients")
     s3.add_argument("--objective", choices=OBJECTIVES,
@@ -147,6 +152,9 @@ RUN_FLAGS: list[FieldFlag] = [
     FieldFlag("optimizer", "update.optimizer"),
     FieldFlag("lr", "update.lr"),
     FieldFlag("update_steps", "update.max_steps"),
+    FieldFlag("eval_every", "update.eval_every"),
+    FieldFlag("eval_every_early", "update.eval_every_early"),
+    FieldFlag("early_steps", "update.early_steps"),
     FieldFlag("update_mode", "update.mode"),
     FieldFlag("objective", "update.objective"),
     FieldFlag("margin", "update.margin"),
@@ -161,10 +169,12 @@ RUN_ONLY_FLAGS: list[FieldFlag] = [FieldFlag(name, name) for name in
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`RunConfig` of ``cca run``'s flags: ``RunConfig()`` with the given flags' fields set."""
-    from cca_fast.experiments.recipes import recipe_config
+    """The :class:`RunConfig` of ``cca run``'s flags: the ``--recipe``'s configuration (default
+    :data:`~cca_fast.experiments.recipes.DEFAULT_RECIPE`) with the given flags' fields set."""
+    from cca_fast.experiments.recipes import DEFAULT_RECIPE, recipe_config
 
-    return recipe_config(getattr(args, "recipe", None) or "paper", overrides_from_args(args, RUN_FLAGS + RUN_ONLY_FLAGS))
+    return recipe_config(getattr(args, "recipe", None) or DEFAULT_RECIPE,
+                         overrides_from_args(args, RUN_FLAGS + RUN_ONLY_FLAGS))
 
 
 def run(args: argparse.Namespace) -> int:
