@@ -77,6 +77,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="templates: also accept instances whose #answer is not an integer")
     g.add_argument("--seed", type=int, metavar="S",
                    help="seed of instances, splits, stage-1 samples, DCM shuffles and the random control")
+    g.add_argument("--extra-train-data", metavar="D",
+                   help="a second source (as --data) whose problems join the training split only (ids "
+                        "'extra:...', their own template group), e.g. GSM8K's train.jsonl")
+    g.add_argument("--extra-train-max", type=int, metavar="N",
+                   help="at most N extra training problems, a seeded draw (0 = all); each is base-evaluated")
     g.add_argument("--max-train-problems", type=int, metavar="N",
                    help="at most N training problems go to stage 1 (0 = all)")
     g.add_argument("--max-val-problems", type=int, metavar="N",
@@ -132,11 +137,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 #: the pipeline flags of :func:`add_run_args` -> :class:`RunConfig` fields (``cca run`` and ``cca study``)
 RUN_FLAGS: list[FieldFlag] = [
     *(FieldFlag(name, name) for name in ("model", "dtype", "device", "attn_implementation", "data",
-                                         "n_per_template", "seed", "weak_threshold", "procedure",
+                                         "extra_train_data", "n_per_template", "seed", "weak_threshold", "procedure",
                                          "pivot_method", "branching", "pivot_source", "pivot_filter",
                                          "val_from_train")),
     *(FieldFlag(name, name, zero_is_none, none_is_zero)
-      for name in ("max_train_problems", "max_val_problems", "max_test_problems")),
+      for name in ("max_train_problems", "max_val_problems", "max_test_problems", "extra_train_max")),
     FieldFlag("skip_bad_templates", "skip_bad_templates"),
     FieldFlag("non_integer_answers", "integer_answers", to_field=lambda v: not v, to_flag=lambda v: not v),
     FieldFlag("shots", "prompt.exemplars"),

@@ -3,9 +3,15 @@
 Each template's instances are shuffled with a generator derived from ``(seed, template)`` and
 cut in order: 50 instances with the paper's fractions ``(0.52, 0.08, 0.40)`` give exactly
 26 / 4 / 20. Problems without a template (``template == ""``) form one group.
+
+Extra training problems (``RunConfig.extra_train_data``) join the training split only
+(:func:`fresh_extra`): their ids start ``extra:`` and their template is ``extra:<template>``
+(``extra`` when they have none), so they never collide with the main data and stay one group of
+their own in per-template accuracy and the weak-template filter.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -15,6 +21,9 @@ from cca_fast.errors import DataError
 from cca_fast.data.problem import Problem
 
 PAPER_FRACTIONS = (0.52, 0.08, 0.40)
+#: the id prefix and template (group) of extra training problems (see :func:`as_extra`)
+EXTRA_PREFIX = "extra:"
+EXTRA_TEMPLATE = "extra"
 
 
 @dataclass(frozen=True)
@@ -77,3 +86,45 @@ def weak_templates(per_template_accuracy: Mapping[str, float], threshold: float 
         if not 0.0 <= float(acc) <= 1.0:
             raise DataError(f"accuracy of template {t!r} must be in [0, 1], got {acc}")
     return {t for t, acc in per_template_accuracy.items() if float(acc) < threshold}
+
+
+def as_extra(problems: Sequence[Problem]) -> list[Problem]:
+    """``problems`` marked as extra training problems: id ``extra:<id>``, template
+    ``extra:<template>`` (``extra`` for problems without one)."""
+    return [dataclasses.replace(p, id=EXTRA_PREFIX + p.id,
+                                template=EXTRA_PREFIX + p.template if p.template else EXTRA_TEMPLATE)
+            for p in problems]
+
+
+def is_extra(problem: Problem) -> bool:
+    """Whether ``problem`` is an extra training problem (:func:`as_extra`)."""
+    return problem.id.startswith(EXTRA_PREFIX)
+
+
+def is_untemplated(template: str) -> bool:
+    """Whether ``template`` is the group of problems without a template (``""``, or ``extra``
+    for extra training problems without one)."""
+    return template in ("", EXTRA_TEMPLATE)
+
+
+def _question_key(problem: Problem) -> str:
+    return " ".join(problem.question.split())
+
+
+def fresh_extra(splits: Splits, extra: Sequence[Problem], where: str) -> tuple[list[Problem], int]:
+    """The extra training problems (already :func:`as_extra`) that may join ``splits``' training
+    split: those whose question (whitespace normalised) is not one of the main data's, so that
+    no validation or test problem trains. Returns them (in order) and how many were left out.
+
+    Raises:
+        DataError: naming ``where``, when an extra id collides with a main-data id.
+    """
+    main = [*splits.train, *splits.val, *splits.test]
+    ids = {p.id for p in main}
+    clash = next((p.id for p in extra if p.id in ids), None)
+    if clash is not None:
+        raise DataError(f"{where}: extra training problem id {clash!r} is also an id of the main data; "
+                        f"rename the main data's ids that start {EXTRA_PREFIX!r}")
+    seen = {_question_key(p) for p in main}
+    fresh = [p for p in extra if _question_key(p) not in seen]
+    return fresh, len(extra) - len(fresh)

@@ -101,6 +101,20 @@ class RunConfig:
         integer_answers: template instances must have an integer ``#answer`` (GSM8K's answers are).
         seed: the seed of everything: instances, splits, subsets, stage-1 samples
             (``trace.seed``), DCM's shuffles (``dcm.seed``) and the random control.
+        extra_train_data: a second data source (anything ``data`` accepts, e.g. GSM8K's
+            ``train.jsonl``) whose problems join the training split only, never validation or
+            test (``None``: none; loaded with the same ``n_per_template``, ``seed`` and template
+            options). Their ids get the prefix ``extra:`` and their template is
+            ``extra:<template>`` (``extra`` when they have none), so they are their own groups in
+            per-template accuracy. They enter stage 1 like the main training problems: all are
+            base-evaluated, a group is used when its base training accuracy is below
+            ``weak_threshold`` (with no templates in either source, every problem is), and the
+            pooled problems are capped by ``max_train_problems`` (raise it, or 0 = all, to train
+            on more of them). Extra problems whose question is one of the main data's are left
+            out, and ``val_from_train`` never draws them. ``gold_nll`` trains on their gold
+            solutions too.
+        extra_train_max: at most this many extra problems (a draw seeded by ``seed``; ``None``:
+            all). Every one is base-evaluated, so this bounds the added cost.
         weak_threshold: templates with base training accuracy below it give training examples.
         max_train_problems, max_val_problems, max_test_problems: caps (``None``: all).
         prompt, generation, trace, dcm, update: the nested configurations (module docstring).
@@ -134,6 +148,8 @@ class RunConfig:
     integer_answers: bool = True
     seed: int = 0
     weak_threshold: float = 0.8
+    extra_train_data: str | None = None
+    extra_train_max: int | None = None
     max_train_problems: int | None = 12
     max_val_problems: int | None = 12
     max_test_problems: int | None = None
@@ -205,6 +221,7 @@ class RunConfig:
         if isinstance(self.val_from_train, bool) or not isinstance(self.val_from_train, int) or self.val_from_train < 0:
             raise CCAError(f"RunConfig.val_from_train (--val-from-train) must be an integer >= 0, got "
                            f"{self.val_from_train!r}")
+        self._check_extra_train()
         if self.procedure not in PROCEDURES:
             raise CCAError(f"unknown procedure {self.procedure!r} (RunConfig.procedure, --procedure); use 'fast' "
                            "(the default fast paths) or 'reference' (the authors' procedure, for comparisons)")
@@ -231,6 +248,19 @@ class RunConfig:
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name), extra="or None for all (0 on the command line)")
         self.update.check()
+
+    def _check_extra_train(self) -> None:
+        """``extra_train_data`` is ``None`` or a non-empty source; ``extra_train_max`` is ``None``
+        or a positive integer, and only with ``extra_train_data``."""
+        if self.extra_train_data is not None and (not isinstance(self.extra_train_data, str)
+                                                  or not self.extra_train_data.strip()):
+            raise CCAError(f"RunConfig.extra_train_data (--extra-train-data) must be a data source (a file, a "
+                           f"template folder or a hub name), got {self.extra_train_data!r}; None for none")
+        if self.extra_train_max is not None:
+            _positive("extra_train_max", self.extra_train_max, extra="or None for all (0 on the command line)")
+            if self.extra_train_data is None:
+                raise CCAError("RunConfig.extra_train_max (--extra-train-max) caps the extra training problems: "
+                               "it needs extra_train_data (--extra-train-data D)")
 
     def _check_values(self) -> None:
         """Ranges of the scalar fields (NaN and infinities refused: see :mod:`cca_fast.checks`)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cca_fast.data.problem import Problem
+from cca_fast.data.splits import is_untemplated
 from cca_fast.distributed import Dist, sharded
 from cca_fast.errors import CCAError
 from cca_fast.experiments.config import (PROCEDURES, SELECTORS, GenerationSettings, ProcedureSettings,  # noqa: F401
@@ -109,9 +110,13 @@ def _subset(problems: list[Problem], limit: int | None, seed: int) -> list[Probl
 def training_problems(train: list[Problem], base_train: dict[str, Any], threshold: float,
                       limit: int | None, seed: int) -> tuple[list[Problem], list[str]]:
     """Training problems of *weak* templates (base accuracy below ``threshold``); without
-    templates, every training problem. At most ``limit`` of them (a seeded subset)."""
+    templates, every training problem. At most ``limit`` of them (a seeded subset).
+
+    Extra training problems (``RunConfig.extra_train_data``) are groups of their own (template
+    ``extra:<template>``, or ``extra`` without one) under the same rule: when neither the main
+    data nor the extra data has templates, every training problem is used."""
     per = base_train["per_template"]
-    if set(per) == {""}:
+    if all(is_untemplated(t) for t in per):
         weak, chosen = [], list(train)
     else:
         weak = sorted(t for t, v in per.items() if v["accuracy"] < threshold)

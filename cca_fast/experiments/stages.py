@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from cca_fast.data.problem import Problem
 from cca_fast.distributed import Dist
@@ -42,6 +42,9 @@ from cca_fast.experiments.config import ProcedureSettings, RunConfig, procedure_
 from cca_fast.experiments.rundir import SPLITS, RunDir
 from cca_fast.io import atomic_write_json, read_json, read_jsonl
 from cca_fast.models import runtime
+
+if TYPE_CHECKING:
+    from cca_fast.data.splits import Splits as DataSplits
 
 
 # ---- the protocol and the loop -------------------------------------------------------------------
@@ -292,18 +295,62 @@ class DataStage:
         return self.load(ctx)
 
 
-def make_splits(config: RunConfig):
+def make_splits(config: RunConfig) -> "DataSplits":
     """The seeded per-template splits (:class:`cca_fast.data.splits.Splits`) of ``config``'s data,
+    with ``extra_train_data``'s problems added to the training split (:func:`add_extra_train`),
     checked by :func:`check_splits` (no model, nothing written)."""
-    from cca_fast.data import InstantiateConfig, load_problems, split_problems
+    from cca_fast.data import split_problems
 
-    c = config
-    problems = load_problems(c.data, n_per_template=c.n_per_template, seed=c.seed,
-                             instantiate_config=InstantiateConfig(integer_answers=c.integer_answers),
-                             skip_bad_templates=c.skip_bad_templates)
-    splits = split_problems(problems, seed=c.seed)
+    splits = split_problems(load_source(config, config.data), seed=config.seed)
+    splits = add_extra_train(splits, config)
     check_splits(splits.train, splits.val, splits.test, config)
     return splits
+
+
+def load_source(config: RunConfig, source: str | None) -> list[Problem]:
+    """The problems of ``source`` (``config.data`` or ``config.extra_train_data``), loaded with
+    ``config``'s instantiation settings (``n_per_template``, ``seed``, integer answers, bad
+    templates)."""
+    from cca_fast.data import InstantiateConfig, load_problems
+
+    c = config
+    return load_problems(source, n_per_template=c.n_per_template, seed=c.seed,
+                         instantiate_config=InstantiateConfig(integer_answers=c.integer_answers),
+                         skip_bad_templates=c.skip_bad_templates)
+
+
+def add_extra_train(splits: "DataSplits", config: RunConfig) -> "DataSplits":
+    """``splits`` with the problems of ``config.extra_train_data`` (at most ``extra_train_max``,
+    a seeded draw, in file order, after leaving out repeats of main-data questions:
+    :func:`cca_fast.data.splits.fresh_extra`) added to the training split only, ids prefixed
+    ``extra:``; ``splits`` itself without extra data.
+
+    Raises:
+        DataError / TemplateError: naming ``--extra-train-data`` and the source when it
+            cannot be loaded (a missing file, a line without an answer, ...), before any model
+            is loaded.
+    """
+    source = config.extra_train_data
+    if source is None:
+        return splits
+    import dataclasses
+    import logging
+
+    from cca_fast.data.splits import as_extra, fresh_extra
+    from cca_fast.evaluation.suites.common import seeded_subset
+
+    where = f"--extra-train-data {source}"
+    try:
+        extra = as_extra(load_source(config, source))
+    except CCAError as e:  # DataError, TemplateError: the message says which file and line
+        raise type(e)(f"{where}: {e}") from None
+    fresh, repeats = fresh_extra(splits, extra, where)
+    if repeats:
+        logging.getLogger("cca_fast.data").warning(
+            "%s: %d problem(s) left out: their question is also a question of the main data %s", where,
+            repeats, config.data or "(built-in templates)")
+    kept = seeded_subset(fresh, config.extra_train_max, config.seed, "extra_train")
+    return dataclasses.replace(splits, train=[*splits.train, *kept])
 
 
 def check_gold_solutions(train: Sequence[Problem], config: RunConfig) -> None:
@@ -549,13 +596,16 @@ def gold_examples(ctx: RunContext) -> list | None:
 def validation_problems(config: RunConfig, splits: "Splits", training_ids: Sequence[str]) -> list[Problem]:
     """The problems every update step (and the LoRA baseline's epochs) is selected on: the
     validation split plus ``val_from_train`` training-split problems stage 1 did not use (a
-    seeded draw), so that one problem moves validation accuracy less."""
+    seeded draw; never extra training problems, ``RunConfig.extra_train_data``), so that one
+    problem moves validation accuracy less."""
     if not config.val_from_train:
         return list(splits.val)
     import random
 
+    from cca_fast.data.splits import is_extra
+
     used = set(training_ids)
-    unused = [p for p in splits.train if p.id not in used]
+    unused = [p for p in splits.train if p.id not in used and not is_extra(p)]
     extra = random.Random(f"val_from_train:{config.seed}").sample(unused, min(config.val_from_train, len(unused)))
     return list(splits.val) + sorted(extra, key=lambda p: p.id)
 
