@@ -26,8 +26,9 @@ Every stage writes its output to OUTPUT; run the same command again to resume af
 interruption (finished stages are not recomputed; traces, pivots and evaluations resume per item).
 The sparse delta is in OUTPUT/delta (apply it with `cca apply`).
 
-With no arguments: the embedded SmolLM2-135M-Instruct on the built-in templates, sized for a few
-minutes on 2 CPU cores. Paper-size configuration (GPU): --n-per-template 50 --max-train-problems 0
+With no arguments: recipe circuit-sft (sparse SFT of the AtP top 2% on the gold solutions) with the
+embedded SmolLM2-135M-Instruct on the built-in templates, about 15 minutes on 2 CPU cores
+(11.8% -> 25.5% test accuracy, README); --recipe paper runs the paper's procedure. Paper-size configuration (GPU): --n-per-template 50 --max-train-problems 0
 --max-val-problems 0 --max-new-tokens 1500 --update-steps 50 --shots gsm8k_cot_8shot.json (see README).
 """
 
