@@ -28,7 +28,8 @@ The sparse delta is in OUTPUT/delta (apply it with `cca apply`).
 
 With no arguments: recipe circuit-sft (sparse SFT of the AtP top 2% on the gold solutions) with the
 embedded SmolLM2-135M-Instruct on the built-in templates, about 15 minutes on 2 CPU cores
-(11.8% -> 25.5% test accuracy, README); --recipe paper runs the paper's procedure. Paper-size configuration (GPU): --n-per-template 50 --max-train-problems 0
+(11.8% -> 25.5% test accuracy, README); --recipe paper runs the paper's procedure.
+Paper-size configuration (GPU): --n-per-template 50 --max-train-problems 0
 --max-val-problems 0 --max-new-tokens 1500 --update-steps 50 --shots gsm8k_cot_8shot.json (see README).
 """
 
