@@ -249,3 +249,23 @@ def run_argv(d: Path, out: Path, *extra: str) -> list[str]:
             str(d / "data.jsonl"), "--shots", str(d / "shots.json"), "--n-shots", "1", "--weak-threshold", "1.01",
             "--max-train-problems", "0", "--max-new-tokens", "12", "--batch-size", "8", "--dcm-epochs", "4",
             "--dcm-lambda", "0.01", "--update-steps", "4", "--lr", "1e-2", "--output", str(out), "--quiet", *extra]
+
+
+# ---------------------------------------------------------------- compile-only kernel checks
+
+def compile_counts(script: str) -> dict:
+    """Run ``script`` (it compiles kernels for a GPU target and prints a JSON dict last) in a child
+    Python without ``TRITON_INTERPRET`` and with FP fusion on; the parsed dict. Skips the test
+    when this Triton has no compiler backends."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton.backends.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -240,17 +240,9 @@ def test_kernel_compiles_for_cuda():
     row (head_dim 128 tiles): fp16/bf16 inputs are converted to fp32 in registers, and only the
     float64 variant does float64 arithmetic. In a subprocess with ``TRITON_INTERPRET`` unset, as
     the row_grad and sparse optimizer PTX tests."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from helpers import compile_counts
 
-    pytest.importorskip("triton.backends.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    counts = compile_counts(_COMPILE_SCRIPT)
     assert len(counts) == 8
     for key, c in counts.items():
         dt = key.split("_")[0]

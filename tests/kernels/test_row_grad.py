@@ -223,16 +223,8 @@ print(json.dumps(out))
 def test_kernel_compiles_for_cuda_with_tensor_cores():
     """Compiled (not interpreted) for sm_90 PTX without a GPU, for every dtype; fp16/bf16 use
     tensor-core MMA. In a subprocess with ``TRITON_INTERPRET`` unset."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from helpers import compile_counts
 
-    pytest.importorskip("triton.backends.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    counts = compile_counts(_COMPILE_SCRIPT)
     assert set(counts) == {"bf16", "fp16", "fp32", "fp64"}
     assert counts["bf16"] > 0 and counts["fp16"] > 0, counts

@@ -269,17 +269,9 @@ def test_kernels_compile_for_cuda_with_vector_accesses():
     """Compiled (not interpreted) for sm_90 PTX without a GPU: catches what the interpreter
     cannot, and checks that contiguous, 16-aligned chunks get 16-byte vector loads. In a
     subprocess with ``TRITON_INTERPRET`` unset (kernels are decorated per setting)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from helpers import compile_counts
 
-    pytest.importorskip("triton.backends.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    counts = compile_counts(_COMPILE_SCRIPT)
     for key, n in counts.items():
         if key.endswith("True"):
             assert n > 0, counts
