@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from cca_fast.errors import UnsupportedArchitectureError
+from cca_fast.models import runtime
 
 KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 Kind = Literal["q", "k", "v", "mlp"]
@@ -84,7 +85,13 @@ class ModelAdapter:
     """Base adapter: subclasses describe one family's module layout.
 
     Args:
-        model: a Hugging Face causal LM of a supported family.
+        model: a Hugging Face causal LM of a supported family (already unwrapped: build
+            adapters with :func:`get_adapter`, which looks through peft, ``torch.compile`` and
+            user wrappers).
+
+    Parameter names are the plain model's (:func:`~cca_fast.models.runtime.base_parameters`:
+    under peft, ``q_proj.weight`` names the base layer's weight); module names are the model's
+    own (a peft tuner layer keeps its name, so a hook on it sees the adapter's contribution).
     """
 
     model_types: tuple[str, ...] = ()
@@ -103,7 +110,7 @@ class ModelAdapter:
         head_dim = getattr(cfg, "head_dim", None)
         self.head_dim: int = int(head_dim) if head_dim else hidden // self.n_heads
         self.d_ff: int = self._d_ff()
-        self._params = dict(model.named_parameters())
+        self._params = runtime.base_parameters(model)
         self._modules = dict(model.named_modules())
 
     # ---- family specifics (overridden) -------------------------------------------------
@@ -246,8 +253,11 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, or :class:`UnsupportedArchitectureError` naming the
-    supported families."""
+    """The adapter for ``model`` (a transformers causal LM, or a peft / ``torch.compile`` / user
+    wrapper of one: :func:`~cca_fast.models.runtime.unwrap`), or
+    :class:`UnsupportedArchitectureError` naming the supported families (or, for a layout it
+    does not know, the module tree it found)."""
+    model = runtime.unwrap(model, strict=True)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
@@ -268,16 +278,17 @@ def _check_layout(adapter: ModelAdapter) -> None:
         if site.module_name not in adapter._modules:
             raise UnsupportedArchitectureError(
                 f"{adapter.config.model_type}: expected module {site.module_name!r} for {kind} "
-                "components but the model has none (a transformers version with a different "
-                "module layout?)"
+                f"components but {type(adapter.model).__name__} has none (a transformers version with a "
+                f"different module layout?). Module tree found:\n{runtime.module_tree(adapter.model, depth=5)}"
             )
         for ws in adapter.owned(0, kind, 0):
             if ws.param not in adapter._params:
                 raise UnsupportedArchitectureError(
-                    f"{adapter.config.model_type}: expected parameter {ws.param!r} is missing"
+                    f"{adapter.config.model_type}: expected parameter {ws.param!r} is missing. Module tree "
+                    f"found:\n{runtime.module_tree(adapter.model, depth=5)}"
                 )
 
 
 def param_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    """The parameter called ``name`` (as in ``model.named_parameters()``)."""
-    return model.get_parameter(name)
+    """The base parameter called ``name`` (:func:`~cca_fast.models.runtime.base_parameters`)."""
+    return runtime.base_parameters(model)[name]

@@ -29,6 +29,7 @@ from typing import Iterator, Union
 import torch
 from torch import nn
 
+from cca_fast.models import runtime
 from cca_fast.models.adapters import KINDS, Site
 from cca_fast.models.components import ComponentSpace
 
@@ -84,7 +85,7 @@ def tap_module(model: nn.Module, module_name: str, io: str, fn) -> torch.utils.h
     """Register ``fn(x) -> x'`` on a module's output (``io="output"``) or on its first input
     (a forward pre-hook, the other inputs passed through); the one place cca_fast hooks an
     activation tensor."""
-    module = model.get_submodule(module_name)
+    module = runtime.submodule(model, module_name)  # through peft / compile / user wrappers
     if io == "output":
         def out_hook(_m, _inp, out):
             return fn(out)
