@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cca_fast.errors import UnsupportedArchitectureError
+from cca_fast.errors import CCAError, UnsupportedArchitectureError
 from cca_fast.models import runtime
 
 KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
@@ -120,16 +120,24 @@ class ModelAdapter:
     def _layer_prefix(self, layer: int) -> str:
         return f"{self.layers_path}.{layer}"
 
+    def check(self, layer: int, kind: str) -> None:
+        """:class:`CCAError` unless ``kind`` is one of :data:`KINDS` and ``layer`` a layer of the
+        model (every :meth:`site` starts with it)."""
+        if kind not in KINDS:
+            raise CCAError(f"unknown component kind {kind!r}; the kinds are {', '.join(map(repr, KINDS))} "
+                           "(query, key and value heads, MLP neurons)")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise CCAError(f"layer {layer!r} out of range: the model has layers 0..{self.n_layers - 1}")
+
     def site(self, layer: int, kind: str) -> Site:
         """The :class:`Site` of ``kind`` components in ``layer``."""
+        self.check(layer, kind)
         p = self._layer_prefix(layer)
         D = self.head_dim
         if kind in ("q", "k", "v"):
             n = self.n_heads if kind == "q" else self.n_kv_heads
             return Site(layer, kind, f"{p}.self_attn.{kind}_proj", "output", 0, n, D)
-        if kind == "mlp":
-            return Site(layer, kind, f"{p}.mlp.down_proj", "input", 0, self.d_ff, 1)
-        raise ValueError(f"unknown component kind {kind!r}; expected one of {KINDS}")
+        return Site(layer, kind, f"{p}.mlp.down_proj", "input", 0, self.d_ff, 1)
 
     def _projection(self, layer: int, kind: str) -> tuple[str, int, int]:
         """(module name, first output channel, output dim of the weight) of the projection
@@ -193,6 +201,7 @@ class Phi3Adapter(ModelAdapter):
     model_types = ("phi3",)
 
     def site(self, layer: int, kind: str) -> Site:
+        self.check(layer, kind)
         if kind == "mlp":
             return super().site(layer, kind)
         p = self._layer_prefix(layer)
@@ -220,6 +229,7 @@ class GPT2Adapter(ModelAdapter):
         return int(n_inner) if n_inner else 4 * int(self.config.n_embd)
 
     def site(self, layer: int, kind: str) -> Site:
+        self.check(layer, kind)
         p = self._layer_prefix(layer)
         if kind == "mlp":
             return Site(layer, kind, f"{p}.mlp.c_proj", "input", 0, self.d_ff, 1)

@@ -87,8 +87,7 @@ class ComponentSpace:
     # ---- indexing ----------------------------------------------------------------------
     def _kind(self, kind: str) -> str:
         if kind not in self._kind_offset:
-            raise CCAError(f"unknown component kind {kind!r}; the kinds are {', '.join(map(repr, KINDS))} "
-                           "(query, key and value heads, MLP neurons)")
+            self.adapter.check(0, kind)  # raises, naming the kinds
         return kind
 
     def offset(self, layer: int, kind: str) -> int:

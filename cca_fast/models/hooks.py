@@ -180,7 +180,7 @@ def ones_scales(space: ComponentSpace, kinds: tuple[str, ...] = KINDS, *, dtype=
     """A scale of 1 for every component of ``kinds`` (leaf tensors; set ``requires_grad`` to
     read gradient x activation attributions from ``.grad``)."""
     return {
-        (layer, k): torch.ones(space.counts[k], dtype=dtype, device=device, requires_grad=requires_grad)
+        (layer, k): torch.ones(space.adapter.site(layer, k).n, dtype=dtype, device=device, requires_grad=requires_grad)
         for layer in range(space.n_layers)
         for k in kinds
     }
