@@ -164,8 +164,9 @@ def launch_component_scores(act: torch.Tensor, grad: torch.Tensor, weights: torc
                          f"components), got {tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
     if act.stride(1) != 1 or grad.stride(1) != 1:
         raise ShapeError("act and grad need unit channel stride for the kernel; pass .contiguous() copies")
-    if weights is not None and (weights.dtype != acc or not weights.is_contiguous()):
-        raise ShapeError(f"weights must be a contiguous {acc} tensor for the kernel, got {weights.dtype}")
+    if weights is not None and not weights.is_contiguous():
+        raise ShapeError("weights must be contiguous for the kernel (it reads them with unit stride); pass "
+                         "weights.contiguous()")
     _kernel()[(plan.grid_k, plan.grid_r)](
         act, grad, weights if weights is not None else out, out,
         n_rows, n_comp, width,
