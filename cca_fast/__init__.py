@@ -15,15 +15,16 @@ library) stays cheap.
 * stage 1: :class:`TraceConfig`, :func:`collect_traces`, :func:`pivot_for_pair`
 * stage 2: :class:`PivotExample`, :func:`collate` (-> :class:`PivotBatch`), :func:`attribute`
   (gradient x activation, any metric, -> :class:`Attribution`), :func:`attribute_dataset` with an
-  :class:`AttributeConfig` (``cca attribute``), :func:`run_atp`, :func:`run_dcm` (->
+  :class:`AttributeConfig` (``cca attribute``, -> :class:`DatasetAttribution`), :func:`run_atp`, :func:`run_dcm` (->
   :class:`DCMResult`), :func:`select` (-> :class:`Selection`)
 * stage 3: :func:`run_update` (a built-in objective or your ``loss(model, batch)``; ->
   :class:`UpdateResult`) -> :class:`SparseDelta` (:func:`apply_delta` -> :class:`DeltaHandle`,
   :func:`revert_delta`, :func:`merge_delta`); gold solutions for ``gold_nll``:
   :class:`SFTExample`
-* everything: :func:`run_cca` with a :class:`RunConfig` (the ``cca run`` command)
+* everything: :func:`run_cca` with a :class:`RunConfig` (the ``cca run`` command, ->
+  :class:`RunReport`)
 * does it work: :func:`run_study` with a :class:`StudyConfig` (``cca study``): controls, the LoRA
-  baseline (:func:`train_lora`, :func:`load_lora`, :func:`merge_lora`), side-effect suites
+  baseline (:func:`train_lora` -> :class:`LoRAResult`, :func:`load_lora`, :func:`merge_lora`), side-effect suites
   (:func:`run_suites`)
 * errors: :class:`CCAError` (bad input, with the fix), :class:`KernelError` (from the kernels)
 """
@@ -65,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "Attribution": "cca_fast.attribution",
     "attribute_dataset": "cca_fast.attribution_dataset",
     "AttributeConfig": "cca_fast.attribution_dataset",
+    "DatasetAttribution": "cca_fast.attribution_dataset",
     "AtPConfig": "cca_fast.stages.localize.atp",
     "run_atp": "cca_fast.stages.localize.atp",
     "DCMConfig": "cca_fast.stages.localize.dcm",
@@ -85,11 +87,13 @@ _EXPORTS: dict[str, str] = {
     # everything, the study, the LoRA baseline, side effects
     "RunConfig": "cca_fast.experiments.pipeline",
     "run_cca": "cca_fast.experiments.pipeline",
+    "RunReport": "cca_fast.experiments.pipeline",
     "GenerationSettings": "cca_fast.experiments.config",
     "StudyConfig": "cca_fast.experiments.study",
     "run_study": "cca_fast.experiments.study",
     "LoRAConfig": "cca_fast.baselines.lora.train",
     "train_lora": "cca_fast.baselines.lora.train",
+    "LoRAResult": "cca_fast.baselines.lora.train",
     "load_lora": "cca_fast.baselines.lora.train",
     "merge_lora": "cca_fast.baselines.lora.train",
     "SuiteConfig": "cca_fast.evaluation.suites",
@@ -118,9 +122,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; the runtime loads lazily
     from cca_fast.attribution import Attribution, attribute
-    from cca_fast.attribution_dataset import AttributeConfig, attribute_dataset
+    from cca_fast.attribution_dataset import AttributeConfig, DatasetAttribution, attribute_dataset
     from cca_fast.baselines.lora.sft import SFTExample
-    from cca_fast.baselines.lora.train import LoRAConfig, load_lora, merge_lora, train_lora
+    from cca_fast.baselines.lora.train import LoRAConfig, LoRAResult, load_lora, merge_lora, train_lora
     from cca_fast.data import load_problems, split_problems
     from cca_fast.delta import DeltaHandle, SparseDelta, apply_delta, merge_delta, revert_delta
     from cca_fast.errors import CCAError, KernelError
@@ -128,7 +132,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; the runtime 
     from cca_fast.evaluation.prompting import PromptConfig, paper_stops
     from cca_fast.evaluation.suites import SuiteConfig, run_suites
     from cca_fast.experiments.config import GenerationSettings
-    from cca_fast.experiments.pipeline import RunConfig, run_cca
+    from cca_fast.experiments.pipeline import RunConfig, RunReport, run_cca
     from cca_fast.experiments.study import StudyConfig, run_study
     from cca_fast.generation.decode import GenerationConfig, generate
     from cca_fast.generation.prefix import PrefixCache

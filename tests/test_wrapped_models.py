@@ -237,3 +237,21 @@ def test_sparse_update_through_compiled_and_user_wrapper_equals_plain():
         res = cca.run_update(wrap(model), cca.ComponentSpace(wrap(model)), sel, ex, _cfg())
         for name, pd in ref.delta.params.items():
             assert bitwise_equal(res.delta.params[name].new, pd.new), name
+
+
+def test_dcm_and_atp_run_on_wrapped_models():
+    """DCM and AtP forward through ``runtime.forward`` (which unwraps): a compiled or user-wrapped
+    model gives the mask / scores of the model inside, bitwise; a LoRA model those of its merged
+    copy (float64, other summation order: 1e-10 as above)."""
+    from cca_fast.stages.localize.dcm import DCMConfig
+
+    model = tiny("llama")
+    ex = examples("llama", 4)
+    cfg = DCMConfig(epochs=2, batch_size=2, lr=0.05)
+    ref, ref_atp = cca.run_dcm(model, ex, cfg).mask, cca.run_atp(model, ex).scores
+    for wrapped in (torch.compile(model), Holder(model)):
+        assert torch.equal(cca.run_dcm(wrapped, ex, cfg).mask, ref)
+        assert torch.equal(cca.run_atp(wrapped, ex).scores, ref_atp)
+    pm = lora_model()
+    torch.testing.assert_close(cca.run_dcm(pm, ex, cfg).mask, cca.run_dcm(merged_copy(pm), ex, cfg).mask,
+                               rtol=0, atol=1e-10)
