@@ -46,7 +46,7 @@ from cca_fast.stages.pivots.search import pivot_for_pair
 from cca_fast.stages.traces import TraceConfig, collect_traces
 from cca_fast.stages.update import UpdateConfig, run_update
 
-__version__ = "0.1.0"
+from cca_fast.version import __version__  # noqa: E402
 __all__ = [
     "load_model", "ComponentSpace", "scale_components", "read_components",
     "load_problems", "split_problems", "PromptConfig", "paper_stops", "evaluate",
