@@ -48,17 +48,9 @@ from cca_fast.models import runtime
 
 __all__ = ["LoRAConfig", "LoRAResult", "MergedLoRA", "train_lora", "merge_lora", "load_lora", "gold_target",
            "target_text", "SFTExample", "SFTBatch", "build_sft_examples", "collate_sft", "sft_nll",
-           "shared_prefix_len", "module_names", "default_target_modules", "FAMILY_TARGETS",
+           "shared_prefix_len", "module_names", "default_target_modules",
            "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "RESULT_NAME"]
 
-#: per-layer projections LoRA targets by default (q/k/v/o + MLP), by family
-FAMILY_TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "olmo2"):
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    ("phi3",): ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
-    ("gpt2",): ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-}
 Progress = Callable[[dict], None]
 
 
@@ -72,7 +64,7 @@ class LoRAConfig:
             dropout on the adapter input.
         target_modules: module names or suffixes, a regular expression (full match), or
             ``"all-linear"``; ``None`` = the q/k/v/o and MLP projections of every decoder layer
-            (:data:`FAMILY_TARGETS`; ``"all-linear"`` for other families).
+            (the adapter's ``lora_targets``; ``"all-linear"`` for other families).
         lr, epochs, batch_size: AdamW learning rate, epochs (the best one is kept), sequences
             per optimizer step.
         micro_batch_size: sequences per forward pass (memory only: the gradient of a step is the
@@ -142,16 +134,16 @@ def _require_peft():
 
 
 def default_target_modules(model: nn.Module) -> str:
-    """The q/k/v/o and MLP projections of every decoder layer, as a regular expression over
-    module names (``"all-linear"`` for a family not in :data:`FAMILY_TARGETS`)."""
+    """The q/k/v/o and MLP projections of every decoder layer (the adapter's ``lora_targets``,
+    :class:`~cca_fast.models.adapters.ModelAdapter`), as a regular expression over module names
+    (``"all-linear"`` for a family without an adapter)."""
     from cca_fast.models.adapters import UnsupportedArchitectureError, get_adapter
 
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    names = next((v for k, v in FAMILY_TARGETS.items() if mt in k), None)
     try:
-        layers = get_adapter(model).layers_path if names else None
+        adapter = get_adapter(model)
     except UnsupportedArchitectureError:
-        layers = None
+        return "all-linear"
+    layers, names = adapter.layers_path, adapter.lora_targets
     if not names or not layers:
         return "all-linear"
     return rf"{re.escape(layers)}\.\d+\.(?:{'|'.join(re.escape(n) for n in names)})"
