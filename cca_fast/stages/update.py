@@ -43,7 +43,7 @@ from cca_fast.kernels.dispatch import BACKENDS, Backend, accumulation_dtype
 from cca_fast.kernels.row_grad import row_selective, zero_delta
 from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, gather_rows,
                                            scatter_rows)
-from cca_fast.models.components import ComponentSpace, RowSelection
+from cca_fast.models.components import ComponentSpace, RowSelection, restore_rows, snapshot_rows
 from cca_fast.stages.objectives import TrainingObjective, check_objective
 from cca_fast.models import runtime
 
@@ -327,15 +327,11 @@ def _full_plan(model: nn.Module) -> dict[str, RowSelection]:
 
 def _snapshot(model: nn.Module, plan: dict[str, RowSelection]) -> dict[str, torch.Tensor]:
     """The selected rows (parameter layout, ``index_select(dim, index)``), copied."""
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().index_select(s.dim, s.index.to(params[n].device)).clone() for n, s in plan.items()}
+    return snapshot_rows(dict(model.named_parameters()), plan)
 
 
-@torch.no_grad()
 def _restore(model: nn.Module, plan: dict[str, RowSelection], rows: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for n, s in plan.items():
-        params[n].index_copy_(s.dim, s.index.to(params[n].device), rows[n])
+    restore_rows(dict(model.named_parameters()), plan, rows)
 
 
 def run_update(
