@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from cca_fast.baselines.lora.sft import SFTExample, sft_nll, shared_prefix_len
+from cca_fast.stages.sft import SFTExample, sft_nll, shared_prefix_len
 from cca_fast.errors import CCAError
 from cca_fast.models import runtime
 from cca_fast.models.components import ComponentSpace, RowSelection, restore_rows, snapshot_rows
@@ -465,7 +465,7 @@ def gold_alignment(model: nn.Module, space: ComponentSpace, examples: Sequence[P
 
     ``a`` = gradient of the summed logit difference of ``examples`` on the selected rows (what a
     stage-3 step follows); ``b`` = minus the gradient of the gold targets' summed NLL
-    (:func:`cca_fast.baselines.lora.sft.sft_nll`, in mini-batches of ``batch_size`` sharing their
+    (:func:`cca_fast.stages.sft.sft_nll`, in mini-batches of ``batch_size`` sharing their
     common prompt prefix) on the same rows. A negative cosine: the update raises the gold
     solutions' loss to first order.
 

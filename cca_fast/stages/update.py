@@ -355,7 +355,7 @@ def run_update(
         validate: ``validate(model) -> accuracy``; without it the last step is kept.
         progress: ``True`` for a progress bar, or a callable receiving each history record.
         gold: the training problems' gold solutions
-            (:class:`~cca_fast.baselines.lora.sft.SFTExample`), for ``objective="gold_nll"``.
+            (:class:`~cca_fast.stages.sft.SFTExample`), for ``objective="gold_nll"``.
     Returns:
         :class:`UpdateResult`; the model is left at the best step's weights.
     """

@@ -10,7 +10,7 @@ after every epoch; the best epoch's adapter is kept (model selection as in CCA's
 Fast path: every training sequence starts with the same few-shot prompt prefix (811 of ~885
 tokens with the paper's 8-shot prompt and SmolLM2's tokenizer), so each micro-batch runs that
 prefix once (batch 1, with gradients) and expands its KV cache to the batch; the rows' own
-suffixes (question + target) follow it, padded (:mod:`cca_fast.baselines.lora.sft`). Loss and gradients
+suffixes (question + target) follow it, padded (:mod:`cca_fast.stages.sft`). Loss and gradients
 are those of running every row in full (the tests check this), for about 5x fewer tokens per
 8-row micro-batch with the 8-shot prompt.
 
@@ -40,7 +40,7 @@ from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError
 from cca_fast.baselines.lora.adapter import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, RESULT_NAME, LoRAResult, MergedLoRA,
                            load_lora, merge_lora, module_names)
-from cca_fast.baselines.lora.sft import (SFTBatch, SFTExample, build_sft_examples, collate_sft, gold_target, sft_nll,
+from cca_fast.stages.sft import (SFTBatch, SFTExample, build_sft_examples, collate_sft, gold_target, sft_nll,
                        shared_prefix_len, target_text)
 from cca_fast.evaluation.prompting import PromptConfig
 from cca_fast.generation.prefix import can_share
