@@ -2,7 +2,7 @@
 
 The score of a component is ``sum over its channels and the scored positions of
 activation * d(metric)/d(activation)``: the derivative of the metric with respect to a scale on
-the component at those positions, at scale 1 (METHOD section 2, attribution patching).
+the component at those positions, at scale 1 (docs/method.md section 2, attribution patching).
 
 The hooks, the scored rows and the reduction inside backward are the one attribution engine,
 :mod:`cca_fast.attribution_engine` (shared with :func:`cca_fast.attribution_dataset.attribute_dataset`):

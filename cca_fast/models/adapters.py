@@ -1,6 +1,6 @@
 """Architecture adapters: where each layer's components live and which weight rows they own.
 
-A *component* (METHOD section 2) is a query head, a key head, a value head (one per KV group
+A *component* (docs/method.md section 2) is a query head, a key head, a value head (one per KV group
 under GQA) or an MLP neuron (one channel of the input of the down projection). An adapter maps
 each ``(layer, kind)`` of a model to a :class:`Site`, the module and channel slice holding the
 activations of that kind, and maps each component to the weight slices it owns.

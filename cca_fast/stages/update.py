@@ -1,4 +1,4 @@
-"""Stage 3: update only the rows of the selected components (METHOD section 3).
+"""Stage 3: update only the rows of the selected components (docs/method.md section 3).
 
 Paper default: full-batch gradient descent on the logit-difference loss
 ``L = -mean_i (logit_i[desired_i] - logit_i[undesired_i])`` at the last prefix position (gradients
