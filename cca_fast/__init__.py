@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from cca_fast.version import __version__  # noqa: E402
 
 #: public name -> the module that defines it (imported on first access)
 _EXPORTS: dict[str, str] = {
@@ -78,7 +78,7 @@ _EXPORTS: dict[str, str] = {
     "UpdateConfig": "cca_fast.stages.update",
     "UpdateResult": "cca_fast.stages.update",
     "run_update": "cca_fast.stages.update",
-    "SFTExample": "cca_fast.baselines.lora.sft",
+    "SFTExample": "cca_fast.stages.sft",
     "SparseDelta": "cca_fast.delta",
     "DeltaHandle": "cca_fast.delta",
     "apply_delta": "cca_fast.delta",
@@ -123,7 +123,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; the runtime loads lazily
     from cca_fast.attribution import Attribution, attribute
     from cca_fast.attribution_dataset import AttributeConfig, DatasetAttribution, attribute_dataset
-    from cca_fast.baselines.lora.sft import SFTExample
+    from cca_fast.stages.sft import SFTExample
     from cca_fast.baselines.lora.train import LoRAConfig, LoRAResult, load_lora, merge_lora, train_lora
     from cca_fast.data import load_problems, split_problems
     from cca_fast.delta import DeltaHandle, SparseDelta, apply_delta, merge_delta, revert_delta

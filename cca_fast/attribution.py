@@ -2,20 +2,13 @@
 
 The score of a component is ``sum over its channels and the scored positions of
 activation * d(metric)/d(activation)``: the derivative of the metric with respect to a scale on
-the component at those positions, at scale 1 (METHOD section 2, attribution patching).
+the component at those positions, at scale 1 (docs/method.md section 2, attribution patching).
 
-How one forward + one backward pass scores every head and neuron without storing a full
-activation gradient (``AttributionSession``):
-
-* all weights are frozen for the duration (``requires_grad=False``, restored afterwards), so no
-  weight ``.grad`` is ever allocated; the graph comes from making the input-embedding output a
-  leaf that requires grad (nothing is detached at the sites, every gradient path stays intact);
-* at each :class:`~cca_fast.models.adapters.Site` module an identity
-  :class:`cca_fast.kernels.attribution.AttributionTap` keeps the activation at the scored
-  positions only; in backward it reduces ``activation x gradient`` per component (Triton on
-  CUDA, PyTorch elsewhere) into an fp32 score buffer as soon as the gradient exists, then lets
-  the gradient flow on and be freed;
-* after backward, every site must have received its gradient, otherwise :class:`CCAError`.
+The hooks, the scored rows and the reduction inside backward are the one attribution engine,
+:mod:`cca_fast.attribution_engine` (shared with :func:`cca_fast.attribution_dataset.attribute_dataset`):
+weights frozen, eval mode, an identity tap per hooked tensor that reduces ``activation x
+gradient`` per component as soon as the gradient exists, and every site checked to have received
+its gradient (:class:`CCAError` otherwise).
 
 Public entry point: :func:`attribute`. ``positions`` follows :mod:`cca_fast.models.hooks` (``None``,
 an ``int``, ``LongTensor [B]``, ``BoolTensor [B, T]``) plus float weights ``[B, T]``; ``None``
@@ -29,10 +22,10 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import nn
 
+from cca_fast.attribution_engine import Engine, Rows, build_groups
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotBatch, logit_diff
-from cca_fast.models.hooks import position_mask, tap_module
-from cca_fast.kernels.attribution import Segment, TapSpec, tap
+from cca_fast.models.hooks import position_mask
 from cca_fast.kernels.dispatch import Backend, accumulation_dtype
 from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import Component, ComponentSpace
@@ -107,51 +100,30 @@ class Attribution:
         return out
 
 
-@dataclass
-class _Rows:
-    """Scored positions of one forward: ``rows`` ``(b, t)`` index tensors or ``None`` (all),
-    and ``weights`` per scored row or ``None``."""
-
-    batch: int
-    seq: int
-    rows: tuple[torch.Tensor, torch.Tensor] | None
-    weights: torch.Tensor | None
-
-
 def resolve_positions(positions: Positions, batch: int, seq: int, device: torch.device,
-                      attention_mask: torch.Tensor | None = None) -> _Rows:
-    """Turn ``positions`` into scored rows (see the module docstring)."""
+                      attention_mask: torch.Tensor | None = None) -> Rows:
+    """Turn ``positions`` into scored :class:`~cca_fast.attribution_engine.Rows` (see the
+    module docstring)."""
     try:
         if positions is None:
             if attention_mask is None or bool(attention_mask.bool().all()):
-                return _Rows(batch, seq, None, None)
+                return Rows(batch, seq)
             mask = attention_mask.to(device).bool()
         elif isinstance(positions, torch.Tensor) and positions.is_floating_point():
             if tuple(positions.shape) != (batch, seq):
                 raise CCAError(f"position weights have shape {tuple(positions.shape)}, expected {(batch, seq)}")
             w = positions.to(device)
-            b, t = torch.nonzero(w != 0, as_tuple=True)
-            return _Rows(batch, seq, (b, t), w[b, t])
+            return Rows.from_mask(w != 0, w)
         else:
             mask = position_mask(positions, batch, seq, device)
     except (IndexError, ValueError, TypeError) as e:
         raise CCAError(f"bad positions: {e}") from None
-    b, t = torch.nonzero(mask, as_tuple=True)
-    return _Rows(batch, seq, (b, t), None)
-
-
-@dataclass
-class _Group:
-    """Sites sharing one hooked tensor (e.g. q, k, v of a fused qkv projection)."""
-
-    module_name: str
-    io: str
-    keys: list[tuple[int, str]]
-    segments: list[Segment]
+    return Rows.from_mask(mask)
 
 
 class AttributionSession:
-    """Hooks that score components during backward; accumulate over any number of batches.
+    """Hooks that score components during backward; accumulate over any number of batches
+    (the :class:`~cca_fast.attribution_engine.Engine` over the component sites).
 
     Usage::
 
@@ -160,6 +132,9 @@ class AttributionSession:
                 logits = s.forward(batch.model_inputs()).logits
                 s.backward(metric(logits))
         result = s.result()
+
+    Inside the block the weights are frozen and the model is in eval mode (no dropout); both are
+    restored on exit.
 
     Args:
         model: a causal LM of a supported family (any device and dtype).
@@ -182,100 +157,27 @@ class AttributionSession:
         self.absolute = absolute
         self.per_position = per_position
         self.backend = backend
-        self.groups = self._groups()
-        self.scores: torch.Tensor | None = None
-        self.per_position_scores: torch.Tensor | None = None
+        sites = [self.space.adapter.site(layer, kind) for layer in range(self.space.n_layers) for kind in self.kinds]
+        self.engine = Engine(model, build_groups(sites, self.space.offset), self.space.total, absolute=absolute,
+                             per_row=per_position, backend=backend)
+        self.groups = self.engine.groups
         self.metric_value = 0.0
         self.n_batches = 0
-        self._rows: _Rows | None = None
         self._leaves: list[torch.Tensor] = []
-        self._pending: dict[tuple[int, str], int] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._freeze = None
-        self._active = False
-
-    # ---- setup ---------------------------------------------------------------------------
-    def _groups(self) -> list[_Group]:
-        groups: dict[tuple[str, str], _Group] = {}
-        for layer in range(self.space.n_layers):
-            for kind in self.kinds:
-                site = self.space.adapter.site(layer, kind)
-                g = groups.setdefault((site.module_name, site.io), _Group(site.module_name, site.io, [], []))
-                g.keys.append((layer, kind))
-                g.segments.append(Segment(site.start, site.n, site.width))
-        return list(groups.values())
 
     def __enter__(self) -> "AttributionSession":
-        self._pending.clear()
-        self._freeze = runtime.frozen(self.model)
-        self._freeze.__enter__()
-        try:
-            emb = self.model.get_input_embeddings()
-            self._handles.append(emb.register_forward_hook(self._embedding_hook))
-            for group in self.groups:
-                self._handles.append(tap_module(self.model, group.module_name, group.io,
-                                                lambda x, g=group: self._tap(g, x)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        self._active = True
+        self.engine.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
         self._leaves.clear()
-        if self._freeze is not None:
-            self._freeze.__exit__(None, None, None)
-            self._freeze = None
-        self._active = False
-
-    # ---- hooks ---------------------------------------------------------------------------
-    def _embedding_hook(self, _module, _inputs, out):
-        if isinstance(out, torch.Tensor) and not out.requires_grad and out.is_floating_point():
-            out = out.detach().requires_grad_(True)
-            self._leaves.append(out)
-        return out
-
-    def _tap(self, group: _Group, x: torch.Tensor) -> torch.Tensor:
-        rows = self._rows
-        if rows is None:
-            raise CCAError("run the model through AttributionSession.forward(...) so the scored "
-                           "positions are known")
-        if x.dim() != 3 or tuple(x.shape[:2]) != (rows.batch, rows.seq):
-            raise CCAError(f"{group.module_name}: activation of shape {tuple(x.shape)} does not match the "
-                           f"batch [{rows.batch}, {rows.seq}] (attribution needs [B, T, C] activations)")
-        for key in group.keys:
-            self._pending[key] = self._pending.get(key, 0) + 1
-        spec = TapSpec(rows.rows, rows.weights, group.segments, lambda i, s, g=group: self._sink(g, i, s),
-                       absolute=self.absolute, per_row=self.per_position, backend=self.backend)
-        return tap(x, spec)
-
-    def _sink(self, group: _Group, i: int, scores: torch.Tensor) -> None:
-        key = group.keys[i]
-        self._pending[key] -= 1
-        off, n = self.space.offset(*key), self.space.counts[key[1]]
-        if not self.per_position:
-            if self.scores is None:
-                self.scores = torch.zeros(self.space.total, dtype=scores.dtype, device=scores.device)
-            self.scores[off : off + n] += scores
-            return
-        rows = self._rows
-        if self.per_position_scores is None:
-            self.per_position_scores = torch.zeros(rows.batch, rows.seq, self.space.total,
-                                                   dtype=scores.dtype, device=scores.device)
-        pp = self.per_position_scores
-        if rows.rows is None:
-            pp.view(rows.batch * rows.seq, -1)[:, off : off + n] += scores
-        else:
-            pp[rows.rows[0], rows.rows[1], off : off + n] += scores
+        self.engine.__exit__(*exc)
 
     # ---- running -------------------------------------------------------------------------
     def forward(self, inputs: Mapping[str, torch.Tensor], positions: Positions = -1, **kwargs) -> Any:
         """``model(**inputs, use_cache=False, **kwargs)`` with gradients on, scoring
         ``positions`` (resolved against ``inputs["attention_mask"]``)."""
-        if not self._active:
+        if not self.engine.active:
             raise CCAError("AttributionSession.forward must be called inside `with AttributionSession(...)`")
         if self.per_position and self.n_batches > 0:
             raise CCAError("per_position=True keeps scores of one batch only; start a new session per batch")
@@ -288,44 +190,32 @@ class AttributionSession:
             inputs["inputs_embeds"] = ref.detach().requires_grad_(True)
             self._leaves.append(inputs["inputs_embeds"])
         B, T = ref.shape[:2]
-        self._rows = resolve_positions(positions, B, T, ref.device, inputs.get("attention_mask"))
-        with torch.enable_grad():
-            return self.model(**inputs, use_cache=False, **kwargs)
+        self.engine.rows = resolve_positions(positions, B, T, ref.device, inputs.get("attention_mask"))
+        if self.engine.sums is None or self.per_position:
+            self.engine.reset()
+        out = self.engine.forward("tap", inputs, use_cache=False, **kwargs)
+        self._leaves += self.engine.take_leaves()
+        return out
 
     def backward(self, metric_value: torch.Tensor) -> None:
         """Backpropagate ``metric_value.sum()``; every site must get its gradient."""
         if not isinstance(metric_value, torch.Tensor):
             raise CCAError(f"the metric must return a tensor, got {type(metric_value).__name__}")
-        total = metric_value.sum()
-        if not total.requires_grad or not self._leaves:
-            self._leaves.clear()
-            raise CCAError("the metric does not depend on the model's activations (computed under "
-                           "torch.no_grad, detached, or not from this session's forward pass)")
-        torch.autograd.grad(total, self._leaves, allow_unused=True)
-        self._leaves.clear()
-        self.metric_value += float(total.detach())
+        leaves, self._leaves = self._leaves, []
+        self.engine.backward(metric_value, leaves)
+        self.metric_value += float(metric_value.sum().detach())
         self.n_batches += 1
-        expected = {(layer, k) for layer in range(self.space.n_layers) for k in self.kinds}
-        missing = sorted((k for k in expected if self._pending.get(k, 1) != 0), key=lambda k: (k[0], KINDS.index(k[1])))
-        self._pending.clear()
-        if missing:
-            names = ", ".join(f"L{layer}.{kind}" for layer, kind in missing[:8])
-            raise CCAError(
-                f"no gradient reached {len(missing)} component site(s) ({names}{', ...' if len(missing) > 8 else ''}): "
-                "the metric does not depend on them (or their module did not run). Attribution would "
-                "silently be zero there; use a metric that depends on every layer or restrict `kinds`."
-            )
 
     def result(self) -> Attribution:
         """Scores accumulated so far."""
-        dev = runtime.input_device(self.model)
+        e = self.engine
         if self.per_position:
-            pp = self.per_position_scores
+            pp = e.per_row_scores
             scores = pp.sum((0, 1)) if pp is not None else None
         else:
-            pp, scores = None, self.scores
+            pp, scores = None, e.sums
         if scores is None:
-            scores = torch.zeros(self.space.total, dtype=accumulation_dtype(next(self.model.parameters()).dtype), device=dev)
+            scores = torch.zeros(self.space.total, dtype=e.acc, device=e.home)
         return Attribution(self.space, scores, pp, self.kinds, self.absolute, self.metric_value, self.n_batches)
 
 
@@ -364,9 +254,13 @@ def attribute(
 ) -> Attribution:
     """Gradient x activation score of every component from one forward and one backward pass.
 
+    The call runs the model in eval mode (no dropout: two identical calls give identical
+    scores) with every weight frozen, and restores the caller's training flags and
+    ``requires_grad`` afterwards. It computes its own gradients, so it also works inside
+    ``torch.no_grad()`` (gradients are enabled for the call only).
+
     Args:
-        model: a causal LM of a supported family (weights are frozen during the call and
-            restored after; any device, any dtype).
+        model: a causal LM of a supported family (any device, any dtype).
         batch: a :class:`PivotBatch`, a dict of model inputs (``input_ids``, optional
             ``attention_mask`` / ``position_ids``) or a ``LongTensor [B, T]`` of ids.
         metric: ``metric(logits [B, T', V], batch) -> Tensor`` (summed if not a scalar).
@@ -383,8 +277,8 @@ def attribute(
         :class:`Attribution` with ``scores [total]``.
     """
     metric, inputs, kwargs = _prepare(model, batch, metric, logits_to_keep)
-    with AttributionSession(model, space, kinds=kinds, absolute=absolute, per_position=per_position,
-                            backend=backend) as session:
+    with torch.enable_grad(), AttributionSession(model, space, kinds=kinds, absolute=absolute,
+                                                 per_position=per_position, backend=backend) as session:
         out = session.forward(inputs, positions, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         session.backward(metric(logits, batch))
@@ -411,8 +305,9 @@ def attribute_by_caching(model: nn.Module, batch: BatchLike, metric: Metric | No
     """The reference pipeline (and the benchmark's baseline): cache every site activation
     ``[B, T, C]`` and, with ``retain_grad``, its full gradient, then reduce with ``einsum``.
 
-    Same arguments and result as :func:`attribute` (weights are frozen the same way); it
-    shares none of the tap/kernel code, and stores ``2 x`` every activation of every site.
+    Same arguments and result as :func:`attribute` (weights are frozen and the model is in
+    eval mode the same way); it shares none of the engine and kernel code, and stores ``2 x``
+    every activation of every site.
     """
     model = runtime.unwrap(model)
     space = space if space is not None else ComponentSpace(model)
@@ -439,7 +334,7 @@ def attribute_by_caching(model: nn.Module, batch: BatchLike, metric: Metric | No
         else:
             handles.append(mod.register_forward_pre_hook(lambda _m, args, key=key: (keep(key, args[0]),) + tuple(args[1:])))
     try:
-        with runtime.frozen(model), torch.enable_grad():
+        with runtime.frozen(model), runtime.eval_mode(model), torch.enable_grad():
             out = model(**inputs, use_cache=False, **kwargs)
             value = metric(out.logits, batch).sum()
             torch.autograd.backward(value, inputs=leaves + list(store.values()))
@@ -451,10 +346,10 @@ def attribute_by_caching(model: nn.Module, batch: BatchLike, metric: Metric | No
     rows = resolve_positions(positions, B, T, any_act.device, inputs.get("attention_mask"))
     acc = accumulation_dtype(any_act.dtype)
     weight = torch.zeros(B, T, dtype=acc, device=any_act.device)
-    if rows.rows is None:
+    if rows.b is None:
         weight.fill_(1.0)
     else:
-        weight[rows.rows[0], rows.rows[1]] = rows.weights.to(acc) if rows.weights is not None else 1.0
+        weight[rows.b, rows.t] = rows.weights.to(acc) if rows.weights is not None else 1.0
     parts: dict[tuple[int, str], torch.Tensor] = {}
     with torch.no_grad():
         for s in sites:

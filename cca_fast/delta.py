@@ -435,7 +435,7 @@ def _default_meta(model: nn.Module, meta: Mapping[str, Any] | None) -> dict[str,
     out: dict[str, Any] = {"base_model": ident, "model_type": ident["model_type"], "dtype": ident["dtype"],
                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     try:
-        from cca_fast import __version__
+        from cca_fast.version import __version__
         out["cca_fast_version"] = __version__
     except ImportError:  # pragma: no cover
         pass

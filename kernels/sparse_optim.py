@@ -1,6 +1,6 @@
 """Row-sparse SGD and AdamW: optimizer state only for the selected rows, one launch per step.
 
-Stage 3 of CCA (METHOD section 3) changes a few rows of a few projection weights. This optimizer
+Stage 3 of CCA (docs/method.md section 3) changes a few rows of a few projection weights. This optimizer
 keeps every piece of state (gradient accumulator, fp32 master rows for fp16/bf16 weights, AdamW
 moments, SGD momentum) *packed*: the selected rows of every parameter laid end to end in one flat
 buffer per state, so its memory is exactly ``selected rows x row length`` elements per state.

@@ -246,3 +246,40 @@ def test_bfloat16_model_scores_are_fp32_and_close_to_float32():
     got = attribute(tiny("llama", torch.bfloat16), pb)
     assert got.scores.dtype == torch.float32 and isinstance(got, Attribution)
     assert (got.scores - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+# ---- mode and grad handling ---------------------------------------------------------------------------
+def _dropout_gpt2():
+    """A tiny GPT-2 left in train() with every dropout at p=0.5 (scores would differ per call in train mode)."""
+    model = make_tiny("gpt2")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    return model.train()
+
+
+def test_attribute_runs_in_eval_mode_and_restores_every_training_flag():
+    model = _dropout_gpt2()
+    model.transformer.h[0].eval()  # a mixed state: must come back exactly as it was
+    before = [m.training for m in model.modules()]
+    pb = pivot_batch("gpt2")
+    torch.manual_seed(0)
+    a = attribute(model, pb).scores
+    torch.manual_seed(1)  # another dropout draw would change train-mode scores
+    b = attribute(model, pb).scores
+    assert torch.equal(a, b)  # eval mode: no dropout, so bit-identical
+    assert [m.training for m in model.modules()] == before
+    ref = attribute(make_tiny("gpt2"), pb).scores  # the same weights in eval mode
+    torch.testing.assert_close(a, ref, rtol=0, atol=0)  # float64, same ops: exactly the eval scores
+
+
+def test_attribute_works_under_no_grad_and_leaves_grad_mode_alone():
+    model = tiny("llama")
+    pb = pivot_batch("llama")
+    ref = attribute(model, pb).scores
+    assert torch.isfinite(ref).all() and ref.abs().sum() > 0
+    with torch.no_grad():
+        got = attribute(model, pb).scores
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the same computation
+    assert all(p.requires_grad for p in model.parameters())  # weights unfrozen again

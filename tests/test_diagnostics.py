@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cca_fast import ComponentSpace
-from cca_fast.baselines.lora.sft import SFTExample, sft_nll
+from cca_fast.stages.sft import SFTExample, sft_nll
 from cca_fast.delta import bitwise_equal
 from cca_fast.errors import CCAError
 from cca_fast.experiments import diagnostics as dg

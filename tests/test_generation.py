@@ -1,5 +1,5 @@
 """Generation: greedy equals an uncached float64 reference and HF ``generate`` token for token,
-finished rows are removed from the batch, text stops cut where METHOD says, sampling is the exact
+finished rows are removed from the batch, text stops cut where docs/method.md says, sampling is the exact
 inverse CDF and reproducible per row."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cca_fast import ComponentSpace
-from cca_fast.baselines.lora.sft import SFTExample
+from cca_fast.stages.sft import SFTExample
 from cca_fast.errors import CCAError
 from cca_fast.stages.examples import PivotExample
 from cca_fast.stages.objectives import TrainingObjective

@@ -1,4 +1,4 @@
-"""Prompt layout, exemplar loading and the paper's answer extractor (METHOD section 0)."""
+"""Prompt layout, exemplar loading and the paper's answer extractor (docs/method.md section 0)."""
 import json
 import re
 from fractions import Fraction

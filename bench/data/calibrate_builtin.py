@@ -1,7 +1,7 @@
 """Calibrate the difficulty of the built-in templates (not a test; minutes on CPU).
 
 Greedy 8-shot chain-of-thought accuracy of a small model on seeded instances of the built-in
-templates, with the paper's prompt and answer extraction (METHOD section 0). The built-in set
+templates, with the paper's prompt and answer extraction (docs/method.md section 0). The built-in set
 is meant to be solved roughly 30% of the time by SmolLM2-135M-Instruct, so that both correct
 and wrong traces exist.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -21,12 +21,16 @@ from cca_fast.errors import CCAError
 from cca_fast.io import atomic_write_json, check_or_write_config, check_writable_dir
 from cca_fast.kernels.dispatch import Backend
 from cca_fast.models import runtime
+from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import ComponentSpace
 
 from . import store
 from cca_fast.distributed import Dist, current
 from .inputs import Example, Record, check_options, fingerprint, make_batch, read_records, tokenize_records
 from .methods import Layout, Scorer, iter_batches
+
+if TYPE_CHECKING:
+    from cca_fast.attribution import Attribution
 
 
 @dataclass
@@ -117,6 +121,22 @@ class DatasetAttribution:
     def kind(self, kind: str) -> torch.Tensor:
         """``[n_layers, count]`` scores of ``kind`` (``count = 1`` for attn_out / mlp_out)."""
         return self.layout.split(self.scores)[kind]
+
+    def component_scores(self) -> torch.Tensor:
+        """``[space.total]``: the scores of the q / k / v heads and MLP neurons in
+        :class:`~cca_fast.models.components.ComponentSpace` order (the first ``space.total``
+        entries of :attr:`scores`; the attn_out / mlp_out block scores after them are left out),
+        what :func:`~cca_fast.stages.localize.select.select` ranks."""
+        return self.scores[: self.layout.space.total]
+
+    def attribution(self) -> "Attribution":
+        """The component scores as an :class:`~cca_fast.attribution.Attribution` (every kind
+        scored; ``metric_value``: the summed metric), so that ``select("atp-topk", space,
+        scores=result.attribution(), k=...)`` (or ``scores=result``) takes them as they are."""
+        from cca_fast.attribution import Attribution  # noqa: PLC0415
+
+        return Attribution(self.layout.space, self.component_scores(), None, KINDS, False,
+                           float(self.metric.sum()), 0)
 
     def top(self, k: int = 20) -> list[dict[str, Any]]:
         return store.ranked(self.layout, self.scores, k)

@@ -46,7 +46,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, default_split: str = "test
                         "(GSM8K format or cca_fast's), a .csv/.parquet file, or a hub name "
                         "(openai/gsm8k, apple/GSM-Symbolic, hf:NAME[:CONFIG])")
     g.add_argument("--split", default=default_split, choices=SPLITS,
-                   help="which part of the per-template 52/8/40 train/val/test split to use (METHOD "
+                   help="which part of the per-template 52/8/40 train/val/test split to use (docs/method.md "
                         "section 0), or all problems")
     g.add_argument("--limit", type=int, default=None, metavar="N",
                    help="use at most N problems of the split, taken round-robin over templates; default: all")

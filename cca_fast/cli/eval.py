@@ -1,4 +1,4 @@
-"""``cca eval``: few-shot accuracy of a model on word problems (METHOD section 0)."""
+"""``cca eval``: few-shot accuracy of a model on word problems (docs/method.md section 0)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from cca_fast.models import runtime
 DESCRIPTION = """\
 Evaluate a model: build the 8-shot chain-of-thought prompt for each problem, decode greedily
 until the answer sentence ("... answer is N."), EOS or a new "Q:", extract the answer as the
-paper does and report accuracy per template, averaged over templates (METHOD section 0).
+paper does and report accuracy per template, averaged over templates (docs/method.md section 0).
 
 Writes OUTPUT/eval.json: accuracy, micro_accuracy, n, per_template, records (one per problem:
 id, template, question, gold, output, prediction, correct, finish_reason, n_generated), config

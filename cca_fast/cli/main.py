@@ -17,7 +17,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from cca_fast import __version__
+from cca_fast.version import __version__
 from cca_fast.errors import USER_ERRORS
 
 COMMANDS = ["eval", "run", "study", "apply", "suites", "attribute"]

@@ -1,4 +1,4 @@
-"""``cca run``: the whole CCA method, end to end, resumable (METHOD sections 0-3)."""
+"""``cca run``: the whole CCA method, end to end, resumable (docs/method.md sections 0-3)."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,5 @@
 """``cca side-effects``: MMLU / TruthfulQA / GSM8K-perplexity side-effect suites of a model, and of
-the model with a sparse delta applied (METHOD section 0, "Side effects")."""
+the model with a sparse delta applied (docs/method.md section 0, "Side effects")."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Per-template train / validation / test splits and the weak-template filter (METHOD section 0).
+"""Per-template train / validation / test splits and the weak-template filter (docs/method.md section 0).
 
 Each template's instances are shuffled with a generator derived from ``(seed, template)`` and
 cut in order: 50 instances with the paper's fractions ``(0.52, 0.08, 0.40)`` give exactly

@@ -1,4 +1,4 @@
-"""Accuracy of a model on word problems (METHOD section 0): few-shot prompt, greedy decoding with
+"""Accuracy of a model on word problems (docs/method.md section 0): few-shot prompt, greedy decoding with
 the answer-sentence stop, the paper's answer extractor, exact float match, accuracy per template
 averaged over templates."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ class EvalResult:
     """Evaluation outcome.
 
     Attributes:
-        accuracy: mean over templates of the per-template accuracy (METHOD: "per template,
+        accuracy: mean over templates of the per-template accuracy (docs/method.md: "per template,
             averaged"); problems without a template form one group ``""``.
         micro_accuracy: correct / n over all problems.
         n: number of problems.
@@ -96,7 +96,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (per template, averaged: METHOD section 0), micro accuracy, ``n`` and the
+    """Accuracy (per template, averaged: docs/method.md section 0), micro accuracy, ``n`` and the
     per-template table ``{template: {n, correct, accuracy}}`` of scored records."""
     per: dict[str, dict[str, Any]] = {}
     for r in records:
@@ -137,7 +137,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], *, prompt:
         problems: the problems (their ``gold`` and ``template`` are used).
         prompt: how to build prompts (default: the paper's plain 8-shot prompt).
         generation: decoding settings (default: greedy); without ``stops`` of its own, the
-            paper's stops of METHOD section 0 (:func:`~cca_fast.evaluation.prompting.paper_stops`).
+            paper's stops of docs/method.md section 0 (:func:`~cca_fast.evaluation.prompting.paper_stops`).
         progress: show a tqdm bar over problems.
         stats: token counters to accumulate into.
     Returns:
@@ -147,7 +147,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], *, prompt:
         raise CCAError("no problems to evaluate; check the data source, split and --limit")
     prompt = prompt or PromptConfig()
     generation = generation or GenerationConfig()
-    if not generation.stops:  # the paper prompt's stops (METHOD section 0) unless the caller chose others
+    if not generation.stops:  # the paper prompt's stops (docs/method.md section 0) unless the caller chose others
         generation = dataclasses.replace(generation, stops=paper_stops())
     stats = stats if stats is not None else GenerationStats()
     texts = [build_prompt(p.question, prompt, tokenizer) for p in problems]

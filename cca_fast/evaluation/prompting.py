@@ -1,4 +1,4 @@
-"""Few-shot chain-of-thought prompts and the paper's answer extractor (METHOD section 0).
+"""Few-shot chain-of-thought prompts and the paper's answer extractor (docs/method.md section 0).
 
 Plain prompt (paper default, no chat template)::
 
@@ -14,7 +14,7 @@ Plain prompt (paper default, no chat template)::
     Q: <target question>
     A: Let's think step by step.
 
-METHOD gives each shot as ``Q: <question>\\nA: Let's think step by step. <target>\\n``; the
+docs/method.md gives each shot as ``Q: <question>\\nA: Let's think step by step. <target>\\n``; the
 instruction line and the blocks (shots, then the target question) are separated by one blank
 line, i.e. the shot strings are joined with ``"\\n"`` and the instruction is followed by
 ``"\\n\\n"``. This is the GSM-Symbolic layout (one blank line between Q/A blocks) and
@@ -46,12 +46,12 @@ from cca_fast.generation.stops import MarkerStop, PatternStop, StopRule
 
 DEFAULT_INSTRUCTION = "As an expert problem solver, solve step by step the following mathematical questions."
 ANSWER_PREFIX = "Let's think step by step."
-#: The answer sentence (METHOD section 0): generation stops at, and extraction cuts after, its
+#: The answer sentence (docs/method.md section 0): generation stops at, and extraction cuts after, its
 #: first match.
 ANSWER_PATTERN = r"answer is[^.]*\."
 NUMBER_PATTERN = r"-?\d+\.?\d*"
 PROMPT_MODES = ("plain", "chat")
-#: The start of the next few-shot question: generation stops before it (METHOD section 0).
+#: The start of the next few-shot question: generation stops before it (docs/method.md section 0).
 NEW_QUESTION_MARKER = "\nQ:"
 
 _ANSWER_RE = re.compile(ANSWER_PATTERN)
@@ -170,7 +170,7 @@ def load_exemplars(path: str | Path | None = None) -> list[Exemplar]:
 
 
 def format_shot(question: str, target: str) -> str:
-    """``Q: <question>\\nA: Let's think step by step. <target>\\n`` (METHOD section 0)."""
+    """``Q: <question>\\nA: Let's think step by step. <target>\\n`` (docs/method.md section 0)."""
     return f"Q: {question}\nA: {ANSWER_PREFIX} {target}\n"
 
 
@@ -253,7 +253,7 @@ def extract_answer(text: str) -> float | None:
 
 
 def is_correct(prediction: float | None, gold: float) -> bool:
-    """Exact float match (METHOD section 0); ``None`` is never correct."""
+    """Exact float match (docs/method.md section 0); ``None`` is never correct."""
     return prediction is not None and float(prediction) == float(gold)
 
 

@@ -1,7 +1,7 @@
 """Confidence intervals for accuracies and paired differences: the stratified bootstrap over
 problems.
 
-Accuracy follows METHOD section 0: the mean over templates of the per-template accuracy. A
+Accuracy follows docs/method.md section 0: the mean over templates of the per-template accuracy. A
 bootstrap resample draws, *within every template*, as many problems as the template has (with
 replacement), so every resample has the same template sizes and the per-template average stays
 well defined. Differences between two conditions are *paired*: both are scored on the same

@@ -34,10 +34,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from cca_fast.baselines.lora.sft import SFTExample, sft_nll, shared_prefix_len
+from cca_fast.stages.sft import SFTExample, sft_nll, shared_prefix_len
 from cca_fast.errors import CCAError
 from cca_fast.models import runtime
-from cca_fast.models.components import ComponentSpace, RowSelection
+from cca_fast.models.components import ComponentSpace, RowSelection, restore_rows, snapshot_rows
 from cca_fast.stages.batches import collate_for_loss, last_logits
 from cca_fast.stages.examples import PivotExample, collate, logit_diff
 
@@ -102,17 +102,6 @@ def _flat_rows(tensors: Mapping[str, torch.Tensor | None], params: Mapping[str, 
         else:
             parts.append(t.detach().index_select(s.dim, idx).to(dtype).flatten())
     return torch.cat(parts)
-
-
-def _snapshot(params: Mapping[str, torch.Tensor], plan: Mapping[str, RowSelection]) -> dict[str, torch.Tensor]:
-    return {n: params[n].detach().index_select(s.dim, s.index.to(params[n].device)).clone() for n, s in plan.items()}
-
-
-@torch.no_grad()
-def _restore(params: Mapping[str, torch.Tensor], plan: Mapping[str, RowSelection],
-             rows: Mapping[str, torch.Tensor]) -> None:
-    for n, s in plan.items():
-        params[n].index_copy_(s.dim, s.index.to(params[n].device), rows[n])
 
 
 @torch.no_grad()
@@ -436,7 +425,7 @@ def transfer_ratio(model: nn.Module, space: ComponentSpace, examples: Sequence[P
         raise CCAError(f"gradients has {gradients.shape[0]} rows for {len(examples)} examples")
     pad = runtime.pad_id(model, explicit=pad_id)
     split = fold_indices(len(examples), folds, seed)
-    base = _snapshot(params, plan)
+    base = snapshot_rows(params, plan)
     before = _logit_diffs(model, examples, pad, batch_size).double()
     per_fold = []
     try:
@@ -452,13 +441,13 @@ def transfer_ratio(model: nn.Module, space: ComponentSpace, examples: Sequence[P
                 g = _sum_gradient(model, params, plan, [examples[i] for i in train], pad, batch_size) / len(train)
             _add_to_rows(params, plan, base, lr * g)
             after = _logit_diffs(model, examples, pad, batch_size).double()
-            _restore(params, plan, base)
+            restore_rows(params, plan, base)
             gain = after - before
             per_fold.append({"fold": f, "n_train": len(train), "n_heldout": len(held),
                              "train_gain": float(gain[train].mean()), "heldout_gain": float(gain[held].mean()),
                              "step_norm": float(lr * g.double().norm())})
     finally:
-        _restore(params, plan, base)
+        restore_rows(params, plan, base)
     tr = _mean([r["train_gain"] for r in per_fold])
     ho = _mean([r["heldout_gain"] for r in per_fold])
     return {"lr": float(lr), "folds": len(split), "seed": seed, "n": len(examples), "per_fold": per_fold,
@@ -476,7 +465,7 @@ def gold_alignment(model: nn.Module, space: ComponentSpace, examples: Sequence[P
 
     ``a`` = gradient of the summed logit difference of ``examples`` on the selected rows (what a
     stage-3 step follows); ``b`` = minus the gradient of the gold targets' summed NLL
-    (:func:`cca_fast.baselines.lora.sft.sft_nll`, in mini-batches of ``batch_size`` sharing their
+    (:func:`cca_fast.stages.sft.sft_nll`, in mini-batches of ``batch_size`` sharing their
     common prompt prefix) on the same rows. A negative cosine: the update raises the gold
     solutions' loss to first order.
 

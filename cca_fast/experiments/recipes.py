@@ -6,7 +6,7 @@ and every other flag still overrides it; ``cca study --variants NAME,...`` runs 
 side on the same shared stages.
 
 ================  ===========================================================================
-``paper``         the paper's procedure (METHOD.md), at the CPU sizes of ``RunConfig()``:
+``paper``         the paper's procedure (docs/method.md), at the CPU sizes of ``RunConfig()``:
                   pivots from sampled flipped traces, DCM masks, plain SGD on the logit
                   difference of every pivot; exactly ``RunConfig()``
 ``circuit-sft``   **the default of** ``cca run``: the paper's pivots and AtP top-2% components,

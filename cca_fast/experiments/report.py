@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cca_fast.experiments.rundir import RunDir
 from cca_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cca_fast.models.adapters import KINDS
 
@@ -81,7 +82,7 @@ class RunReport:
     def message(self) -> str:
         return (f"CCA: test accuracy {self.base_accuracy:.3f} -> {self.cca_accuracy:.3f} "
                 f"({self.components_selected} of {self.components_total} components); "
-                f"report in {Path(self.delta).parent / 'report.md'}")
+                f"report in {RunDir(Path(self.delta).parent, create=False).report_md}")
 
 
 def plot_components(per_layer: dict[str, list[int]], counts: dict[str, int], title: str = "") -> bytes:
@@ -200,10 +201,10 @@ def render_markdown(report: dict[str, Any]) -> str:
 def write_report(run_dir: str | Path, report: RunReport | dict[str, Any], per_layer: dict[str, list[int]],
                  counts: dict[str, int]) -> None:
     """Write ``report.json``, ``report.md`` and ``components.png`` into ``run_dir`` (atomically)."""
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir, create=False)
     if isinstance(report, RunReport):
         report = report.to_dict()
-    atomic_write_bytes(run_dir / "components.png",
+    atomic_write_bytes(rd.components_png,
                        plot_components(per_layer, counts, title=f"{report.get('selector', '')} selection"))
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", render_markdown(report))
+    atomic_write_json(rd.report_json, report)
+    atomic_write_text(rd.report_md, render_markdown(report))

@@ -131,6 +131,18 @@ class RunDir:
     def stages(self) -> Path:
         return self.path / self.STAGES
 
+    @property
+    def report_json(self) -> Path:
+        return self.path / self.REPORT_JSON
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / self.REPORT_MD
+
+    @property
+    def components_png(self) -> Path:
+        return self.path / self.COMPONENTS_PNG
+
     # ---- contents ------------------------------------------------------------------------------
     def check_config(self, config: "RunConfig", *, write: bool = True) -> None:
         """Write ``config.json``, or check that a resumed run uses the same configuration
@@ -183,3 +195,115 @@ class RunDir:
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"RunDir({str(self.path)!r})"
+
+
+class StudyDir:
+    """Files of one ``cca study`` directory, by name (relative names in the class attributes):
+
+    =============================  ================================================================
+    ``study_config.json``          the :class:`~cca_fast.experiments.study.StudyConfig`
+    ``phases.json``                seconds per phase (shared steps, each condition, LoRA, suites)
+    ``model_info.json``            parameter count and ``model_type`` of the model
+    ``shared/``                    a run directory (:class:`RunDir`) holding the shared steps
+    ``<condition>/``               one run directory per CCA condition
+    ``lora/``                      ``adapter/``, ``lora.json``, ``eval_test.jsonl``
+    ``side_effects/<name>.json``   the side-effect suites of each condition (and ``base``)
+    ``study.json``, ``study.md``, ``study.png``  the comparison table
+    ``run.lock``                   held by the one process writing the study (see :mod:`.lock`)
+    =============================  ================================================================
+    """
+
+    CONFIG = "study_config.json"
+    PHASES = "phases.json"
+    MODEL_INFO = "model_info.json"
+    SHARED = "shared"
+    LORA = "lora"
+    LORA_ADAPTER = "adapter"
+    LORA_INFO = "lora.json"
+    LORA_TEST = "eval_test.jsonl"
+    SIDE_EFFECTS = "side_effects"
+    STUDY_JSON = "study.json"
+    STUDY_MD = "study.md"
+    STUDY_PNG = "study.png"
+    LOCK = LOCK_NAME
+
+    def __init__(self, path: str | Path, *, create: bool = False):
+        self.path = Path(path)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ---- paths ---------------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def phases(self) -> Path:
+        return self.path / self.PHASES
+
+    @property
+    def model_info(self) -> Path:
+        return self.path / self.MODEL_INFO
+
+    def shared(self, *, create: bool = False) -> RunDir:
+        """The shared run directory."""
+        return RunDir(self.path / self.SHARED, create=create)
+
+    def condition(self, name: str, *, create: bool = False) -> RunDir:
+        """The run directory of CCA condition ``name``."""
+        return RunDir(self.path / name, create=create)
+
+    @property
+    def lora(self) -> Path:
+        return self.path / self.LORA
+
+    @property
+    def lora_adapter(self) -> Path:
+        return self.lora / self.LORA_ADAPTER
+
+    @property
+    def lora_info(self) -> Path:
+        return self.lora / self.LORA_INFO
+
+    @property
+    def lora_test(self) -> Path:
+        return self.lora / self.LORA_TEST
+
+    @property
+    def side_effects(self) -> Path:
+        return self.path / self.SIDE_EFFECTS
+
+    def side_effect(self, name: str) -> Path:
+        """The side-effect results of condition ``name`` (``"base"``: the base model)."""
+        return self.side_effects / f"{name}.json"
+
+    def test_records(self, name: str) -> Path:
+        """The test-split evaluation records of condition ``name`` (``"base"``: the shared run's
+        base evaluation; ``"lora"``: the merged LoRA model)."""
+        if name == "base":
+            return self.shared().base_test
+        if name == "lora":
+            return self.lora_test
+        return self.condition(name).cca_test
+
+    @property
+    def study_json(self) -> Path:
+        return self.path / self.STUDY_JSON
+
+    @property
+    def study_md(self) -> Path:
+        return self.path / self.STUDY_MD
+
+    @property
+    def study_png(self) -> Path:
+        return self.path / self.STUDY_PNG
+
+    def lock(self) -> ContextManager[Path]:
+        """Hold ``run.lock`` (one writer per study directory) for a ``with`` block."""
+        return dir_lock(self.path)
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return f"StudyDir({str(self.path)!r})"

@@ -34,8 +34,7 @@ from cca_fast.experiments import config_io
 from cca_fast.experiments.config import SELECTORS, GenerationSettings, RunConfig
 from cca_fast.experiments.pipeline import run_cca
 from cca_fast.experiments.report import RunReport
-from cca_fast.experiments.lock import dir_lock
-from cca_fast.experiments.rundir import RunDir
+from cca_fast.experiments.rundir import RunDir, StudyDir
 from cca_fast.experiments.steps import RunContext, outputs_through
 from cca_fast.experiments.steps.data import DataStep
 from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json
@@ -237,9 +236,9 @@ def seed_from_shared(shared: Path, target: Path) -> None:
         tmp = dst.with_name(dst.name + ".tmp-copy")
         shutil.copyfile(src, tmp)
         tmp.replace(dst)
-    stages = target / "stages.json"
-    if not stages.exists() and (shared / "stages.json").exists():
-        sec = read_json(shared / "stages.json")
+    stages, shared_stages = RunDir(target, create=False).stages, RunDir(shared, create=False).stages
+    if not stages.exists() and shared_stages.exists():
+        sec = read_json(shared_stages)
         atomic_write_json(stages, {k: v for k, v in sec.items() if k in SHARED_STEPS})
 
 
@@ -250,19 +249,18 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
     """
     config.validate()
     config.run.check_inputs()  # the model name and the exemplar file, before study_config.json is written
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    with dir_lock(out):
-        return _run_study_locked(config, out, progress)
+    sd = StudyDir(config.output, create=True)
+    with sd.lock():
+        return _run_study_locked(config, sd, progress)
 
 
-def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[str, Any]:
+def _run_study_locked(config: StudyConfig, sd: StudyDir, progress: bool) -> dict[str, Any]:
     """:func:`run_study` while holding the study directory's lock (each condition's run
     directory is locked by :func:`run_cca` in turn)."""
     from cca_fast.experiments.study_report import build_study, write_study
 
-    check_or_write_config(out / "study_config.json", config.to_dict(), StudyConfig().to_dict(), f"{out} (a study)")
-    phases = out / "phases.json"
+    check_or_write_config(sd.config, config.to_dict(), StudyConfig().to_dict(), f"{sd.path} (a study)")
+    phases = sd.phases
     say: Callable[[str], None] = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -271,22 +269,22 @@ def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[st
         add_seconds(phases, name, time.perf_counter() - t)
         return result
 
-    shared = out / "shared"
-    if not (shared / "pivots.jsonl").exists() or not (shared / "eval_base_test.jsonl").exists():
+    shared = sd.shared()
+    if not shared.pivots.exists() or not shared.base_test.exists():
         say("study: shared steps (data, base evaluation, traces, pivots)")
         timed("shared", lambda: run_cca(config.run_config("shared"), until=SHARED_UNTIL, progress=progress))
     else:  # resume the shared run's steps (finished ones are not recomputed)
         run_cca(config.run_config("shared"), until=SHARED_UNTIL, progress=progress)
 
-    if not (out / "model_info.json").exists():
+    if not sd.model_info.exists():
         model, _ = _load(config)
-        atomic_write_json(out / "model_info.json", {"n_params": sum(p.numel() for p in model.parameters()),
+        atomic_write_json(sd.model_info, {"n_params": sum(p.numel() for p in model.parameters()),
                                                     "model_type": model.config.model_type})
         del model
 
     reports: dict[str, RunReport] = {}
     for name in config.condition_names():
-        target = out / name
+        target = sd.condition(name)
         report_path = target / RunDir.REPORT_JSON
         if report_path.exists():
             reports[name] = RunReport.from_dict(read_json(report_path))
@@ -297,7 +295,7 @@ def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[st
         elif config.variants.get(name, {}).get("random_like"):
             like = reports[config.variants[name]["random_like"]]
             count = dict(like.per_kind) if config.variants[name].get("match_kinds") else like.components_selected
-        seed_from_shared(shared, target)
+        seed_from_shared(shared.path, target.path)
         say(f"study: condition {name}")
         reports[name] = timed(name, lambda: run_cca(config.run_config(name, count), progress=progress))
 
@@ -307,9 +305,10 @@ def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[st
     if config.side_effects:
         timed("side_effects", lambda: run_side_effects(config, progress=progress))
 
-    study = build_study(config, read_json(phases) if phases.exists() else {})
-    write_study(out, study)
-    say(f"study: table in {out / 'study.md'}")
+    _, val, test = study_problems(config)
+    study = build_study(config, sd, val, test, side_effect_names(config), read_json(phases) if phases.exists() else {})
+    write_study(sd, study)
+    say(f"study: table in {sd.study_md}")
     return study
 
 
@@ -320,7 +319,7 @@ def study_problems(config: StudyConfig):
     validation and test problems every condition is selected and scored on (the data step's)."""
     from cca_fast.experiments.steps.update import validation_problems
 
-    rd = RunDir(Path(config.output) / "shared", create=False)
+    rd = StudyDir(config.output).shared()
     splits = DataStep().load(RunContext(config.run_config("shared"), rd))
     if splits is None:
         raise CCAError(f"{rd.path} has no data splits: run the study's shared steps first")
@@ -347,11 +346,11 @@ def run_lora_condition(config: StudyConfig, *, progress: bool = True) -> None:
     from cca_fast.baselines.lora.train import load_lora, merge_lora, train_lora
     from cca_fast.experiments.steps.evaluation import eval_resumable
 
-    d = Path(config.output) / "lora"
-    d.mkdir(parents=True, exist_ok=True)
+    sd = StudyDir(config.output)
+    sd.lora.mkdir(parents=True, exist_ok=True)
     chosen, val, test = study_problems(config)
     prompt, gen = _prompt_and_gen(config)
-    if not (d / "lora.json").exists():
+    if not sd.lora_info.exists():
         model, tok = _load(config)
 
         def validate(m) -> float:
@@ -359,14 +358,14 @@ def run_lora_condition(config: StudyConfig, *, progress: bool = True) -> None:
 
         t = time.perf_counter()
         result = train_lora(model, tok, chosen, prompt, config.lora, validate=validate, progress=progress)
-        result.save(d / "adapter")
+        result.save(sd.lora_adapter)
         info = result.summary() if hasattr(result, "summary") else {}
         info.update({"n_train_problems": len(chosen), "seconds": time.perf_counter() - t})
-        atomic_write_json(d / "lora.json", info)
+        atomic_write_json(sd.lora_info, info)
         del model
     model, tok = _load(config)
-    handle = merge_lora(model, load_lora(d / "adapter"))
-    eval_resumable(model, tok, test, prompt, gen, d / "eval_test.jsonl", "LoRA eval (test)", progress, keep_ids=False)
+    handle = merge_lora(model, load_lora(sd.lora_adapter))
+    eval_resumable(model, tok, test, prompt, gen, sd.lora_test, "LoRA eval (test)", progress, keep_ids=False)
     handle.restore()
 
 
@@ -374,26 +373,26 @@ def run_lora_condition(config: StudyConfig, *, progress: bool = True) -> None:
 def _apply_condition(model, config: StudyConfig, name: str) -> None:
     """Put ``model`` (a freshly loaded base) into condition ``name`` (callers load a fresh model
     per condition: the no-mask delta holds no base rows to revert to)."""
-    out = Path(config.output)
+    sd = StudyDir(config.output)
     if name == "base":
         return
     if name == "lora":
         from cca_fast.baselines.lora.train import load_lora, merge_lora
 
-        merge_lora(model, load_lora(out / "lora" / "adapter"))
+        merge_lora(model, load_lora(sd.lora_adapter))
         return
     from cca_fast.delta import SparseDelta, apply_delta
 
-    apply_delta(model, SparseDelta.load(out / name / "delta"))
+    apply_delta(model, SparseDelta.load(sd.condition(name).delta))
 
 
 def _kept_base_weights(config: StudyConfig, name: str) -> bool:
     """Whether model selection kept the base weights (best update step / LoRA epoch 0)."""
-    out = Path(config.output)
+    sd = StudyDir(config.output)
     if name == "lora":
-        f = out / "lora" / "lora.json"
+        f = sd.lora_info
         return f.exists() and read_json(f).get("best_epoch") == 0
-    f = out / name / "update.json"
+    f = sd.condition(name).update
     return f.exists() and read_json(f).get("best_step") == 0
 
 
@@ -406,17 +405,17 @@ def run_side_effects(config: StudyConfig, *, progress: bool = True) -> None:
     when present)."""
     from cca_fast.evaluation.suites import run_suites
 
-    d = Path(config.output) / "side_effects"
-    d.mkdir(parents=True, exist_ok=True)
+    sd = StudyDir(config.output)
+    sd.side_effects.mkdir(parents=True, exist_ok=True)
     suite_cfg = config.suites
-    todo = [n for n in side_effect_names(config) if not (d / f"{n}.json").exists()]
+    todo = [n for n in side_effect_names(config) if not sd.side_effect(n).exists()]
     for name in todo:
-        if name != "base" and _kept_base_weights(config, name) and (d / "base.json").exists():
+        if name != "base" and _kept_base_weights(config, name) and sd.side_effect("base").exists():
             # validation kept step 0: the condition's weights are the base's, bit for bit
             # (run_update restores the snapshot), so its suite results are the base's
-            result = read_json(d / "base.json")
+            result = read_json(sd.side_effect("base"))
             result["same_weights_as"] = "base"
-            atomic_write_json(d / f"{name}.json", result)
+            atomic_write_json(sd.side_effect(name), result)
             continue
         model, tok = _load(config)
         _apply_condition(model, config, name)
@@ -425,5 +424,5 @@ def run_side_effects(config: StudyConfig, *, progress: bool = True) -> None:
         t = time.perf_counter()
         result = run_suites(model, tok, suite_cfg)
         result["seconds"] = time.perf_counter() - t
-        atomic_write_json(d / f"{name}.json", result)
+        atomic_write_json(sd.side_effect(name), result)
         del model

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from cca_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from cca_fast.delta import CONFIG_NAME as DELTA_CONFIG
 from cca_fast.evaluation.stats import StratifiedBootstrap, aligned_correct
+from cca_fast.experiments.rundir import StudyDir
+from cca_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 LABELS = {"base": "base", "dcm": "CCA (DCM)", "atp-fraction": "CCA (AtP top fraction)",
           "atp-topk": "CCA (AtP top-k)", "random": "random control", "none": "no-mask update",
@@ -24,30 +25,30 @@ SIDE_METRICS = (("mmlu", "metric", "MMLU 5-shot %", 100.0), ("truthfulqa", "metr
                 ("perplexity", "metric", "GSM8K ppl", 1.0))
 
 
-def _test_records(out: Path, name: str) -> list[dict[str, Any]]:
-    path = {"base": out / "shared" / "eval_base_test.jsonl", "lora": out / "lora" / "eval_test.jsonl"}.get(
-        name, out / name / "eval_cca_test.jsonl")
+def _test_records(sd: StudyDir, name: str) -> list[dict[str, Any]]:
+    path = sd.test_records(name)
     return list(read_jsonl(path)) if path.exists() else []
 
 
-def _changed(out: Path, name: str, n_params: int | None) -> dict[str, Any]:
+def _changed(sd: StudyDir, name: str, n_params: int | None) -> dict[str, Any]:
     """Components and parameters changed by a condition."""
     if name == "base":
         return {"components": 0, "components_fraction": 0.0, "parameters": 0, "parameters_fraction": 0.0}
     if name == "lora":
-        info = read_json(out / "lora" / "lora.json") if (out / "lora" / "lora.json").exists() else {}
+        info = read_json(sd.lora_info) if sd.lora_info.exists() else {}
         p = info.get("n_trainable_params")
         return {"components": None, "components_fraction": None, "parameters": p,
                 "parameters_fraction": (p / n_params) if p is not None and n_params else None}
-    rep = read_json(out / name / "report.json")
-    cfg_path = out / name / "delta" / "delta_config.json"
+    rd = sd.condition(name)
+    rep = read_json(rd.report_json)
+    cfg_path = rd.delta / DELTA_CONFIG
     elements = read_json(cfg_path).get("summary", {}).get("elements") if cfg_path.exists() else None
     return {"components": rep["components_selected"], "components_fraction": rep["fraction"],
             "parameters": elements, "parameters_fraction": (elements / n_params) if elements and n_params else None}
 
 
-def _side(out: Path, name: str) -> dict[str, Any] | None:
-    f = out / "side_effects" / f"{name}.json"
+def _side(sd: StudyDir, name: str) -> dict[str, Any] | None:
+    f = sd.side_effect(name)
     return read_json(f) if f.exists() else None
 
 
@@ -68,28 +69,33 @@ def _side_row(base: dict[str, Any] | None, cond: dict[str, Any] | None, is_base:
     return out
 
 
-def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
-    """The comparison of every finished condition of ``config`` (a :class:`~cca_fast.experiments.study.StudyConfig`)."""
-    from cca_fast.experiments.study import side_effect_names, study_problems
+def build_study(config, sd: StudyDir, val: Sequence[Any], test: Sequence[Any], names: Sequence[str],
+                phases: dict[str, float]) -> dict[str, Any]:
+    """The comparison of every finished condition of ``config`` (a
+    :class:`~cca_fast.experiments.study.StudyConfig`) in the study directory ``sd``.
 
-    out = Path(config.output)
-    _, val, test = study_problems(config)
+    Args:
+        val, test: the study's validation and test problems (``Problem`` s, read from the shared
+            run directory by :func:`~cca_fast.experiments.study.study_problems`).
+        names: the conditions in table order (``"base"`` first:
+            :func:`~cca_fast.experiments.study.side_effect_names`).
+        phases: seconds per phase (``phases.json``).
+    """
     ids = [p.id for p in test]
     boot = StratifiedBootstrap([p.template for p in test], config.bootstrap, seed=config.run.seed)
-    info = read_json(out / "model_info.json") if (out / "model_info.json").exists() else {}
+    info = read_json(sd.model_info) if sd.model_info.exists() else {}
     n_params = info.get("n_params")
 
-    names = side_effect_names(config)
     partners = config.random_partners()
-    correct = {n: aligned_correct(recs, ids) for n in names if (recs := _test_records(out, n))}
-    sides = {n: _side(out, n) for n in names}
+    correct = {n: aligned_correct(recs, ids) for n in names if (recs := _test_records(sd, n))}
+    sides = {n: _side(sd, n) for n in names}
     rows = []
     for n in names:
         if n not in correct:
             continue
         acc = boot.accuracy(correct[n], config.level)
         row: dict[str, Any] = {"condition": n, "label": config.label(n) or LABELS.get(n, n), "test_accuracy": acc.to_dict(),
-                               **_changed(out, n, n_params)}
+                               **_changed(sd, n, n_params)}
         if n != "base":
             row["vs_base"] = boot.difference(correct[n], correct["base"], config.level).to_dict()
         done = [c for c in partners.get(n, []) if c in correct]
@@ -98,18 +104,19 @@ def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
             row["random_control"] = done[-1]
             row["vs_random"] = row["vs_randoms"][done[-1]]
         if n in config.condition_names():
-            rep = read_json(out / n / "report.json")
+            rep = read_json(sd.condition(n).report_json)
             row.update({"best_step": rep["best_step"], "best_val_accuracy": rep["best_val_accuracy"],
                         "base_val_accuracy": rep["base_val_accuracy"], "diagnostics": rep.get("diagnostics"),
                         "training_examples": rep.get("training_examples")})
-        elif n == "lora" and (out / "lora" / "lora.json").exists():
-            li = read_json(out / "lora" / "lora.json")
+        elif n == "lora" and sd.lora_info.exists():
+            li = read_json(sd.lora_info)
             row.update({"best_epoch": li.get("best_epoch"), "best_val_accuracy": li.get("best_val")})
         row["side_effects"] = _side_row(sides.get("base"), sides.get(n), n == "base")
         rows.append(row)
 
     first = config.condition_names()[0]
-    shared_report = read_json(out / first / "report.json") if (out / first / "report.json").exists() else {}
+    first_report = sd.condition(first).report_json
+    shared_report = read_json(first_report) if first_report.exists() else {}
     return {
         "model": config.run.model or "default (SmolLM2-135M-Instruct)",
         "data": config.run.data or "builtin",
@@ -130,8 +137,7 @@ def build_study(config, phases: dict[str, float]) -> dict[str, Any]:
                                                            if not spec.get("random_like"))]),
         "variants": config.variants,
         "phases_seconds": phases,
-        "shared_seconds": sum(v for k, v in (read_json(out / "shared" / "stages.json").items()
-                                             if (out / "shared" / "stages.json").exists() else [])),
+        "shared_seconds": sum(sd.shared().seconds().values()),
         "config": config.to_dict(),
     }
 
@@ -234,7 +240,7 @@ def render_markdown(study: dict[str, Any]) -> str:
                      f"{_ci(r['vs_base'], True) if 'vs_base' in r else '-'} | "
                      f"{_ci(r['vs_random'], True) if 'vs_random' in r else '-'} | {comp} | {par} | {val} | "
                      + " | ".join(side) + " |")
-    lines += ["", "**Verdict.**", ""] + [f"- {v}" for v in study["verdicts"]] + ["", "![test accuracy](study.png)", ""]
+    lines += ["", "**Verdict.**", ""] + [f"- {v}" for v in study["verdicts"]] + ["", f"![test accuracy]({StudyDir.STUDY_PNG})", ""]
     lines += diagnostics_table(study["rows"])
     if study.get("variants"):
         lines += ["Variants (RunConfig overrides of the study's shared settings):", ""]
@@ -289,8 +295,8 @@ def plot_study(study: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def write_study(out: Path, study: dict[str, Any]) -> None:
-    """Write ``study.json``, ``study.md`` and ``study.png`` into ``out`` (atomically)."""
-    atomic_write_bytes(out / "study.png", plot_study(study))
-    atomic_write_json(out / "study.json", study)
-    atomic_write_text(out / "study.md", render_markdown(study))
+def write_study(sd: StudyDir, study: dict[str, Any]) -> None:
+    """Write ``study.json``, ``study.md`` and ``study.png`` into the study directory ``sd`` (atomically)."""
+    atomic_write_bytes(sd.study_png, plot_study(study))
+    atomic_write_json(sd.study_json, study)
+    atomic_write_text(sd.study_md, render_markdown(study))

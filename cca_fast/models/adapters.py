@@ -1,6 +1,6 @@
 """Architecture adapters: where each layer's components live and which weight rows they own.
 
-A *component* (METHOD section 2) is a query head, a key head, a value head (one per KV group
+A *component* (docs/method.md section 2) is a query head, a key head, a value head (one per KV group
 under GQA) or an MLP neuron (one channel of the input of the down projection). An adapter maps
 each ``(layer, kind)`` of a model to a :class:`Site`, the module and channel slice holding the
 activations of that kind, and maps each component to the weight slices it owns.
@@ -42,6 +42,10 @@ from cca_fast.models import runtime
 
 KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 Kind = Literal["q", "k", "v", "mlp"]
+#: whole-block kinds, one per layer (dataset attribution scores them beside the components):
+#: ``attn_out`` = the output of the attention output projection, ``mlp_out`` = the output of the
+#: MLP down projection (``[B, T, hidden]`` each, :meth:`ModelAdapter.block_site`)
+BLOCK_KINDS: tuple[str, ...] = ("attn_out", "mlp_out")
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,12 @@ class ModelAdapter:
 
     model_types: tuple[str, ...] = ()
     layers_path: str = "model.layers"
+    #: the attention output projection under a decoder layer
+    attn_out_path: str = "self_attn.o_proj"
+    #: the modules LoRA targets by default under a decoder layer (the paper's baseline: the
+    #: q / k / v / o and MLP projections)
+    lora_targets: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -138,6 +148,21 @@ class ModelAdapter:
             n = self.n_heads if kind == "q" else self.n_kv_heads
             return Site(layer, kind, f"{p}.self_attn.{kind}_proj", "output", 0, n, D)
         return Site(layer, kind, f"{p}.mlp.down_proj", "input", 0, self.d_ff, 1)
+
+    def block_site(self, layer: int, kind: str) -> Site:
+        """The :class:`Site` of a whole-block kind (:data:`BLOCK_KINDS`) of ``layer``: the output
+        ``[B, T, hidden]`` of the attention output projection (``attn_out``) or of the MLP down
+        projection (``mlp_out``), one component."""
+        if kind == "mlp_out":
+            name = self.site(layer, "mlp").module_name
+        elif kind == "attn_out":
+            name = f"{self._layer_prefix(layer)}.{self.attn_out_path}"
+            if name not in self._modules:
+                raise UnsupportedArchitectureError(
+                    f"{self.config.model_type}: no attention output projection {name} (the adapter's attn_out_path)")
+        else:
+            raise ValueError(f"unknown block kind {kind!r}; expected one of {BLOCK_KINDS}")
+        return Site(layer, kind, name, "output", 0, 1, self.hidden_size)
 
     def _projection(self, layer: int, kind: str) -> tuple[str, int, int]:
         """(module name, first output channel, output dim of the weight) of the projection
@@ -199,6 +224,7 @@ class Phi3Adapter(ModelAdapter):
     (gate rows ``[0, d_ff)``, then up rows ``[d_ff, 2 d_ff)``)."""
 
     model_types = ("phi3",)
+    lora_targets = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
     def site(self, layer: int, kind: str) -> Site:
         self.check(layer, kind)
@@ -223,6 +249,8 @@ class GPT2Adapter(ModelAdapter):
 
     model_types = ("gpt2",)
     layers_path = "transformer.h"
+    attn_out_path = "attn.c_proj"
+    lora_targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
     def _d_ff(self) -> int:
         n_inner = getattr(self.config, "n_inner", None)

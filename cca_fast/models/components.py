@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, overload
+from typing import Iterable, Iterator, Mapping, overload
 
 import torch
 from torch import nn
@@ -53,6 +53,19 @@ class RowSelection:
     param: str
     dim: int
     index: torch.Tensor
+
+
+def snapshot_rows(params: Mapping[str, torch.Tensor], plan: Mapping[str, RowSelection]) -> dict[str, torch.Tensor]:
+    """A copy of the rows ``plan`` selects of each parameter (``index_select(dim, index)``)."""
+    return {n: params[n].detach().index_select(s.dim, s.index.to(params[n].device)).clone() for n, s in plan.items()}
+
+
+@torch.no_grad()
+def restore_rows(params: Mapping[str, torch.Tensor], plan: Mapping[str, RowSelection],
+                 rows: Mapping[str, torch.Tensor]) -> None:
+    """Write the rows of :func:`snapshot_rows` back in place (bit-exact)."""
+    for n, s in plan.items():
+        params[n].index_copy_(s.dim, s.index.to(params[n].device), rows[n])
 
 
 class ComponentSpace:

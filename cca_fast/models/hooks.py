@@ -19,7 +19,7 @@ mlp        input of the down projection                     ``[B, T, d_ff]``, ne
 
 Scales are per component: ``Tensor [n]`` (shared by the batch) or ``[B, n]`` (per row). They may
 require grad: the derivative of a metric with respect to a scale at 1 is the
-gradient x activation attribution of that component (METHOD section 2).
+gradient x activation attribution of that component (docs/method.md section 2).
 """
 from __future__ import annotations
 

@@ -404,10 +404,12 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.eval()`` inside the block (no dropout), the training flag restored after."""
-    was = model.training
+    """``model.eval()`` inside the block (no dropout), every module's training flag restored
+    after (a model partly in train mode comes back exactly as it was)."""
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was)
+        for m, was in flags:
+            m.training = was

@@ -1,7 +1,7 @@
 """Pivot examples (the output of stage 1, the input of stages 2 and 3) and their batching.
 
 An example is a token prefix whose *last* token is the intervention position, plus the desired
-and undesired next tokens there (METHOD section 1, step 4). Every loss of stages 2 and 3 is the
+and undesired next tokens there (docs/method.md section 1, step 4). Every loss of stages 2 and 3 is the
 logit difference ``logit[desired] - logit[undesired]`` of the next-token logits at that position.
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def logit_diff(last_logits: torch.Tensor, desired: torch.Tensor, undesired: torc
         last_logits: ``[B, V]`` next-token logits at the intervention position.
         desired, undesired: ``LongTensor [B]``.
     Returns:
-        ``[B]`` (same dtype as ``last_logits``). Each example uses its *own* pair (METHOD
+        ``[B]`` (same dtype as ``last_logits``). Each example uses its *own* pair (docs/method.md
         section 2: the reference code's batched indexing mixes pairs; this does not).
     """
     rows = torch.arange(last_logits.shape[0], device=last_logits.device)

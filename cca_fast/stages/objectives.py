@@ -6,7 +6,7 @@
 ``hinge``       a capped margin: ``L = 1/N sum_i max(0, margin - ld_i)``; a pivot whose logit
                 difference already exceeds ``margin`` stops pulling (its gradient is zero)
 ``gold_nll``    the gold solutions' next-token loss: ``L = sum nll / n_target_tokens`` over the
-                training problems' gold solutions (:func:`cca_fast.baselines.lora.sft.sft_nll`);
+                training problems' gold solutions (:func:`cca_fast.stages.sft.sft_nll`);
                 restricted to the selected rows this is sparse SFT on the circuit
 ==============  =====================================================================================
 
@@ -41,7 +41,7 @@ from cca_fast.stages.batches import SharedPrefixBatch, collate_for_loss, group_b
 from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_diff
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cca_fast.baselines.lora.sft import SFTExample
+    from cca_fast.stages.sft import SFTExample
     from cca_fast.stages.update import UpdateConfig
 
 OBJECTIVES = ("logit_diff", "hinge", "gold_nll")
@@ -88,7 +88,7 @@ class TrainingObjective:
         examples: pivot examples (the pivot objectives; may be empty for ``gold_nll``).
         config: the update configuration (``objective``, ``margin``, ``retain_weight``,
             ``batch_size``, ``share_prefix``, ``min_shared_prefix``, ``pad_id``).
-        gold: gold-solution examples (:class:`~cca_fast.baselines.lora.sft.SFTExample`), needed
+        gold: gold-solution examples (:class:`~cca_fast.stages.sft.SFTExample`), needed
             by ``gold_nll``.
     """
 
@@ -125,7 +125,7 @@ class TrainingObjective:
 
     # ---- setup ------------------------------------------------------------------------------------
     def _gold_setup(self, gold: Sequence["SFTExample"]) -> None:
-        from cca_fast.baselines.lora.sft import shared_prefix_len
+        from cca_fast.stages.sft import shared_prefix_len
 
         order = sorted(gold, key=lambda e: e.prompt_ids)
         size = self.config.batch_size
@@ -183,7 +183,7 @@ class TrainingObjective:
         return out
 
     def _gold_pass(self, backward: bool) -> dict[str, float]:
-        from cca_fast.baselines.lora.sft import sft_nll
+        from cca_fast.stages.sft import sft_nll
 
         total = 0.0
         for group, prefix in zip(self.gold, self.gold_prefix):

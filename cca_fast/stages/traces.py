@@ -1,4 +1,4 @@
-"""Stage 1a: greedy trace and a flipped sample for each training problem (METHOD section 1).
+"""Stage 1a: greedy trace and a flipped sample for each training problem (docs/method.md section 1).
 
 For each problem: the greedy trace ``T_g`` (taken from the base evaluation, so it is not generated
 twice), then up to ``k`` samples at temperature 1.2 when ``T_g`` is correct (looking for a wrong

@@ -1,4 +1,4 @@
-"""Stage 3: update only the rows of the selected components (METHOD section 3).
+"""Stage 3: update only the rows of the selected components (docs/method.md section 3).
 
 Paper default: full-batch gradient descent on the logit-difference loss
 ``L = -mean_i (logit_i[desired_i] - logit_i[undesired_i])`` at the last prefix position (gradients
@@ -42,7 +42,7 @@ from cca_fast.kernels.dispatch import BACKENDS, Backend, accumulation_dtype
 from cca_fast.kernels.row_grad import row_selective, zero_delta
 from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, gather_rows,
                                            scatter_rows)
-from cca_fast.models.components import ComponentSpace, RowSelection
+from cca_fast.models.components import ComponentSpace, RowSelection, restore_rows, snapshot_rows
 from cca_fast.stages.objectives import LossFn, LossObjective, TrainingObjective, check_objective
 from cca_fast.models import runtime
 
@@ -334,15 +334,11 @@ def _full_plan(model: nn.Module) -> dict[str, RowSelection]:
 
 def _snapshot(model: nn.Module, plan: dict[str, RowSelection]) -> dict[str, torch.Tensor]:
     """The selected rows (parameter layout, ``index_select(dim, index)``), copied."""
-    params = runtime.base_parameters(model)
-    return {n: params[n].detach().index_select(s.dim, s.index.to(params[n].device)).clone() for n, s in plan.items()}
+    return snapshot_rows(runtime.base_parameters(model), plan)
 
 
-@torch.no_grad()
 def _restore(model: nn.Module, plan: dict[str, RowSelection], rows: dict[str, torch.Tensor]) -> None:
-    params = runtime.base_parameters(model)
-    for n, s in plan.items():
-        params[n].index_copy_(s.dim, s.index.to(params[n].device), rows[n])
+    restore_rows(runtime.base_parameters(model), plan, rows)
 
 
 def _selected(selection: Any, space: ComponentSpace) -> torch.Tensor:
@@ -393,7 +389,7 @@ def run_update(
         validate: ``validate(model) -> accuracy``; without it the last step is kept.
         progress: ``True`` for a progress bar, or a callable receiving each history record.
         gold: the training problems' gold solutions
-            (:class:`~cca_fast.baselines.lora.sft.SFTExample`), for ``objective="gold_nll"``.
+            (:class:`~cca_fast.stages.sft.SFTExample`), for ``objective="gold_nll"``.
         loss: your own objective instead of ``config.objective``: ``loss(model, batch) -> scalar``,
             the mean loss of a mini-batch of ``config.batch_size`` training items (a
             :class:`~cca_fast.stages.examples.PivotBatch` when they are pivot examples, else the

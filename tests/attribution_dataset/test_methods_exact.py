@@ -321,3 +321,25 @@ def test_block_output_is_the_sum_of_its_neurons(tmp_path, method):
     r = attribute_dataset(model, None, ex, tmp_path / "o", AttributeConfig(method=method, metric="logprob",
                           positions="all", plots=False), progress=False)
     torch.testing.assert_close(r.kind("mlp").sum(1), r.kind("mlp_out")[:, 0], rtol=1e-10, atol=1e-12)
+
+
+def test_dataset_scores_go_straight_into_select(tmp_path):
+    """``select`` takes a DatasetAttribution (or its component_scores()): the first
+    ``space.total`` scores, in ComponentSpace order; the raw [total + 2 * n_layers] tensor is
+    refused with a message naming the fix."""
+    from cca_fast.errors import CCAError
+    from cca_fast.models.components import ComponentSpace
+    from cca_fast.stages.localize.select import select
+
+    model = make_tiny("llama")
+    space = ComponentSpace(model)
+    ex = [Example(i, f"e{i}", (3 + i, 5, 7 + i, 9), (), 4, 6, None) for i in range(3)]
+    r = attribute_dataset(model, None, ex, tmp_path / "o", AttributeConfig(plots=False), progress=False)
+    comp = r.component_scores()
+    assert comp.shape == (space.total,) and torch.equal(comp, r.scores[: space.total])
+    for scores in (r, r.attribution(), comp):
+        sel = select("atp-topk", space, scores=scores, k=5)
+        expected = torch.sort(comp, descending=True, stable=True).indices[:5]
+        assert sel.indices == sorted(expected.tolist())
+    with pytest.raises(CCAError, match="component_scores"):
+        select("atp-topk", space, scores=r.scores, k=5)

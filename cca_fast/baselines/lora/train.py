@@ -10,7 +10,7 @@ after every epoch; the best epoch's adapter is kept (model selection as in CCA's
 Fast path: every training sequence starts with the same few-shot prompt prefix (811 of ~885
 tokens with the paper's 8-shot prompt and SmolLM2's tokenizer), so each micro-batch runs that
 prefix once (batch 1, with gradients) and expands its KV cache to the batch; the rows' own
-suffixes (question + target) follow it, padded (:mod:`cca_fast.baselines.lora.sft`). Loss and gradients
+suffixes (question + target) follow it, padded (:mod:`cca_fast.stages.sft`). Loss and gradients
 are those of running every row in full (the tests check this), for about 5x fewer tokens per
 8-row micro-batch with the 8-shot prompt.
 
@@ -40,7 +40,7 @@ from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError
 from cca_fast.baselines.lora.adapter import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, RESULT_NAME, LoRAResult, MergedLoRA,
                            load_lora, merge_lora, module_names)
-from cca_fast.baselines.lora.sft import (SFTBatch, SFTExample, build_sft_examples, collate_sft, gold_target, sft_nll,
+from cca_fast.stages.sft import (SFTBatch, SFTExample, build_sft_examples, collate_sft, gold_target, sft_nll,
                        shared_prefix_len, target_text)
 from cca_fast.evaluation.prompting import PromptConfig
 from cca_fast.generation.prefix import can_share
@@ -48,17 +48,9 @@ from cca_fast.models import runtime
 
 __all__ = ["LoRAConfig", "LoRAResult", "MergedLoRA", "train_lora", "merge_lora", "load_lora", "gold_target",
            "target_text", "SFTExample", "SFTBatch", "build_sft_examples", "collate_sft", "sft_nll",
-           "shared_prefix_len", "module_names", "default_target_modules", "FAMILY_TARGETS",
+           "shared_prefix_len", "module_names", "default_target_modules",
            "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "RESULT_NAME"]
 
-#: per-layer projections LoRA targets by default (q/k/v/o + MLP), by family
-FAMILY_TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "olmo2"):
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    ("phi3",): ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
-    ("gpt2",): ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-}
 Progress = Callable[[dict], None]
 
 
@@ -72,7 +64,7 @@ class LoRAConfig:
             dropout on the adapter input.
         target_modules: module names or suffixes, a regular expression (full match), or
             ``"all-linear"``; ``None`` = the q/k/v/o and MLP projections of every decoder layer
-            (:data:`FAMILY_TARGETS`; ``"all-linear"`` for other families).
+            (the adapter's ``lora_targets``; ``"all-linear"`` for other families).
         lr, epochs, batch_size: AdamW learning rate, epochs (the best one is kept), sequences
             per optimizer step.
         micro_batch_size: sequences per forward pass (memory only: the gradient of a step is the
@@ -142,16 +134,16 @@ def _require_peft():
 
 
 def default_target_modules(model: nn.Module) -> str:
-    """The q/k/v/o and MLP projections of every decoder layer, as a regular expression over
-    module names (``"all-linear"`` for a family not in :data:`FAMILY_TARGETS`)."""
+    """The q/k/v/o and MLP projections of every decoder layer (the adapter's ``lora_targets``,
+    :class:`~cca_fast.models.adapters.ModelAdapter`), as a regular expression over module names
+    (``"all-linear"`` for a family without an adapter)."""
     from cca_fast.models.adapters import UnsupportedArchitectureError, get_adapter
 
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    names = next((v for k, v in FAMILY_TARGETS.items() if mt in k), None)
     try:
-        layers = get_adapter(model).layers_path if names else None
+        adapter = get_adapter(model)
     except UnsupportedArchitectureError:
-        layers = None
+        return "all-linear"
+    layers, names = adapter.layers_path, adapter.lora_targets
     if not names or not layers:
         return "all-linear"
     return rf"{re.escape(layers)}\.\d+\.(?:{'|'.join(re.escape(n) for n in names)})"

@@ -1,4 +1,4 @@
-"""Side-effect suites: does an update hurt what the model could do before? (METHOD section 0)
+"""Side-effect suites: does an update hurt what the model could do before? (docs/method.md section 0)
 
 Local-file versions of lm-eval-harness tasks, scored by continuation log-likelihood exactly as
 lm-eval scores them (:mod:`.loglik`):

@@ -125,7 +125,7 @@ def run_suites(model: torch.nn.Module, tokenizer: Any, config: SuiteConfig | Non
         out[name] = res.to_dict()
     import transformers
 
-    from cca_fast import __version__
+    from cca_fast.version import __version__
     out["meta"] = {"config": config.to_dict(), "data_root": str(root), "model": _model_info(model),
                    "versions": {"cca_fast": __version__, "torch": torch.__version__,
                                 "transformers": transformers.__version__}}

@@ -126,7 +126,7 @@ def check_gold_solutions(train: Sequence[Problem], config: RunConfig) -> None:
     (``gold_nll``, recipe ``circuit-sft``) and a training problem has none (or no ``#### N``)."""
     if config.update.objective != "gold_nll":
         return
-    from cca_fast.baselines.lora.sft import gold_target
+    from cca_fast.stages.sft import gold_target
     from cca_fast.errors import DataError
 
     for p in train:

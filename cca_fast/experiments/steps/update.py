@@ -31,7 +31,7 @@ class UpdateInfo:
 def gold_examples(ctx: RunContext) -> list | None:
     """The gold-solution examples of stage 1's training problems (``None`` when a problem has no
     solution text, e.g. a template without one)."""
-    from cca_fast.baselines.lora.sft import build_sft_examples
+    from cca_fast.stages.sft import build_sft_examples
     from cca_fast.errors import DataError
 
     try:

@@ -7,7 +7,7 @@ frozen, every site's gradient checked (:class:`cca_fast.attribution.AttributionS
 
 A component's score is ``d(sum of logit diffs) / d(scale)`` at scale 1, i.e. half the
 derivative of the logit difference in its DCM mask value at ``m = 0.5`` (scale ``2m = 1``):
-DCM's first gradient step up to that factor (METHOD section 2).
+DCM's first gradient step up to that factor (docs/method.md section 2).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2: desiderata-based component masking (DCM), METHOD section 2.
+"""Stage 2: desiderata-based component masking (DCM), docs/method.md section 2.
 
 One real mask value ``m`` per component (fp32, ``[space.total]``), initialised to 1. At the last
 prefix position only, each component's activation is multiplied by ``2 m`` (``m = 0.5`` leaves

@@ -159,11 +159,16 @@ class Selection:
 # ---- methods ----------------------------------------------------------------------------------
 
 def _scores_and_order(scores: Attribution | torch.Tensor, space: ComponentSpace, by: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(scores, (Attribution, torch.Tensor)) and callable(getattr(scores, "attribution", None)):
+        scores = scores.attribution()  # a DatasetAttribution: its component scores, blocks left out
     if isinstance(scores, Attribution):
         return scores.scores, scores.order(by)
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (space.total,):
-        raise CCAError(f"scores must be an Attribution or a tensor [{space.total}], got "
-                       f"{getattr(scores, 'shape', type(scores).__name__)}")
+        raise CCAError(f"scores must be an Attribution, a DatasetAttribution or a tensor [{space.total}] (one score per "
+                       f"component), got {getattr(scores, 'shape', type(scores).__name__)}"
+                       + (f": a dataset attribution's scores hold {2 * space.n_layers} block scores after the components; "
+                          "pass the DatasetAttribution itself or its component_scores()"
+                          if getattr(scores, "shape", None) == (space.total + 2 * space.n_layers,) else ""))
     if by not in ("signed", "abs"):
         raise CCAError(f"by must be 'signed' or 'abs', got {by!r}")
     key = (scores.abs() if by == "abs" else scores).detach().to(torch.float64).cpu()
@@ -243,7 +248,13 @@ def select(method: str, space: ComponentSpace, *, scores: Attribution | torch.Te
            mask: Any = None, k: int | None = None, fraction: float | None = None, threshold: float = 0.5,
            like: Selection | int | dict[str, int] | None = None, seed: int = 0, by: str = "signed",
            match_kinds: bool = True) -> Selection:
-    """Dispatch to the ``method`` (one of :data:`METHODS`) with the arguments it needs."""
+    """Dispatch to the ``method`` (one of :data:`METHODS`) with the arguments it needs.
+
+    ``scores`` (``atp-topk``, ``atp-fraction``): the :class:`~cca_fast.attribution.Attribution`
+    of :func:`~cca_fast.attribution.attribute`, the
+    :class:`~cca_fast.attribution_dataset.run.DatasetAttribution` of
+    :func:`~cca_fast.attribution_dataset.attribute_dataset` (its component scores: the
+    attention / MLP block scores are not components), or a tensor ``[space.total]``."""
     def need(name: str, value: Any) -> Any:
         if value is None:
             raise CCAError(f"selection method {method!r} needs {name}=...")

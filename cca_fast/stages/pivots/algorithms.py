@@ -1,4 +1,4 @@
-"""Stage 1b: localise the pivotal token of a (greedy, flipped sample) trace pair (METHOD section 1).
+"""Stage 1b: localise the pivotal token of a (greedy, flipped sample) trace pair (docs/method.md section 1).
 
 Token sequences here are *trace* tokens (generated tokens only); the prompt is prepended when an
 example is built. ``correct(ids) -> bool`` judges a full trace; ``complete(prefixes) -> traces``
