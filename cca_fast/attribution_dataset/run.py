@@ -72,13 +72,13 @@ class AttributeConfig:
 
     def __post_init__(self) -> None:
         check_options(self.metric, self.method, self.positions, self.ig_steps)
-        for name in ("batch_size", "chunk_size"):
-            if int(getattr(self, name)) < 1:
-                raise CCAError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from cca_fast import checks
+
+        for name in ("batch_size", "chunk_size", "top_k"):
+            checks.positive(f"AttributeConfig.{name}", getattr(self, name), flag="--" + name.replace("_", "-"))
         for name in ("mean_examples", "limit"):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise CCAError(f"{name} must be >= 1 (or None for all), got {v}")
+            checks.positive(f"AttributeConfig.{name}", getattr(self, name), flag="--" + name.replace("_", "-"),
+                            allow_none=True, hint="or None for all")
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share (batching, plots and table size may change)."""

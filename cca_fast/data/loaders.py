@@ -313,10 +313,10 @@ def load_problems(source: str | Path | None = None, *, n_per_template: int = 50,
         DataError / TemplateError: missing files, malformed lines (file and line number), no
             problems, no network for hub names.
     """
-    if n_per_template < 1:
-        raise DataError(f"n_per_template must be >= 1, got {n_per_template}")
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be >= 1 (or None for all), got {limit}")
+    from cca_fast import checks
+
+    checks.positive("n_per_template", n_per_template, error=DataError)
+    checks.positive("limit", limit, allow_none=True, hint="or None for all", error=DataError)
     if source is None or (isinstance(source, str) and source == "builtin"):
         problems = _from_templates(load_template_dir(BUILTIN_TEMPLATES), "builtin",
                                    n_per_template, seed, instantiate_config)
