@@ -45,7 +45,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -125,10 +125,13 @@ class SparseDelta:
         params: ``{parameter name: ParamDelta}``.
         meta: everything else written to ``delta_config.json`` (``base_model``, ``model_type``,
             ``components``, ``hyperparameters``, ``metrics``, ...).
+        directory: the folder it was loaded from (:meth:`load`; ``None`` for one made in memory),
+            which a merge must not replace.
     """
 
     params: dict[str, ParamDelta]
     meta: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = field(default=None, compare=False, repr=False)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -336,7 +339,7 @@ class SparseDelta:
         meta = {k: v for k, v in config.items()
                 if k not in ("format", "format_version", "params", "summary", "weights_sha256", "content_sha256",
                              "content_sha256_covers")}
-        return cls(params, meta)
+        return cls(params, meta, directory=d)
 
 
 @dataclass
@@ -550,7 +553,9 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
     sibling ``.<name>.tmp-<pid>-*``, then renamed; removed on any failure, and left-overs of a
     killed process are removed by the next merge to the same place). The model keeps the delta
     applied."""
-    out = check_merge_target(out_dir, overwrite=overwrite)
+    source = getattr(getattr(model, "cca_source", None), "path", "") or ""
+    out = check_merge_target(out_dir, overwrite=overwrite,
+                             inputs=[x for x in (delta.directory, source) if x])
     apply_delta(model, delta, verify=verify)
     from cca_fast.tempdirs import sibling_tempdir
 
@@ -575,10 +580,25 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
     return out
 
 
-def check_merge_target(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def check_merge_target(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                       inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Refuse, before any work, a merge target that exists and is not an empty directory (unless
-    ``overwrite``) or whose parent is not a writable directory."""
+    ``overwrite``) or whose parent is not a writable directory; an empty name; a target that is,
+    contains or lies inside one of ``inputs`` (the delta's folder, the base model's folder: a
+    merge replaces the whole target, so it would destroy them) or the current folder."""
+    if not str(out_dir).strip():
+        raise CCAError("the merge target is empty (--merge ''): name the new folder for the merged model, "
+                       "e.g. --merge merged_model")
     out = Path(out_dir)
+    target = out.expanduser().resolve()
+    protected = [(Path(i).expanduser().resolve(), f"the input {i}") for i in inputs if i is not None and str(i)]
+    protected.append((Path.cwd().resolve(), "the current folder"))
+    for path, what in protected:
+        if target == path or path.is_relative_to(target) or target.is_relative_to(path):
+            how = ("is" if target == path else "contains" if path.is_relative_to(target) else "lies inside")
+            raise CCAError(f"cannot merge into {out}: it {how} {what} ({path}), which the merge would replace or "
+                           "write into; name a new folder outside the delta's and the model's folders, e.g. "
+                           f"--merge {target.parent / (target.name + '_merged')}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not out.is_dir():
             raise CCAError(f"cannot merge into {out}: it exists and is not a directory; choose another path")

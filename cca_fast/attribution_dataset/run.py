@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cca_fast.errors import CCAError
-from cca_fast.io import atomic_write_json, check_or_write_config, check_writable_dir
+from cca_fast.io import atomic_write_json, check_or_write_config, check_writable_dir, refuse_links
 from cca_fast.kernels.dispatch import Backend
 from cca_fast.models import runtime
 from cca_fast.models.components import ComponentSpace
@@ -209,6 +209,7 @@ def attribute_dataset(model: nn.Module, tokenizer: Any, data: str | Path | Seque
     out = Path(output)
     if dist.main:
         check_writable_dir(out, "the attribution output directory")
+        refuse_links(out, (store.CHUNKS, "plots"))  # every write there would follow a planted link
     space = space if space is not None else ComponentSpace(model)
     layout = Layout(space)
     ident = {**config.identity(), "model": _model_name(model), "n_examples": len(examples),

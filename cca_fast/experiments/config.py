@@ -202,6 +202,9 @@ class RunConfig:
         """Raise :class:`CCAError` naming the field and the fix if a setting is invalid (run by
         the constructor, and by :func:`~cca_fast.experiments.pipeline.run_cca` before any work)."""
         self._check_types()
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise CCAError(f"RunConfig.output (--output) must name the run directory, got {self.output!r}; "
+                           "e.g. runs/cca")
         if self.selector not in SELECTORS:
             raise CCAError(f"unknown selector {self.selector!r} (RunConfig.selector, --selector); "
                            f"choose one of {', '.join(SELECTORS)}")

@@ -138,6 +138,8 @@ class StudyConfig:
         from cca_fast import checks
 
         checks.positive("StudyConfig.bootstrap", self.bootstrap, flag="--bootstrap")
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise CCAError(f"StudyConfig.output (--output) must name the study directory, got {self.output!r}")
         if not 0 < self.level < 1:
             raise CCAError(f"StudyConfig.level must be in (0, 1), got {self.level!r}")
         self.lora.check()
@@ -253,6 +255,9 @@ def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     with dir_lock(out):
+        from cca_fast.io import refuse_links
+
+        refuse_links(out)  # a link planted in the study folder would take its writes outside
         return _run_study_locked(config, out, progress)
 
 

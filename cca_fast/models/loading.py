@@ -431,6 +431,15 @@ def check_model_name(name_or_path: str | os.PathLike | None, *, flag: str = "--m
         raise CCAError(f"{flag} {name}: model path not found (and it is not a hub id); {fix}")
 
 
+def local_model_path(name_or_path: str | os.PathLike | None) -> Path | None:
+    """The local folder or file a :func:`load_model` name reads (``None`` for the default model or
+    a hub id): what a write must never replace."""
+    if name_or_path in (None, "default"):
+        return None
+    p = Path(str(name_or_path)).expanduser()
+    return p if p.exists() else None
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
