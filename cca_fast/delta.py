@@ -244,13 +244,23 @@ class SparseDelta:
             _check_param(name, pd, where)
 
     # ---- files -------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``delta.safetensors`` then ``delta_config.json`` into ``directory`` (each atomically)."""
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``delta.safetensors`` then ``delta_config.json`` into ``directory`` (each atomically).
+        An existing delta there is refused unless ``overwrite`` (as :func:`merge_delta` refuses a
+        non-empty target); temporary files of a save killed earlier are removed first."""
         from safetensors.torch import save as st_save
 
         d = Path(directory)
         if d.exists() and not d.is_dir():
             raise CCAError(f"cannot save a delta to {d}: it exists and is not a directory")
+        resave = self.directory is not None and d.resolve() == Path(self.directory).resolve()  # its own folder
+        if not (overwrite or resave) and ((d / CONFIG_NAME).exists() or (d / WEIGHTS_NAME).exists()):
+            raise CCAError(f"{d} already holds a delta; choose another directory, or pass overwrite=True to "
+                           "replace it")
+        for stale in d.glob(f".{WEIGHTS_NAME}.*") if d.is_dir() else ():  # left by a save killed mid-write
+            stale.unlink(missing_ok=True)
+        for stale in d.glob(f".{CONFIG_NAME}.*") if d.is_dir() else ():
+            stale.unlink(missing_ok=True)
         self.validate(f"the delta to save in {d}")
         tensors: dict[str, torch.Tensor] = {}
         for name, pd in self.params.items():
@@ -284,6 +294,8 @@ class SparseDelta:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CCAError(f"{cfg_path} is not valid JSON ({e})") from None
+        except RecursionError:
+            raise CCAError(f"{cfg_path} nests too deeply to be a delta config; re-create the delta") from None
         fix = "re-create the delta (re-run `cca run`, or SparseDelta.save) instead of editing it"
         if not isinstance(config, dict):
             raise CCAError(f"{cfg_path} is not a delta config (a JSON object is expected); {fix}")
