@@ -94,6 +94,19 @@ def seed(field: str, value: Any, *, flag: str | None = "--seed", error: type[Exc
             hint="a seed is an integer from 0 to 2**63 - 1, e.g. 0")
 
 
+def token_contrast(desired: int, undesired: int, where: str, vocab_size: int | None = None) -> None:
+    """The one check of a logit-difference request (``cca attribute``, :func:`~cca_fast.attribution_dataset.run.attribute_dataset`
+    and :func:`cca_fast.attribution.attribute` call it): two different token ids, both in the
+    vocabulary. ``desired == undesired`` would score every component 0 without a word."""
+    for name, t in (("desired", desired), ("undesired", undesired)):
+        if vocab_size is not None and not 0 <= int(t) < vocab_size:
+            raise CCAError(f"{where}: the {name} token id {t} is outside the vocabulary [0, {vocab_size}); "
+                           "were the ids made with another tokenizer?")
+    if int(desired) == int(undesired):
+        raise CCAError(f"{where}: the desired and the undesired token are the same (id {desired}), so their logit "
+                       "difference is 0 and every score would be 0; give two different tokens")
+
+
 # ---- argparse types ------------------------------------------------------------------------------
 def finite_float(text: str) -> float:
     """``argparse`` type of every float flag: a finite number (``nan``, ``inf`` refused while the
