@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cca_fast import ComponentSpace
 from cca_fast.cli.main import main
 from cca_fast.delta import SparseDelta, merge_delta
 from cca_fast.errors import CCAError
 from cca_fast.io import append_jsonl, repair_torn_tail
 from cca_fast.experiments.lock import LOCK_NAME
-from helpers import char_tokenizer, make_tiny, run_argv
+from helpers import char_tokenizer, make_delta, make_tiny, run_argv
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -109,18 +108,12 @@ def test_a_link_in_an_attribution_output_is_refused(tmp_path):
 @pytest.fixture()
 def run_with_delta(tmp_path):
     """A base model folder and a run folder holding ``delta/`` (a delta of that model) and a report."""
-    base = make_tiny("llama", dtype=torch.float32)
-    new = make_tiny("llama", dtype=torch.float32)
-    plan = ComponentSpace(new).owned_rows([0, 7])
-    with torch.no_grad():
-        for name, sel in plan.items():
-            p = new.get_parameter(name)
-            p.index_copy_(sel.dim, sel.index, p.index_select(sel.dim, sel.index) + 0.01)
+    base, _, delta = make_delta()
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     char_tokenizer().save_pretrained(base_dir)
     run = tmp_path / "r"
-    SparseDelta.from_models(base, new).save(run / "delta")
+    delta.save(run / "delta")
     (run / "report.json").write_text('{"finished": true}\n')
     return base_dir, run
 

@@ -6,24 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from cca_fast import ComponentSpace
 from cca_fast.cli.main import main
 from cca_fast.data.loaders import load_problems, read_problems_jsonl
 from cca_fast.delta import CONFIG_NAME, WEIGHTS_NAME, SparseDelta
 from cca_fast.errors import CCAError, DataError
-from helpers import make_tiny
+from helpers import make_delta
 
 
 def _delta() -> SparseDelta:
-    base, new = make_tiny("llama", dtype=torch.float32), make_tiny("llama", dtype=torch.float32)
-    plan = ComponentSpace(new).owned_rows([0, 3])
-    with torch.no_grad():
-        for name, sel in plan.items():
-            p = new.get_parameter(name)
-            p.index_copy_(sel.dim, sel.index, p.index_select(sel.dim, sel.index) + 0.01)
-    return SparseDelta.from_models(base, new)
+    return make_delta((0, 3))[2]
 
 
 def test_saving_over_a_delta_is_refused_unless_overwrite_and_a_killed_saves_temp_is_cleaned(tmp_path):
