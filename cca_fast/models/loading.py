@@ -538,6 +538,11 @@ def load_model(
         raise CCAError(f"{what}: the weights do not fit its config ({len(bad['missing_keys'])} missing, "
                        f"{len(bad['mismatched_keys'])} with another shape, e.g. {first}); transformers would fill "
                        f"them with random values; {fix}")
+    bad_weights = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad_weights:
+        raise CCAError(f"{what}: its weights hold NaN or Inf values ({len(bad_weights)} tensor(s), e.g. "
+                       f"{bad_weights[0]}): the checkpoint is damaged or was saved after a diverged update; "
+                       "write or download it again")
     if device_map is None:
         model.to(dev)
     model.eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cca_fast.cli.main import main
 from cca_fast.data.loaders import load_problems, read_problems_jsonl
@@ -69,3 +70,18 @@ def test_a_gold_beyond_a_float_is_refused_as_text_and_as_a_json_number(tmp_path)
         read_problems_jsonl(data)
     data.write_text(json.dumps({"question": "q?", "answer": "#### " + "9" * 300}) + "\n")
     assert read_problems_jsonl(data)[0].gold == float("9" * 300)  # large but finite: kept
+
+
+def test_nan_weights_are_reported_as_nan_weights(tmp_path, capsys):
+    from helpers import char_tokenizer, make_tiny
+
+    model = make_tiny("llama", dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--device", "cpu", "--limit", "1", "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "NaN or Inf" in err and "up_proj" in err and "write or download it again" in err
+    assert not (tmp_path / "out" / "eval.json").exists()
