@@ -276,6 +276,12 @@ def attribute(
     Returns:
         :class:`Attribution` with ``scores [total]``.
     """
+    if metric is None and isinstance(batch, PivotBatch):  # the one desired/undesired check (as cca attribute)
+        from cca_fast import checks
+
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        for i, (d, u) in enumerate(zip(batch.desired.tolist(), batch.undesired.tolist())):
+            checks.token_contrast(d, u, f"example {i} of the batch", vocab)
     metric, inputs, kwargs = _prepare(model, batch, metric, logits_to_keep)
     with torch.enable_grad(), AttributionSession(model, space, kinds=kinds, absolute=absolute,
                                                  per_position=per_position, backend=backend) as session:

@@ -45,7 +45,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -130,10 +130,13 @@ class SparseDelta:
         params: ``{parameter name: ParamDelta}``.
         meta: everything else written to ``delta_config.json`` (``base_model``, ``model_type``,
             ``components``, ``hyperparameters``, ``metrics``, ...).
+        directory: the folder it was loaded from (:meth:`load`; ``None`` for one made in memory),
+            which a merge must not replace.
     """
 
     params: dict[str, ParamDelta]
     meta: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = field(default=None, compare=False, repr=False)
 
     def __repr__(self) -> str:
         rows = sum(pd.n_rows for pd in self.params.values())
@@ -241,13 +244,23 @@ class SparseDelta:
             _check_param(name, pd, where)
 
     # ---- files -------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``delta.safetensors`` then ``delta_config.json`` into ``directory`` (each atomically)."""
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``delta.safetensors`` then ``delta_config.json`` into ``directory`` (each atomically).
+        An existing delta there is refused unless ``overwrite`` (as :func:`merge_delta` refuses a
+        non-empty target); temporary files of a save killed earlier are removed first."""
         from safetensors.torch import save as st_save
 
         d = Path(directory)
         if d.exists() and not d.is_dir():
             raise CCAError(f"cannot save a delta to {d}: it exists and is not a directory")
+        resave = self.directory is not None and d.resolve() == Path(self.directory).resolve()  # its own folder
+        if not (overwrite or resave) and ((d / CONFIG_NAME).exists() or (d / WEIGHTS_NAME).exists()):
+            raise CCAError(f"{d} already holds a delta; choose another directory, or pass overwrite=True to "
+                           "replace it")
+        for stale in d.glob(f".{WEIGHTS_NAME}.*") if d.is_dir() else ():  # left by a save killed mid-write
+            stale.unlink(missing_ok=True)
+        for stale in d.glob(f".{CONFIG_NAME}.*") if d.is_dir() else ():
+            stale.unlink(missing_ok=True)
         self.validate(f"the delta to save in {d}")
         tensors: dict[str, torch.Tensor] = {}
         for name, pd in self.params.items():
@@ -281,6 +294,8 @@ class SparseDelta:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CCAError(f"{cfg_path} is not valid JSON ({e})") from None
+        except RecursionError:
+            raise CCAError(f"{cfg_path} nests too deeply to be a delta config; re-create the delta") from None
         fix = "re-create the delta (re-run `cca run`, or SparseDelta.save) instead of editing it"
         if not isinstance(config, dict):
             raise CCAError(f"{cfg_path} is not a delta config (a JSON object is expected); {fix}")
@@ -348,7 +363,7 @@ class SparseDelta:
         meta = {k: v for k, v in config.items()
                 if k not in ("format", "format_version", "params", "summary", "weights_sha256", "content_sha256",
                              "content_sha256_covers")}
-        return cls(params, meta)
+        return cls(params, meta, directory=d)
 
 
 @dataclass
@@ -571,7 +586,9 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
     inside is saved. A peft model is saved as its *base* model with the delta merged (the plain
     model's names, loadable by ``AutoModelForCausalLM``); its adapters are not part of it (save
     them with peft's own ``save_pretrained`` and load them on top as before)."""
-    out = check_merge_target(out_dir, overwrite=overwrite)
+    source = getattr(getattr(model, "cca_source", None), "path", "") or ""
+    out = check_merge_target(out_dir, overwrite=overwrite,
+                             inputs=[x for x in (delta.directory, source) if x])
     apply_delta(model, delta, verify=verify)
     from cca_fast.tempdirs import sibling_tempdir
 
@@ -600,10 +617,25 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
     return out
 
 
-def check_merge_target(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def check_merge_target(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                       inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Refuse, before any work, a merge target that exists and is not an empty directory (unless
-    ``overwrite``) or whose parent is not a writable directory."""
+    ``overwrite``) or whose parent is not a writable directory; an empty name; a target that is,
+    contains or lies inside one of ``inputs`` (the delta's folder, the base model's folder: a
+    merge replaces the whole target, so it would destroy them) or the current folder."""
+    if not str(out_dir).strip():
+        raise CCAError("the merge target is empty (--merge ''): name the new folder for the merged model, "
+                       "e.g. --merge merged_model")
     out = Path(out_dir)
+    target = out.expanduser().resolve()
+    protected = [(Path(i).expanduser().resolve(), f"the input {i}") for i in inputs if i is not None and str(i)]
+    protected.append((Path.cwd().resolve(), "the current folder"))
+    for path, what in protected:
+        if target == path or path.is_relative_to(target) or target.is_relative_to(path):
+            how = ("is" if target == path else "contains" if path.is_relative_to(target) else "lies inside")
+            raise CCAError(f"cannot merge into {out}: it {how} {what} ({path}), which the merge would replace or "
+                           "write into; name a new folder outside the delta's and the model's folders, e.g. "
+                           f"--merge {target.parent / (target.name + '_merged')}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not out.is_dir():
             raise CCAError(f"cannot merge into {out}: it exists and is not a directory; choose another path")

@@ -6,13 +6,78 @@ finished item, flushed and fsynced, so an interrupted run keeps every finished i
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from cca_fast.errors import DataError
+from cca_fast.errors import CCAError, DataError
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _link_error(path: Path) -> CCAError:
+    return CCAError(f"{path} is a symbolic link: cca_fast never writes or appends through a link (it could point "
+                    "outside the output folder, and its target would be overwritten); remove the link "
+                    f"(rm '{path}') and run the command again")
+
+
+def open_for_write(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags)`` for writing, never through a symbolic link (``O_NOFOLLOW``) and only
+    onto a regular file (a FIFO, a device or a folder there is refused instead of blocking or
+    writing into it). Returns the descriptor (blocking, close-on-exec). Raises
+    :class:`~cca_fast.errors.CCAError` naming the path and the fix."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) and path.is_symlink():  # EMLINK: the BSDs
+            raise _link_error(path) from None
+        if e.errno == errno.EISDIR:
+            raise CCAError(f"{path} is a folder, where cca_fast writes a file: move it away and run again") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise CCAError(f"{path} is {describe_kind(kind)}, not a regular file: cca_fast writes only regular files; "
+                       "remove it and run again")
+    if _NONBLOCK:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
+    return fd
+
+
+def describe_kind(mode: int) -> str:
+    """``"a FIFO (named pipe)"``, ``"a folder"``, ``"a device"``... for a ``st_mode``."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def refuse_links(directory: str | os.PathLike, names: Iterable[str] = ()) -> None:
+    """Refuse (:class:`~cca_fast.errors.CCAError`) a symbolic link among the entries of
+    ``directory`` (and of its sub-folders ``names``): an output folder cca_fast writes holds no
+    link of its own, so a link there was planted and a write through it would land outside."""
+    d = Path(directory)
+    for folder in (d, *(d / n for n in names)):
+        if folder != d and folder.is_symlink():
+            raise _link_error(folder)
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.is_symlink():
+                raise _link_error(entry)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -54,7 +119,7 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, ensure_ascii=False, default=_default) + "\n").encode("utf-8")
-    with open(path, "ab+") as f:
+    with os.fdopen(open_for_write(path, os.O_RDWR | os.O_CREAT | os.O_APPEND), "ab+") as f:
         _repair_tail(f)
         f.write(line)
         f.flush()
@@ -68,7 +133,7 @@ def repair_torn_tail(path: str | os.PathLike) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    with open(path, "rb+") as f:
+    with os.fdopen(open_for_write(path, os.O_RDWR), "rb+") as f:
         return _repair_tail(f)
 
 
@@ -161,8 +226,6 @@ def check_or_write_config(path: str | os.PathLike, new: dict[str, Any], defaults
     differences named by their dotted path (``dcm.epochs``). A key the saved file lacks (a field
     added since) counts at its value in ``defaults``; the top-level ``output`` may differ. ``what``
     names the directory in the error. ``write=False``: only the check (nothing is written)."""
-    from cca_fast.errors import CCAError
-
     if not Path(path).exists():
         if write:
             atomic_write_json(path, new)
@@ -201,13 +264,13 @@ def check_writable_dir(directory: str | os.PathLike, what: str) -> Path:
     it (a probe file is written and deleted), before any work whose results go there. Raises
     :class:`~cca_fast.errors.CCAError` naming ``what`` (e.g. ``"--output"``) and the path when it
     cannot be: a parent is a file, the path is a file, or the folder is read-only."""
-    from cca_fast.errors import CCAError
-
+    if not str(directory).strip():  # Path("") is the current folder: never write there by accident
+        raise CCAError(f"{what} is empty (''): name the folder to write, e.g. {what} runs/out")
     d = Path(directory).expanduser()
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / f".cca-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600))
         probe.unlink()
     except OSError as e:
         why = e.strerror or str(e)

@@ -269,3 +269,19 @@ def compile_counts(script: str) -> dict:
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- a small sparse delta
+
+def make_delta(components=(0, 7)):
+    """``(base, new, delta)``: two float32 tiny llamas whose ``components`` rows differ by 0.01,
+    and the :class:`~cca_fast.delta.SparseDelta` between them."""
+    from cca_fast import ComponentSpace
+    from cca_fast.delta import SparseDelta
+
+    base, new = make_tiny("llama", dtype=torch.float32), make_tiny("llama", dtype=torch.float32)
+    with torch.no_grad():
+        for name, sel in ComponentSpace(new).owned_rows(list(components)).items():
+            p = new.get_parameter(name)
+            p.index_copy_(sel.dim, sel.index, p.index_select(sel.dim, sel.index) + 0.01)
+    return base, new, SparseDelta.from_models(base, new)

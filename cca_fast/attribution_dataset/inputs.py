@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from cca_fast import checks
 from cca_fast.errors import CCAError
 
 #: what each metric needs from a record
@@ -306,6 +307,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, metric: str, met
         if metric == "logit_diff":
             desired = _one_token(d, "desired", where, tokenizer, vocab_size)
             undesired = _one_token(d, "undesired", where, tokenizer, vocab_size)
+            checks.token_contrast(desired, undesired, where, vocab_size)
         corrupt = None
         if method == "patch":
             corrupt = _text_or_ids(d, "corrupt", where, tokenizer, vocab_size, add_special_tokens)
@@ -315,8 +317,9 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, metric: str, met
                 raise CCAError(f"{where}: the corrupted prompt has {len(corrupt)} tokens and the prompt {len(prompt)}; "
                                + ("--positions all" if positions == "all" else "--ig-steps")
                                + " compares them position by position, so they must be as long")
-        if positions == "target" and metric == "loss" and not target:
-            raise CCAError(f"{where}: --positions target with the loss metric needs a target continuation")
+        if positions == "target" and not target:
+            raise CCAError(f"{where}: --positions target scores the positions predicting the target, and this "
+                           "example has no target continuation: add a 'target' field, or use --positions last")
         out.append(Example(i, where, prompt, target, desired, undesired, corrupt))
     return out
 

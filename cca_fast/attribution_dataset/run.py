@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cca_fast.errors import CCAError
-from cca_fast.io import atomic_write_json, check_or_write_config, check_writable_dir
+from cca_fast.io import atomic_write_json, check_or_write_config, check_writable_dir, refuse_links
 from cca_fast.kernels.dispatch import Backend
 from cca_fast.models import runtime
 from cca_fast.models.adapters import KINDS
@@ -76,13 +76,13 @@ class AttributeConfig:
 
     def __post_init__(self) -> None:
         check_options(self.metric, self.method, self.positions, self.ig_steps)
-        for name in ("batch_size", "chunk_size"):
-            if int(getattr(self, name)) < 1:
-                raise CCAError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from cca_fast import checks
+
+        for name in ("batch_size", "chunk_size", "top_k"):
+            checks.positive(f"AttributeConfig.{name}", getattr(self, name), flag="--" + name.replace("_", "-"))
         for name in ("mean_examples", "limit"):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise CCAError(f"{name} must be >= 1 (or None for all), got {v}")
+            checks.positive(f"AttributeConfig.{name}", getattr(self, name), flag="--" + name.replace("_", "-"),
+                            allow_none=True, hint="or None for all")
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share (batching, plots and table size may change)."""
@@ -229,6 +229,7 @@ def attribute_dataset(model: nn.Module, tokenizer: Any, data: str | Path | Seque
     out = Path(output)
     if dist.main:
         check_writable_dir(out, "the attribution output directory")
+        refuse_links(out, (store.CHUNKS, "plots"))  # every write there would follow a planted link
     space = space if space is not None else ComponentSpace(model)
     layout = Layout(space)
     ident = {**config.identity(), "model": _model_name(model), "n_examples": len(examples),

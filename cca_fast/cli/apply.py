@@ -41,16 +41,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _base_name(meta: dict[str, Any]) -> str | None:
+    """The base model the delta records (a local path, else its name), or ``None``."""
+    base = meta.get("base_model") or {}
+    src = base.get("source") or {}
+    return (src.get("path") if src.get("kind") == "local" else None) or src.get("name") or base.get("name_or_path")
+
+
 def _load(args: argparse.Namespace, meta: dict[str, Any]):
     from cca_fast.models.loading import load_model
 
-    name = args.model
-    if name is None:
-        base = meta.get("base_model") or {}
-        src = base.get("source") or {}
-        name = (src.get("path") if src.get("kind") == "local" else None) or src.get("name") or base.get("name_or_path")
-        if not name:
-            raise CCAError("the delta does not record its base model; pass --model")
+    name = args.model or _base_name(meta)
+    if not name:
+        raise CCAError("the delta does not record its base model; pass --model")
     return load_model(name, dtype=args.dtype or meta.get("dtype") or None, device=args.device)
 
 
@@ -59,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from cca_fast.delta import SparseDelta, apply_delta, bitwise_equal, merge_delta, revert_delta
 
     delta = SparseDelta.load(args.delta)
-    if args.merge:  # before the model is loaded
+    if args.merge is not None:  # before the model is loaded; never onto an input (the delta, the model)
         from cca_fast.delta import check_merge_target
-        check_merge_target(args.merge, overwrite=args.overwrite)
+        from cca_fast.models.loading import local_model_path
+
+        check_merge_target(args.merge, overwrite=args.overwrite,
+                           inputs=[args.delta, local_model_path(args.model or _base_name(delta.meta))])
     model, tokenizer = _load(args, delta.meta)
     verify = not args.no_verify
     report: dict[str, Any] = {"delta": str(args.delta), "model": getattr(model.config, "_name_or_path", ""),
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(report, indent=1))
             raise CCAError(f"revert check failed: {len(diff)} parameters differ from the base after reverting"
                            + (f", apply changed parameters outside the delta: {outside[:3]}" if outside else ""))
-    if args.merge:
+    if args.merge is not None:
         out = merge_delta(model, delta, args.merge, tokenizer=tokenizer, verify=verify, overwrite=args.overwrite)
         report["merged_to"] = str(out)
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cca_fast.checks import cli_int
 from cca_fast.cli.common import add_model_args
 from cca_fast.errors import CCAError
 
@@ -41,21 +42,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "continuation) or loss (mean next-token cross-entropy)")
     g.add_argument("--positions", default=d.positions, metavar="P",
                    help="last (last prompt token), all (every token) or target (the positions predicting the target)")
-    g.add_argument("--ig-steps", type=int, default=d.ig_steps, metavar="N",
+    g.add_argument("--ig-steps", type=cli_int, default=d.ig_steps, metavar="N",
                    help="integrated-gradient steps between the corrupted and the clean input embeddings (EAP-IG; "
                         "--method patch); 0: plain attribution patching")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B", help="examples per forward/backward")
-    g.add_argument("--chunk-size", type=int, default=d.chunk_size, metavar="N",
+    g.add_argument("--batch-size", type=cli_int, default=d.batch_size, metavar="B", help="examples per forward/backward")
+    g.add_argument("--chunk-size", type=cli_int, default=d.chunk_size, metavar="N",
                    help="examples per resumable chunk file")
     g.add_argument("--per-example", action="store_true", help="also store [N, total] per-example scores")
-    g.add_argument("--top-k", type=int, default=d.top_k, metavar="K", help="rows of the ranked table")
-    g.add_argument("--mean-examples", type=int, default=None, metavar="N",
+    g.add_argument("--top-k", type=cli_int, default=d.top_k, metavar="K", help="rows of the ranked table")
+    g.add_argument("--mean-examples", type=cli_int, default=None, metavar="N",
                    help="--method mean: take the mean over the first N examples (default: all)")
     g.add_argument("--no-plots", action="store_true", help="do not draw the heat maps and distributions")
     g.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
                    help="read field NAME (prompt, target, desired, undesired, corrupt, or their *_ids) from "
                         "COLUMN of the data (repeatable)")
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N examples only")
+    g.add_argument("--limit", type=cli_int, default=None, metavar="N", help="use the first N examples only")
     g.add_argument("--no-special-tokens", action="store_true",
                    help="tokenize text prompts without the tokenizer's special tokens (no BOS)")
     g.add_argument("--backend", default=None, choices=("auto", "torch", "triton"),

@@ -16,6 +16,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from cca_fast import checks
+from cca_fast.checks import cli_int
 from cca_fast.errors import CCAError
 
 SPLITS = ("test", "train", "val", "all")
@@ -48,11 +50,11 @@ def add_data_args(parser: argparse.ArgumentParser, *, default_split: str = "test
     g.add_argument("--split", default=default_split, choices=SPLITS,
                    help="which part of the per-template 52/8/40 train/val/test split to use (docs/method.md "
                         "section 0), or all problems")
-    g.add_argument("--limit", type=int, default=None, metavar="N",
+    g.add_argument("--limit", type=cli_int, default=None, metavar="N",
                    help="use at most N problems of the split, taken round-robin over templates; default: all")
-    g.add_argument("--seed", type=int, default=0, metavar="S",
+    g.add_argument("--seed", type=cli_int, default=0, metavar="S",
                    help="seed of template instantiation, of the split and of sampling")
-    g.add_argument("--n-per-template", type=int, default=50, metavar="N",
+    g.add_argument("--n-per-template", type=cli_int, default=50, metavar="N",
                    help="instances generated per template (template sources only)")
     g.add_argument("--hub-split", default="test", metavar="NAME",
                    help="split of a hub data set to download (e.g. openai/gsm8k's 'test')")
@@ -71,7 +73,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shots", default=None, metavar="FILE",
                    help="few-shot exemplars, a JSON list of {question, target}; default: cca_fast's own 8 "
                         "(the paper's are the standard GSM8K CoT exemplars, e.g. gsm8k_cot_8shot.json)")
-    g.add_argument("--n-shots", type=int, default=8, metavar="K", help="number of exemplars in the prompt")
+    g.add_argument("--n-shots", type=cli_int, default=8, metavar="K", help="number of exemplars in the prompt")
     g.add_argument("--prompt-mode", default="plain", choices=PROMPT_MODES,
                    help="plain text prompt (paper default) or the tokenizer's chat template")
 
@@ -79,17 +81,10 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 400) -> None:
     """``--batch-size --max-new-tokens``."""
     g = parser.add_argument_group("decoding")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences decoded together")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+    g.add_argument("--batch-size", type=cli_int, default=8, metavar="B", help="sequences decoded together")
+    g.add_argument("--max-new-tokens", type=cli_int, default=max_new_tokens, metavar="N",
                    help="new tokens per answer at most (the paper uses 1500: pass --max-new-tokens 1500 "
                         "for fidelity; the default suits CPU runs and GSM-style answers)")
-
-
-def check_positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value < 1:
-        raise CCAError(f"{name} must be a positive integer, got {value}")
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -126,8 +121,9 @@ def load_problems_from_args(args: argparse.Namespace) -> list:
 
     import sys
 
-    check_positive("--n-per-template", args.n_per_template)
-    check_positive("--limit", args.limit, allow_none=True)
+    checks.positive("--n-per-template", args.n_per_template)
+    checks.positive("--limit", args.limit, allow_none=True)
+    checks.seed("--seed", args.seed, flag=None)
     skipped: list[str] = []
 
     def report(where: str, reason: str) -> None:

@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cca_fast.cli.common import (add_data_args, add_generation_args, add_model_args, add_prompt_args, check_positive,
+from cca_fast import checks
+from cca_fast.cli.common import (add_data_args, add_generation_args, add_model_args, add_prompt_args,
                load_model_from_args, load_problems_from_args)
 from cca_fast.models import runtime
 
@@ -39,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from cca_fast.io import check_writable_dir
 
-    check_positive("--batch-size", args.batch_size)
-    check_positive("--max-new-tokens", args.max_new_tokens)
+    checks.positive("--batch-size", args.batch_size)
+    checks.positive("--max-new-tokens", args.max_new_tokens)
     from cca_fast.models.loading import check_model_name
 
     check_writable_dir(args.output, "--output")  # before the work whose results go there

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cca_fast.checks import cli_int, finite_float
 from cca_fast.cli.common import (FieldFlag, add_generation_args, add_model_args, add_prompt_args, bind_flags,
                                  none_is_zero, overrides_from_args, zero_is_none)
 from cca_fast.experiments.config import BRANCHINGS, PIVOT_FILTERS, PIVOT_METHODS, PIVOT_SOURCES, PROCEDURES
@@ -50,10 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s2.add_argument("--selector", choices=SELECTORS,
                     help="component selection; random = the control; none = the no-mask baseline "
                          "(update every weight)")
-    s2.add_argument("--select-k", type=int, metavar="K", help="components for atp-topk")
-    s2.add_argument("--select-fraction", type=float, metavar="F",
+    s2.add_argument("--select-k", type=cli_int, metavar="K", help="components for atp-topk")
+    s2.add_argument("--select-fraction", type=finite_float, metavar="F",
                     help="fraction of components for atp-fraction or random")
-    s2.add_argument("--select-count", type=int, metavar="N", help="components for random")
+    s2.add_argument("--select-count", type=cli_int, metavar="N", help="components for random")
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="DIR", help="run directory (resumable)")
     o.add_argument("--until", default=None, choices=STEP_NAMES, metavar="STEP",
@@ -71,25 +72,25 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="D",
                    help="built-in templates (default), a template folder or file, a JSONL file, or a hub name")
-    g.add_argument("--n-per-template", type=int, metavar="N", help="instances per template")
+    g.add_argument("--n-per-template", type=cli_int, metavar="N", help="instances per template")
     g.add_argument("--skip-bad-templates", action="store_true",
                    help="template folders: leave out templates that cannot be parsed or instantiated (each "
                         "reported with its reason) instead of stopping at the first")
     g.add_argument("--non-integer-answers", action="store_true",
                    help="templates: also accept instances whose #answer is not an integer")
-    g.add_argument("--seed", type=int, metavar="S",
+    g.add_argument("--seed", type=cli_int, metavar="S",
                    help="seed of instances, splits, stage-1 samples, DCM shuffles and the random control")
     g.add_argument("--extra-train-data", metavar="D",
                    help="a second source (as --data) whose problems join the training split only (ids "
                         "'extra:...', their own template group), e.g. GSM8K's train.jsonl")
-    g.add_argument("--extra-train-max", type=int, metavar="N",
+    g.add_argument("--extra-train-max", type=cli_int, metavar="N",
                    help="at most N extra training problems, a seeded draw (0 = all); each is base-evaluated")
-    g.add_argument("--max-train-problems", type=int, metavar="N",
+    g.add_argument("--max-train-problems", type=cli_int, metavar="N",
                    help="at most N training problems go to stage 1 (0 = all)")
-    g.add_argument("--max-val-problems", type=int, metavar="N",
+    g.add_argument("--max-val-problems", type=cli_int, metavar="N",
                    help="cap on validation problems, evaluated at every validation step (0 = all)")
-    g.add_argument("--max-test-problems", type=int, metavar="N", help="cap on test problems (0 = all)")
-    g.add_argument("--weak-threshold", type=float, metavar="A",
+    g.add_argument("--max-test-problems", type=cli_int, metavar="N", help="cap on test problems (0 = all)")
+    g.add_argument("--weak-threshold", type=finite_float, metavar="A",
                    help="templates with base training accuracy below A give training examples")
     add_prompt_args(p)
     add_generation_args(p)
@@ -98,7 +99,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "branching, full-prefix DCM, dense-gradient update): the same results, slower; for "
                         "benchmarks and checks")
     s1 = p.add_argument_group("stage 1")
-    s1.add_argument("--k", type=int, help="samples drawn per problem to find a flipped trace")
+    s1.add_argument("--k", type=cli_int, help="samples drawn per problem to find a flipped trace")
     s1.add_argument("--pivot-method", choices=PIVOT_METHODS, help="how the pivotal token is found")
     s1.add_argument("--branching", choices=BRANCHINGS,
                     help="fast: pruned batched search (same pivots); reference: the literal per-position loop")
@@ -106,33 +107,33 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                     help="stage 3's pivots: paper (sampled flipped traces), fork (greedy-path forks), both")
     s1.add_argument("--pivot-filter", choices=PIVOT_FILTERS,
                     help="not_argmax: drop pivots whose desired token is already the base model's argmax")
-    s1.add_argument("--fork-p-min", type=float, metavar="P",
+    s1.add_argument("--fork-p-min", type=finite_float, metavar="P",
                     help="greedy-path forks: least probability of the alternative token")
-    s1.add_argument("--fork-max", type=int, metavar="N", help="greedy-path forks: candidate positions per problem")
-    s1.add_argument("--val-from-train", type=int, metavar="N",
+    s1.add_argument("--fork-max", type=cli_int, metavar="N", help="greedy-path forks: candidate positions per problem")
+    s1.add_argument("--val-from-train", type=cli_int, metavar="N",
                     help="validation also takes N training-split problems stage 1 did not use")
     s1.add_argument("--no-diagnostics", action="store_true",
                     help="skip diagnostics.json (pivot table, gradient alignment, transfer, gold alignment)")
     s2 = p.add_argument_group("stage 2")
-    s2.add_argument("--dcm-lambda", type=float, help="DCM L1 weight (paper 0.01)")
-    s2.add_argument("--dcm-epochs", type=int, help="DCM epochs (paper 50)")
+    s2.add_argument("--dcm-lambda", type=finite_float, help="DCM L1 weight (paper 0.01)")
+    s2.add_argument("--dcm-epochs", type=cli_int, help="DCM epochs (paper 50)")
     s2.add_argument("--dcm-mode", choices=["last", "full"],
                     help="last: prefix K/V computed once and kept for the whole run, only the last token re-run; "
                          "full: the reference (no prefix cache)")
     s3 = p.add_argument_group("stage 3")
     s3.add_argument("--optimizer", choices=["sgd", "adamw"], help="paper: sgd")
-    s3.add_argument("--lr", type=float, help="learning rate (paper 1e-4)")
-    s3.add_argument("--update-steps", type=int, help="optimizer steps (paper 50)")
-    s3.add_argument("--eval-every", type=int, metavar="N", help="validation every N steps after the early steps")
-    s3.add_argument("--eval-every-early", type=int, metavar="N",
+    s3.add_argument("--lr", type=finite_float, help="learning rate (paper 1e-4)")
+    s3.add_argument("--update-steps", type=cli_int, help="optimizer steps (paper 50)")
+    s3.add_argument("--eval-every", type=cli_int, metavar="N", help="validation every N steps after the early steps")
+    s3.add_argument("--eval-every-early", type=cli_int, metavar="N",
                     help="validation every N steps during the first --early-steps steps")
-    s3.add_argument("--early-steps", type=int, metavar="N", help="how many steps count as early")
+    s3.add_argument("--early-steps", type=cli_int, metavar="N", help="how many steps count as early")
     s3.add_argument("--update-mode", choices=["sparse", "reference"],
                     help="sparse: row-selective gradients + row-sparse step; reference: dense gradients")
     s3.add_argument("--objective", choices=OBJECTIVES,
                     help="logit_diff (paper), hinge (capped margin), gold_nll (gold solutions on the selected rows)")
-    s3.add_argument("--margin", type=float, help="hinge: the logit difference above which a pivot stops pulling")
-    s3.add_argument("--retain-weight", type=float,
+    s3.add_argument("--margin", type=finite_float, help="hinge: the logit difference above which a pivot stops pulling")
+    s3.add_argument("--retain-weight", type=finite_float,
                     help="weight of the KL to the base model on the pivots' other trace tokens (0 = none)")
 
 

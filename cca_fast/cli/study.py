@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from cca_fast.checks import cli_int, finite_float
 from cca_fast.cli.common import FieldFlag, bind_flags, none_is_zero, overrides_from_args
 from cca_fast.cli.run import RUN_FLAGS, add_run_args
 from cca_fast.errors import CCAError
@@ -39,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_args(p)  # their defaults: StudyConfig().run, study-size (experiments.study.study_run_defaults)
     g = p.add_argument_group("conditions")
     g.add_argument("--selectors", metavar="LIST", help="comma-separated CCA selectors: dcm, atp-fraction, atp-topk")
-    g.add_argument("--select-fraction", type=float, metavar="F", help="fraction for atp-fraction")
-    g.add_argument("--select-k", type=int, metavar="K", help="k for atp-topk")
+    g.add_argument("--select-fraction", type=finite_float, metavar="F", help="fraction for atp-fraction")
+    g.add_argument("--select-k", type=cli_int, metavar="K", help="k for atp-topk")
     g.add_argument("--controls", metavar="LIST",
                    help="comma-separated controls and baselines: random, none, lora (empty: none of them)")
     g.add_argument("--random-like", metavar="SEL",
@@ -49,22 +50,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated recipes (cca_fast.experiments.recipes) run as further conditions; "
                         "NAME:random adds its random control, NAME:none its update on every weight")
     lg = p.add_argument_group("LoRA baseline")
-    lg.add_argument("--lora-r", type=int, help="LoRA rank (paper 16)")
-    lg.add_argument("--lora-alpha", type=float, help="LoRA alpha (paper 32)")
-    lg.add_argument("--lora-lr", type=float, help="LoRA learning rate (AdamW)")
-    lg.add_argument("--lora-epochs", type=int, help="LoRA epochs at most (best by validation)")
+    lg.add_argument("--lora-r", type=cli_int, help="LoRA rank (paper 16)")
+    lg.add_argument("--lora-alpha", type=finite_float, help="LoRA alpha (paper 32)")
+    lg.add_argument("--lora-lr", type=finite_float, help="LoRA learning rate (AdamW)")
+    lg.add_argument("--lora-epochs", type=cli_int, help="LoRA epochs at most (best by validation)")
     sg = p.add_argument_group("side effects")
     sg.add_argument("--side-data", metavar="DIR",
                     help="folder holding mmlu/, truthfulqa/ and gsm8k/ (default: $CCA_SHARED_DATA, else ../shared/data)")
-    sg.add_argument("--mmlu-limit", type=int, metavar="N",
+    sg.add_argument("--mmlu-limit", type=cli_int, metavar="N",
                     help="MMLU test questions, stratified by subject (0 = all 14042)")
-    sg.add_argument("--truthfulqa-limit", type=int, metavar="N", help="TruthfulQA questions (0 = all 817)")
-    sg.add_argument("--ppl-limit", type=int, metavar="N", help="GSM8K test solutions for perplexity (0 = all)")
+    sg.add_argument("--truthfulqa-limit", type=cli_int, metavar="N", help="TruthfulQA questions (0 = all 817)")
+    sg.add_argument("--ppl-limit", type=cli_int, metavar="N", help="GSM8K test solutions for perplexity (0 = all)")
     sg.add_argument("--no-side-effects", action="store_true", help="skip the side-effect suites")
     o = p.add_argument_group("output")
-    o.add_argument("--bootstrap", type=int, metavar="B", help="bootstrap resamples")
+    o.add_argument("--bootstrap", type=cli_int, metavar="B", help="bootstrap resamples")
     o.add_argument("--output", metavar="DIR", help="study directory (resumable)")
-    o.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    o.add_argument("--threads", type=cli_int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     bind_flags(p, STUDY_FLAGS, StudyConfig())
     p.set_defaults(func=run)
@@ -130,8 +131,12 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CCAError("cca study runs as one process (under torchrun only `cca run` shares out its stage 1 and "
                        "`cca attribute` its chunks): run it without torchrun")
-    if args.threads:
+    if args.threads is not None:
         import torch
+
+        from cca_fast import checks
+
+        checks.positive("--threads", args.threads, hint="the number of CPU threads torch uses, e.g. 2")
 
         torch.set_num_threads(args.threads)
     study = run_study(study_config_from_args(args), progress=not args.quiet)

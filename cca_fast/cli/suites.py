@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cca_fast.cli.common import add_model_args, check_positive
+from cca_fast.checks import cli_int
+from cca_fast import checks
+from cca_fast.cli.common import add_model_args
 
 NAME = "side-effects"
 DESCRIPTION = """\
@@ -39,20 +41,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "$CCA_SHARED_DATA, else ../shared/data")
     g.add_argument("--suites", default="mmlu,truthfulqa,perplexity", metavar="LIST",
                    help="comma-separated suites to run (mmlu, truthfulqa, perplexity)")
-    g.add_argument("--mmlu-limit", type=int, default=None, metavar="N",
+    g.add_argument("--mmlu-limit", type=cli_int, default=None, metavar="N",
                    help="MMLU questions, stratified over subjects; default: all 14042")
-    g.add_argument("--truthfulqa-limit", type=int, default=None, metavar="N",
+    g.add_argument("--truthfulqa-limit", type=cli_int, default=None, metavar="N",
                    help="TruthfulQA questions, a seeded subset; default: all 817")
-    g.add_argument("--ppl-limit", type=int, default=None, metavar="N",
+    g.add_argument("--ppl-limit", type=cli_int, default=None, metavar="N",
                    help="GSM8K test solutions for perplexity, a seeded subset; default: all 1319")
-    g.add_argument("--mmlu-shots", type=int, default=5, metavar="K", help="MMLU dev examples before each question")
+    g.add_argument("--mmlu-shots", type=cli_int, default=5, metavar="K", help="MMLU dev examples before each question")
     g.add_argument("--no-truthfulqa-preamble", action="store_true",
                    help="score TruthfulQA zero-shot, without lm-eval's 6-question QA primer")
-    g.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the subsets")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="distinct model inputs per forward pass")
+    g.add_argument("--seed", type=cli_int, default=0, metavar="S", help="seed of the subsets")
+    g.add_argument("--batch-size", type=cli_int, default=8, metavar="B", help="distinct model inputs per forward pass")
     g.add_argument("--logprob-dtype", default="float32", choices=("float32", "float64"),
                    help="dtype of the log-softmax (logits are upcast to it)")
-    g.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples of --delta comparisons")
+    g.add_argument("--n-boot", type=cli_int, default=1000, metavar="N", help="bootstrap resamples of --delta comparisons")
     o = p.add_argument_group("output")
     o.add_argument("--output", default="runs/side_effects.json", metavar="FILE", help="JSON file to write")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -106,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from cca_fast.evaluation.suites import SuiteConfig, compare, resolve_data_root, run_suites
 
     for flag in ("mmlu_limit", "truthfulqa_limit", "ppl_limit"):
-        check_positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
-    check_positive("--batch-size", args.batch_size)
-    check_positive("--n-boot", args.n_boot)
+        checks.positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
+    checks.positive("--batch-size", args.batch_size)
+    checks.positive("--n-boot", args.n_boot)
     _check_output(args.output)
     from cca_fast.models.loading import check_model_name
 

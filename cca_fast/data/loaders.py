@@ -54,7 +54,11 @@ def parse_gold(text: str, where: str, what: str = "the gold answer") -> float:
     t = text.strip()
     m = _GOLD_TEXT.fullmatch(t)
     if m and not (m.group(1) and m.group(2)):
-        return float(("-" if m.group(1) or m.group(2) else "") + m.group(3).replace(",", ""))
+        value = float(("-" if m.group(1) or m.group(2) else "") + m.group(3).replace(",", ""))
+        if math.isfinite(value):
+            return value
+        raise DataError(f"{where}: {what} has {len(m.group(3))} digits, beyond what a float holds (it would "
+                        "become inf, and every huge prediction would then count as correct); fix the data file")
     low = t.lower()
     if re.fullmatch(r"[-+]?\$?\s*\d+\s*/\s*\d+", t):
         why = ("a fraction; GSM8K golds are integers or decimals and are compared as exact "
@@ -85,6 +89,9 @@ def gold_from_field(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise DataError(f"{where}: 'gold' is not a number: {str(value).lower()} is a boolean. A "
                         f"gold must be {_GOLD_FORMS}; fix the data file.")
+    if isinstance(value, int) and not -2**1023 < value < 2**1023:  # float(value) would overflow
+        raise DataError(f"{where}: 'gold' is not a number a float can hold ({len(str(abs(value)))} digits); fix "
+                        "the data file")
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
             raise DataError(f"{where}: 'gold' is not a number: {value} is not finite. A gold must "
@@ -102,6 +109,8 @@ def problem_from_record(rec: Mapping[str, Any], *, default_id: str, where: str) 
     if not isinstance(rec, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     question = rec.get("question")
+    if isinstance(question, str) and not question.strip():
+        raise DataError(f"{where}: 'question' is empty; write the problem's text there, or remove the line")
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: missing 'question' (need 'question' and 'answer' ending "
                         f"'#### N', or 'question' and 'gold'); fields present: {sorted(rec)}")
@@ -143,6 +152,9 @@ def read_problems_jsonl(path: str | Path) -> list[Problem]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{where}: the JSON nests too deeply to be a problem record (one flat "
+                                    "object per line is expected); fix the data file") from None
                 problems.append(problem_from_record(rec, default_id=f"{p.stem}-{i}", where=where))
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text ({e})") from None
@@ -253,6 +265,8 @@ def _load_local_file(p: Path, n: int, seed: int, config: InstantiateConfig | Non
             head = json.loads(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{p}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise DataError(f"{p}: the JSON nests too deeply to be a template or a list of records") from None
         if isinstance(head, dict) and "question_annotated" in head:
             return _from_templates([load_template(p)], p.parent.name or "tmpl", n, seed, config)
         if isinstance(head, list):
@@ -313,10 +327,10 @@ def load_problems(source: str | Path | None = None, *, n_per_template: int = 50,
         DataError / TemplateError: missing files, malformed lines (file and line number), no
             problems, no network for hub names.
     """
-    if n_per_template < 1:
-        raise DataError(f"n_per_template must be >= 1, got {n_per_template}")
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be >= 1 (or None for all), got {limit}")
+    from cca_fast import checks
+
+    checks.positive("n_per_template", n_per_template, error=DataError)
+    checks.positive("limit", limit, allow_none=True, hint="or None for all", error=DataError)
     if source is None or (isinstance(source, str) and source == "builtin"):
         problems = _from_templates(load_template_dir(BUILTIN_TEMPLATES), "builtin",
                                    n_per_template, seed, instantiate_config)

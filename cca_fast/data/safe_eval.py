@@ -77,10 +77,10 @@ class EvalLimits:
     max_round_digits: int = 100
 
     def __post_init__(self) -> None:
+        from cca_fast import checks
+
         for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise TemplateError(f"EvalLimits.{f.name} must be a positive integer, got {v!r}")
+            checks.positive(f"EvalLimits.{f.name}", getattr(self, f.name), error=TemplateError)
 
 
 class _State(threading.local):

@@ -54,8 +54,9 @@ class StratifiedBootstrap:
     """
 
     def __init__(self, groups: Sequence[str], n_resamples: int = 10_000, seed: int = 0):
-        if n_resamples < 1:
-            raise CCAError(f"n_resamples must be >= 1, got {n_resamples}")
+        from cca_fast import checks
+
+        checks.positive("n_resamples", n_resamples)
         if len(groups) == 0:
             raise CCAError("cannot bootstrap an empty set of problems")
         self.n = len(groups)

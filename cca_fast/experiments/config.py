@@ -58,11 +58,10 @@ class GenerationSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        from cca_fast import checks
+
         for name in ("max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CCAError(f"GenerationSettings.{name} must be a positive integer, got {value!r} "
-                               f"(--{name.replace('_', '-')})")
+            checks.positive(f"GenerationSettings.{name}", getattr(self, name), flag=f"--{name.replace('_', '-')}")
 
     def config(self) -> GenerationConfig:
         """The :class:`~cca_fast.generation.decode.GenerationConfig` of these settings, with the
@@ -203,6 +202,9 @@ class RunConfig:
         """Raise :class:`CCAError` naming the field and the fix if a setting is invalid (run by
         the constructor, and by :func:`~cca_fast.experiments.pipeline.run_cca` before any work)."""
         self._check_types()
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise CCAError(f"RunConfig.output (--output) must name the run directory, got {self.output!r}; "
+                           "e.g. runs/cca")
         if self.selector not in SELECTORS:
             raise CCAError(f"unknown selector {self.selector!r} (RunConfig.selector, --selector); "
                            f"choose one of {', '.join(SELECTORS)}")
@@ -218,9 +220,10 @@ class RunConfig:
         if self.pivot_filter not in PIVOT_FILTERS:
             raise CCAError(f"unknown pivot filter {self.pivot_filter!r} (RunConfig.pivot_filter, --pivot-filter); "
                            f"choose one of {', '.join(PIVOT_FILTERS)}")
-        if isinstance(self.val_from_train, bool) or not isinstance(self.val_from_train, int) or self.val_from_train < 0:
-            raise CCAError(f"RunConfig.val_from_train (--val-from-train) must be an integer >= 0, got "
-                           f"{self.val_from_train!r}")
+        from cca_fast import checks
+
+        checks.integer("RunConfig.val_from_train", self.val_from_train, flag="--val-from-train", lo=0)
+        checks.seed("RunConfig.seed", self.seed)
         self._check_extra_train()
         if self.procedure not in PROCEDURES:
             raise CCAError(f"unknown procedure {self.procedure!r} (RunConfig.procedure, --procedure); use 'fast' "
@@ -309,10 +312,10 @@ class RunConfig:
 
 
 def _positive(name: str, value: Any, *, flag: str | None = "", extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        flag = "--" + name.replace("_", "-") if flag == "" else flag
-        where = f"RunConfig.{name}" + (f" ({flag})" if flag else "")
-        raise CCAError(f"{where} must be a positive integer{(' ' + extra) if extra else ''}, got {value!r}")
+    """:func:`cca_fast.checks.positive` of ``RunConfig.<name>`` (flag ``--<name>`` unless given)."""
+    from cca_fast import checks
+
+    checks.positive(f"RunConfig.{name}", value, flag="--" + name.replace("_", "-") if flag == "" else flag, hint=extra)
 
 
 @dataclass(frozen=True)

@@ -582,8 +582,9 @@ def diagnose(model: nn.Module, space: ComponentSpace, examples: Sequence[PivotEx
         ``None`` without ``gold``)}``.
     """
     _check_examples(examples)
-    if not isinstance(max_examples, int) or max_examples < 1:
-        raise CCAError(f"max_examples must be a positive integer, got {max_examples!r}")
+    from cca_fast import checks
+
+    checks.positive("max_examples", max_examples)
     D = row_count(model, space, selection)  # also checks the selection, before any forward pass
     params = _params(model, _plan(space, selection))
     itemsize = torch.finfo(_grad_dtype(params)).bits // 8

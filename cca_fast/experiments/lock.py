@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cca_fast.errors import CCAError
+from cca_fast.io import open_for_write
 from cca_fast.tempdirs import pid_alive
 
 LOCK_NAME = "run.lock"
@@ -86,7 +87,7 @@ def acquire(directory: Path, say: Callable[[str], None] = warn) -> tuple[Path, i
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_for_write(path, os.O_RDWR | os.O_CREAT)  # never through a link planted as run.lock
         if not _flock(fd):
             os.close(fd)
             raise _refuse(directory, path, read_lock(path))

@@ -23,12 +23,13 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import TYPE_CHECKING, Any, Iterator
 
 from cca_fast.errors import CCAError
 from cca_fast.experiments.lock import LOCK_NAME, dir_lock
-from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json
+from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json, refuse_links
 
 if TYPE_CHECKING:
     from cca_fast.data.problem import Problem
@@ -151,9 +152,14 @@ class RunDir:
 
         check_or_write_config(self.config, config.to_dict(), RunConfig().to_dict(), str(self.path), write=write)
 
-    def lock(self) -> ContextManager[Path]:
-        """Hold ``run.lock`` (one writer per run directory) for a ``with`` block."""
-        return dir_lock(self.path)
+    @contextmanager
+    def lock(self) -> Iterator[Path]:
+        """Hold ``run.lock`` (one writer per run directory) for a ``with`` block; a symbolic link
+        in the run directory (or as its ``data/`` / ``delta/``) is refused first: every write of
+        the run would follow it out of the folder."""
+        with dir_lock(self.path) as path:
+            refuse_links(self.path, ("data", self.DELTA))
+            yield path
 
     def check_model_identity(self, identity: dict[str, Any]) -> None:
         """Record ``identity`` (:func:`~cca_fast.models.identity.model_identity`) at the first
@@ -301,9 +307,13 @@ class StudyDir:
     def study_png(self) -> Path:
         return self.path / self.STUDY_PNG
 
-    def lock(self) -> ContextManager[Path]:
-        """Hold ``run.lock`` (one writer per study directory) for a ``with`` block."""
-        return dir_lock(self.path)
+    @contextmanager
+    def lock(self) -> Iterator[Path]:
+        """Hold ``run.lock`` (one writer per study directory) for a ``with`` block; a symbolic
+        link in the study directory is refused first (its writes would follow it out)."""
+        with dir_lock(self.path) as path:
+            refuse_links(self.path)
+            yield path
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"StudyDir({str(self.path)!r})"

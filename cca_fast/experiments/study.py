@@ -135,8 +135,11 @@ class StudyConfig:
             raise CCAError("selector atp-fraction needs --select-fraction F")
         if "atp-topk" in self.selectors and not self.select_k:
             raise CCAError("selector atp-topk needs --select-k K")
-        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 1:
-            raise CCAError(f"StudyConfig.bootstrap (--bootstrap) must be a positive integer, got {self.bootstrap!r}")
+        from cca_fast import checks
+
+        checks.positive("StudyConfig.bootstrap", self.bootstrap, flag="--bootstrap")
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise CCAError(f"StudyConfig.output (--output) must name the study directory, got {self.output!r}")
         if not 0 < self.level < 1:
             raise CCAError(f"StudyConfig.level must be in (0, 1), got {self.level!r}")
         self.lora.check()

@@ -431,6 +431,15 @@ def check_model_name(name_or_path: str | os.PathLike | None, *, flag: str = "--m
         raise CCAError(f"{flag} {name}: model path not found (and it is not a hub id); {fix}")
 
 
+def local_model_path(name_or_path: str | os.PathLike | None) -> Path | None:
+    """The local folder or file a :func:`load_model` name reads (``None`` for the default model or
+    a hub id): what a write must never replace."""
+    if name_or_path in (None, "default"):
+        return None
+    p = Path(str(name_or_path)).expanduser()
+    return p if p.exists() else None
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -529,6 +538,11 @@ def load_model(
         raise CCAError(f"{what}: the weights do not fit its config ({len(bad['missing_keys'])} missing, "
                        f"{len(bad['mismatched_keys'])} with another shape, e.g. {first}); transformers would fill "
                        f"them with random values; {fix}")
+    bad_weights = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad_weights:
+        raise CCAError(f"{what}: its weights hold NaN or Inf values ({len(bad_weights)} tensor(s), e.g. "
+                       f"{bad_weights[0]}): the checkpoint is damaged or was saved after a diverged update; "
+                       "write or download it again")
     if device_map is None:
         model.to(dev)
     model.eval()

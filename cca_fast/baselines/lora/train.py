@@ -112,6 +112,14 @@ class LoRAConfig:
         for cond, msg in bad:
             if cond:
                 raise CCAError(f"LoRAConfig: {msg}")
+        from cca_fast import checks
+
+        # every float setting is finite (a NaN would be saved and then differ from itself on resume)
+        for name, flag in (("alpha", "--lora-alpha"), ("lr", "--lora-lr"), ("dropout", None), ("eps", None),
+                           ("weight_decay", None), ("max_grad_norm", None)):
+            checks.number(f"LoRAConfig.{name}", getattr(self, name), flag=flag, allow_none=name == "max_grad_norm")
+        checks.positive("LoRAConfig.r", self.r, flag="--lora-r")
+        checks.seed("LoRAConfig.seed", self.seed, flag=None)
 
     @property
     def scaling(self) -> float:

@@ -58,8 +58,9 @@ def seeded_subset(items: Sequence[T], limit: int | None, seed: int, salt: str) -
 
 
 def check_limit(limit: int | None, name: str) -> None:
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise DataError(f"{name} limit must be a positive integer or None (all items), got {limit!r}")
+    from cca_fast import checks
+
+    checks.positive(f"{name} limit", limit, allow_none=True, hint="or None for all items", error=DataError)
 
 
 @dataclass

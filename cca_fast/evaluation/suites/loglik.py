@@ -63,8 +63,9 @@ class LoglikConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise CCAError(f"batch_size must be a positive integer, got {self.batch_size}")
+        from cca_fast import checks
+
+        checks.positive("batch_size", self.batch_size)
         if str(self.logprob_dtype).replace("torch.", "") not in _DTYPES:
             raise CCAError(f"logprob_dtype must be one of {sorted(_DTYPES)}, got {self.logprob_dtype!r}")
         if self.max_length is not None and self.max_length < 2:

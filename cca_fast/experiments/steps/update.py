@@ -96,7 +96,7 @@ class UpdateStep:
                             gold=gold)
         result.delta.meta.update({"selection": selection.to_dict() if selection is not None else None,
                                   "run_config": c.to_dict()})
-        result.delta.save(ctx.rd.delta)
+        result.delta.save(ctx.rd.delta, overwrite=True)  # stage 3 redone: its own delta
         if selection is not None:
             revert_delta(ctx.model, result.delta)  # back to the base: the cca_eval step applies the saved delta
         else:

@@ -54,10 +54,10 @@ class AtPConfig:
     backend: Backend | None = None
 
     def __post_init__(self) -> None:
-        if int(self.batch_size) < 1:
-            raise CCAError(f"AtPConfig.batch_size must be >= 1, got {self.batch_size}")
-        if self.max_batch_tokens is not None and int(self.max_batch_tokens) < 1:
-            raise CCAError(f"AtPConfig.max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
+        from cca_fast import checks
+
+        checks.positive("AtPConfig.batch_size", self.batch_size)
+        checks.positive("AtPConfig.max_batch_tokens", self.max_batch_tokens, allow_none=True)
 
 
 def length_chunks(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
