@@ -36,7 +36,7 @@ from cca_fast.experiments.rundir import RunDir  # noqa: F401
 from cca_fast.experiments import stages as _stages
 from cca_fast.experiments.stages import STAGE_NAMES, RunContext, run_stages
 from cca_fast.generation.decode import GenerationConfig, generate
-from cca_fast.generation.prefix import PrefixCache, start_unit
+from cca_fast.generation.prefix import PrefixCache, shared_len, start_unit
 from cca_fast.io import append_jsonl, read_jsonl
 from cca_fast.models.components import ComponentSpace
 from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts
@@ -60,7 +60,7 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     :func:`~cca_fast.generation.decode.generate` (emptied before every chunk:
     :func:`~cca_fast.generation.prefix.start_unit`).
 
-    ``dist``: the chunks (``2 * batch_size`` problems each) are shared out across its ranks
+    ``dist``: the chunks (``8 * batch_size`` problems each) are shared out across its ranks
     (:func:`cca_fast.distributed.sharded`); every rank returns every record and only rank 0
     writes ``path``, in the order one process writes it."""
     from tqdm.auto import tqdm
@@ -72,7 +72,10 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     if path is not None and path.exists():
         done = {r["id"]: r for r in read_jsonl(path)}
     todo = [p for p in problems if p.id not in done]
-    size = max(1, gen.batch_size) * 2
+    if prefix_cache is not None and gen.share_prefix:  # the exemplars: once per weights, the same for every chunk
+        every = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in problems], tokenizer, prompt)
+        prefix_cache.pin(every[0][:shared_len(every, gen.min_shared_prefix)])
+    size = max(1, gen.batch_size) * 8
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
 
     def evaluate(part: list[Problem]) -> list[dict[str, Any]]:

@@ -444,7 +444,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
             prompts' common prefix (e.g. the few-shot exemplars) is then taken from its stored
             key/value cache as far as it matches, instead of being recomputed, and stored for
             the next call. Only used with ``config.share_prefix``; with it even a single prompt
-            shares (all but its last token).
+            shares (all but its last token). Its pinned prefix (:meth:`PrefixCache.pin`), when
+            every prompt starts with it and their common prefix is not much longer, is shared
+            as it is (computed once per weights version).
     Returns:
         One :class:`Generation` per prompt, in input order.
     """
@@ -464,7 +466,10 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
         if shared and not can_share(model, max(len(s) for s in seqs) + config.max_new_tokens):
             shared = 0
     prefix_state = None
-    if shared and prefix_cache is not None:  # (shared > 0 implies config.share_prefix)
+    pinned = prefix_cache.pinned_len(seqs) if shared and prefix_cache is not None else 0
+    if pinned and shared - pinned < prefix_cache.min_reuse:  # the pinned exemplars, computed once per weights
+        shared, prefix_state = pinned, prefix_cache.pinned_state(model, pad_id=pad, stats=stats)
+    elif shared and prefix_cache is not None:  # (shared > 0 implies config.share_prefix)
         prefix_state = prefix_cache.state(model, seqs[0][:shared], pad_id=pad, stats=stats)
     elif shared:
         prefix_state = prefill(model, [seqs[0][:shared]], pad_id=pad, stats=stats)
