@@ -176,8 +176,8 @@ class AttributionSession:
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
             raise CCAError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
-        self.model = model
-        self.space = space if space is not None else ComponentSpace(model)
+        self.model = runtime.unwrap(model)  # peft / torch.compile / a user's wrapper: the model inside
+        self.space = space if space is not None else ComponentSpace(self.model)
         self.kinds = tuple(kinds)
         self.absolute = absolute
         self.per_position = per_position
@@ -414,6 +414,7 @@ def attribute_by_caching(model: nn.Module, batch: BatchLike, metric: Metric | No
     Same arguments and result as :func:`attribute` (weights are frozen the same way); it
     shares none of the tap/kernel code, and stores ``2 x`` every activation of every site.
     """
+    model = runtime.unwrap(model)
     space = space if space is not None else ComponentSpace(model)
     metric, inputs, kwargs = _prepare(model, batch, metric, logits_to_keep)
     store: dict[tuple[str, str], torch.Tensor] = {}

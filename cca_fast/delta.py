@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from cca_fast.errors import CCAError
+from cca_fast.models import runtime
 from cca_fast.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "cca_fast.sparse_delta"
@@ -112,6 +113,10 @@ class ParamDelta:
     def n_rows(self) -> int:
         return int(self.index.numel())
 
+    def __repr__(self) -> str:
+        return (f"ParamDelta({self.name!r}: {self.n_rows} rows along dim {self.dim} of {list(self.shape)} "
+                f"{dtype_name(self.dtype)}{', base rows kept' if self.base is not None else ''})")
+
     def meta(self) -> dict[str, Any]:
         return {"dim": self.dim, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "rows": self.n_rows,
                 "base_sha256": self.base_sha256, "new_sha256": self.new_sha256, "has_base": self.base is not None}
@@ -130,6 +135,13 @@ class SparseDelta:
     params: dict[str, ParamDelta]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        rows = sum(pd.n_rows for pd in self.params.values())
+        n_comp = len(self.meta.get("components") or [])
+        comps = f", {n_comp} components" if n_comp else ""
+        model = (self.meta.get("base_model") or {}).get("name_or_path") or self.meta.get("model_type") or "?"
+        return f"SparseDelta({len(self.params)} parameters, {rows} rows{comps}, base model {model!r})"
+
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def from_rows(cls, model: nn.Module, selections: Mapping[str, Any], base_rows: Mapping[str, torch.Tensor],
@@ -146,7 +158,7 @@ class SparseDelta:
             store_base: keep the base rows in the delta (so it can be reverted without a handle);
                 their hash is always kept.
         """
-        params = dict(model.named_parameters())
+        params = runtime.base_parameters(model)
         out: dict[str, ParamDelta] = {}
         for name, sel in selections.items():
             if name not in params:
@@ -171,8 +183,8 @@ class SparseDelta:
         """The delta between two models of identical structure: every parameter that differs
         (bitwise), with the rows (``dims[name]``, default: whichever of dim 0 / dim 1 needs fewer
         stored elements) that differ."""
-        base_params = dict(base_model.named_parameters())
-        new_params = dict(new_model.named_parameters())
+        base_params = runtime.base_parameters(base_model)
+        new_params = runtime.base_parameters(new_model)
         if base_params.keys() != new_params.keys():
             missing = sorted(base_params.keys() ^ new_params.keys())[:5]
             raise CCAError(f"the two models have different parameters (e.g. {missing}); a delta needs the same architecture")
@@ -404,6 +416,7 @@ def _compact_dim(diff: torch.Tensor) -> int:
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """What is known about where ``model`` came from: name or path, revision, the loader's
     ``cca_source`` (with the GGUF file hash when there is one), ``model_type`` and dtype."""
+    model = runtime.unwrap(model)  # a peft / compiled / wrapped model: the transformers model inside
     cfg = getattr(model, "config", None)
     src = getattr(model, "cca_source", None)
     source = src.to_dict() if hasattr(src, "to_dict") else None
@@ -442,12 +455,15 @@ class DeltaHandle:
     model_id: int
     active: bool = True
 
+    def __repr__(self) -> str:
+        return f"DeltaHandle({self.delta!r}, {'applied' if self.active else 'reverted'})"
+
 
 def _check_rows(model: nn.Module, delta: SparseDelta) -> dict[str, torch.Tensor]:
     """Every parameter of ``delta`` exists with the right shape/dtype; returns current rows."""
-    params = dict(model.named_parameters())
+    params = runtime.base_parameters(model)
     current: dict[str, torch.Tensor] = {}
-    mt = getattr(getattr(model, "config", None), "model_type", None)
+    mt = getattr(getattr(runtime.unwrap(model), "config", None), "model_type", None)
     want = delta.meta.get("model_type")
     for name, pd in delta.params.items():
         if name not in params:
@@ -500,11 +516,11 @@ def apply_delta(model: nn.Module, delta: SparseDelta, *, verify: bool = True) ->
     """
     delta.validate()
     current = _checked_current(model, delta, verify)
-    params = dict(model.named_parameters())
+    params = runtime.base_parameters(model)
     for name, pd in delta.params.items():
         p = params[name]
         p.index_copy_(pd.dim, pd.index.to(p.device), pd.new.to(p.device))
-    return DeltaHandle(delta, current, id(model))
+    return DeltaHandle(delta, current, id(runtime.unwrap(model)))
 
 
 @torch.no_grad()
@@ -519,7 +535,7 @@ def revert_delta(model: nn.Module, handle_or_delta: DeltaHandle | SparseDelta, *
     if isinstance(handle_or_delta, DeltaHandle):
         if not handle_or_delta.active:
             raise CCAError("this delta handle was already reverted")
-        if handle_or_delta.model_id != id(model):
+        if handle_or_delta.model_id != id(runtime.unwrap(model)):
             raise CCAError("this handle belongs to another model object")
         delta, rows = handle_or_delta.delta, handle_or_delta.base_rows
     else:
@@ -535,7 +551,7 @@ def revert_delta(model: nn.Module, handle_or_delta: DeltaHandle | SparseDelta, *
             if tensor_sha256(current[name]) != pd.new_sha256:
                 raise CCAError(f"cannot revert: the rows of {name} are not the delta's new rows (was the delta "
                                "applied to this model, or were the weights changed since?)")
-    params = dict(model.named_parameters())
+    params = runtime.base_parameters(model)
     for name, pd in delta.params.items():
         p = params[name]
         p.index_copy_(pd.dim, pd.index.to(p.device), rows[name].to(p.device))
@@ -549,14 +565,23 @@ def merge_delta(model: nn.Module, delta: SparseDelta, out_dir: str | os.PathLike
     to ``out_dir``. The directory appears complete or not at all (written to a temporary
     sibling ``.<name>.tmp-<pid>-*``, then renamed; removed on any failure, and left-overs of a
     killed process are removed by the next merge to the same place). The model keeps the delta
-    applied."""
+    applied.
+
+    ``model`` may be wrapped (:func:`~cca_fast.models.runtime.unwrap`): the transformers model
+    inside is saved. A peft model is saved as its *base* model with the delta merged (the plain
+    model's names, loadable by ``AutoModelForCausalLM``); its adapters are not part of it (save
+    them with peft's own ``save_pretrained`` and load them on top as before)."""
     out = check_merge_target(out_dir, overwrite=overwrite)
     apply_delta(model, delta, verify=verify)
     from cca_fast.tempdirs import sibling_tempdir
 
     tmp = sibling_tempdir(out)  # also removes the temporary folders of a killed earlier merge
     try:
-        model.save_pretrained(tmp)
+        inner = runtime.unwrap(model, strict=True)
+        if runtime.has_adapters(inner):
+            inner.save_pretrained(tmp, state_dict=runtime.base_state_dict(inner))
+        else:
+            inner.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "cca_delta.json").write_text(json.dumps(

@@ -23,6 +23,11 @@ class UnsupportedArchitectureError(CCAError):
     """The model's architecture has no component adapter."""
 
 
+class WrappedModelError(UnsupportedArchitectureError):
+    """No Hugging Face causal LM could be found inside the model object given (a wrapper cca_fast
+    cannot see through); the message names the module tree it found."""
+
+
 class DataError(CCAError):
     """A data file or data set could not be read or is malformed."""
 
@@ -34,4 +39,4 @@ class TemplateError(CCAError):
 #: Every error whose message is meant for the user (the CLI prints these without a traceback).
 USER_ERRORS: tuple[type[Exception], ...] = (CCAError, KernelError)
 
-__all__ = ["CCAError", "UnsupportedArchitectureError", "DataError", "TemplateError", "KernelError", "USER_ERRORS"]
+__all__ = ["CCAError", "UnsupportedArchitectureError", "WrappedModelError", "DataError", "TemplateError", "KernelError", "USER_ERRORS"]

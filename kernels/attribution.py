@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import checks
 from .dispatch import (Backend, accumulation_dtype, jit_lazily, num_programs_hint,  # pins TRITON_INTERPRET first
                        resolve_backend)
 from .errors import ShapeError
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = checks.FLOAT_DTYPES
 
 # Block sizes (why each):
 # * BLOCK_W = next_power_of_2(w): one component's channels lie in one tile row, so the reduction
@@ -150,10 +151,22 @@ def launch_component_scores(act: torch.Tensor, grad: torch.Tensor, weights: torc
         out: ``[N, n_comp]`` (``per_row``) or ``[plan.grid_r, n_comp]`` partial sums, contiguous,
             accumulation dtype.
     """
+    _check(act, grad, n_comp, width, weights)
     n_rows = act.shape[0]
     acc = accumulation_dtype(act.dtype)
+    checks.tensor("out", out, dims=2)
+    checks.same_device(act=act, out=out)
     if out.dtype != acc:
         raise ShapeError(f"out must be in the accumulation dtype {acc} for {act.dtype} inputs, got {out.dtype}")
+    want = (n_rows if per_row else plan.grid_r, n_comp)
+    if tuple(out.shape) != want or not out.is_contiguous():
+        raise ShapeError(f"out must be a contiguous {list(want)} tensor ({'rows' if per_row else 'plan.grid_r'} x "
+                         f"components), got {tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+    if act.stride(1) != 1 or grad.stride(1) != 1:
+        raise ShapeError("act and grad need unit channel stride for the kernel; pass .contiguous() copies")
+    if weights is not None and not weights.is_contiguous():
+        raise ShapeError("weights must be contiguous for the kernel (it reads them with unit stride); pass "
+                         "weights.contiguous()")
     _kernel()[(plan.grid_k, plan.grid_r)](
         act, grad, weights if weights is not None else out, out,
         n_rows, n_comp, width,
@@ -172,6 +185,7 @@ def component_scores_reference(act: torch.Tensor, grad: torch.Tensor, n_comp: in
 
     Rows are processed in chunks of at most ``REF_CHUNK_ELEMS`` elements, so the fp32
     temporaries stay bounded (a few MiB) however many rows are scored."""
+    _check(act, grad, n_comp, width, weights)
     acc = accumulation_dtype(act.dtype)
     n_rows = act.shape[0]
     step = max(1, REF_CHUNK_ELEMS // max(1, n_comp * width))
@@ -193,19 +207,22 @@ def component_scores_reference(act: torch.Tensor, grad: torch.Tensor, n_comp: in
 
 
 def _check(act: torch.Tensor, grad: torch.Tensor, n_comp: int, width: int, weights: torch.Tensor | None) -> None:
-    if act.dim() != 2 or grad.shape != act.shape:
+    """What every entry point of this op checks before it computes (see :mod:`.checks`)."""
+    checks.tensor("act", act, dims=2)
+    checks.tensor("grad", grad)
+    checks.positive("n_comp", n_comp)
+    checks.positive("width", width)
+    if grad.shape != act.shape:
         raise ShapeError(f"component_scores needs act and grad of the same shape [N, n*w]; got "
                          f"{tuple(act.shape)} and {tuple(grad.shape)}")
     if act.shape[1] != n_comp * width:
         raise ShapeError(f"act has {act.shape[1]} channels but n_comp * width = {n_comp} * {width}; "
                          "pass the component count and width of the tapped channels")
-    for name, t in (("act", act), ("grad", grad)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ShapeError(f"{name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES} (convert it first)")
-    if act.device != grad.device:
-        raise ShapeError(f"act on {act.device} but grad on {grad.device}; move both to one device")
-    if weights is not None and tuple(weights.shape) != (act.shape[0],):
-        raise ShapeError(f"weights must be [N] = [{act.shape[0]}] (one per row), got {tuple(weights.shape)}")
+    if weights is not None:
+        checks.tensor("weights", weights)
+        if tuple(weights.shape) != (act.shape[0],):
+            raise ShapeError(f"weights must be [N] = [{act.shape[0]}] (one per row), got {tuple(weights.shape)}")
+    checks.same_device(act=act, grad=grad, weights=weights)
 
 
 def component_scores(act: torch.Tensor, grad: torch.Tensor, n_comp: int, width: int,
@@ -299,6 +316,7 @@ class AttributionTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: TapSpec) -> torch.Tensor:  # type: ignore[override]
+        _check_spec(x, spec)
         lo = min(s.start for s in spec.segments)
         hi = max(s.stop for s in spec.segments)
         ctx.spec, ctx.lo, ctx.hi = spec, lo, hi
@@ -316,6 +334,36 @@ class AttributionTap(torch.autograd.Function):
             spec.sink(i, component_scores(a, g, seg.n, seg.width, spec.weights, absolute=spec.absolute,
                                           per_row=spec.per_row, backend=spec.backend))
         return grad, None
+
+
+def _check_spec(x: torch.Tensor, spec: TapSpec) -> None:
+    """The tap's inputs fit ``x [B, T, C]``: segments inside ``C``, scored rows inside ``[B, T]``,
+    one weight per scored row (checked in forward, before anything is saved)."""
+    checks.tensor("x", x, dims=3)
+    B, T, C = x.shape
+    if not spec.segments:
+        raise ShapeError("TapSpec.segments is empty: give at least one Segment to score")
+    for i, seg in enumerate(spec.segments):
+        checks.positive(f"segments[{i}].n", seg.n)
+        checks.positive(f"segments[{i}].width", seg.width)
+        if seg.start < 0 or seg.stop > C:
+            raise ShapeError(f"segments[{i}] covers channels [{seg.start}, {seg.stop}) but the tapped tensor has "
+                             f"{C}; pass segments inside [0, {C})")
+    n_sel = B * T
+    if spec.rows is not None:
+        b_idx, t_idx = spec.rows
+        checks.index("rows[0] (batch index)", b_idx, B, what="batch")
+        checks.index("rows[1] (position index)", t_idx, T, what="sequence")
+        if b_idx.shape != t_idx.shape:
+            raise ShapeError(f"rows[0] and rows[1] must have one length, got {tuple(b_idx.shape)} and "
+                             f"{tuple(t_idx.shape)}")
+        checks.same_device(x=x, rows_b=b_idx, rows_t=t_idx)
+        n_sel = b_idx.numel()
+    if spec.weights is not None:
+        checks.tensor("weights", spec.weights)
+        if tuple(spec.weights.shape) != (n_sel,):
+            raise ShapeError(f"weights must be [{n_sel}] (one per scored row), got {tuple(spec.weights.shape)}")
+        checks.same_device(x=x, weights=spec.weights)
 
 
 def tap(x: torch.Tensor, spec: TapSpec) -> torch.Tensor:

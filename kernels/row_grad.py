@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import checks
 from .dispatch import Backend, accumulation_dtype, interpret_mode, jit_lazily, resolve_backend
 from .errors import ShapeError, StateError
 
@@ -162,6 +163,10 @@ def row_grad_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
     Returns:
         ``[R, in]`` in ``out_dtype`` (default: float32, float64 for float64 inputs).
     """
+    return _reference(dy, x, _check_inputs(dy, x, rows), out_dtype)
+
+
+def _reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
     acc = accumulation_dtype(dy.dtype)
     out = dy.index_select(1, rows).to(acc).t() @ x.to(acc)
     return out.to(out_dtype or acc)
@@ -184,21 +189,39 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
     Returns:
         ``[R, in]`` (``out`` when given).
     """
-    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+    rows = _check_inputs(dy, x, rows)
+    return _row_grad(dy, x, rows, out_dtype, backend, out, tiles)
+
+
+def _check_inputs(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The checks of :func:`row_grad` and its reference (see :mod:`.checks`); returns ``rows``
+    as int64 on ``dy``'s device."""
+    checks.tensor("dy", dy, dims=2)
+    checks.tensor("x", x, dims=2)
+    if dy.shape[0] != x.shape[0]:
         raise ShapeError(f"row_grad expects dy [N, out] and x [N, in] with the same N (flatten batch and "
                          f"sequence first), got {tuple(dy.shape)} and {tuple(x.shape)}")
     if dy.dtype != x.dtype:
         raise ShapeError(f"dy and x must share a dtype, got {dy.dtype} and {x.dtype}; convert one of them")
-    rows = rows.to(device=dy.device, dtype=torch.long)
+    checks.same_device(dy=dy, x=x)
+    checks.index("rows", rows, dy.shape[1], what="output channels of dy")
+    return rows.to(device=dy.device, dtype=torch.long)
+
+
+def _row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype | None,
+              backend: Backend | None, out: torch.Tensor | None, tiles: RowGradTiles | None) -> torch.Tensor:
+    """:func:`row_grad` on checked inputs (``rows`` int64 on ``dy``'s device, in range)."""
     N, C = x.shape
     R = rows.numel()
     acc = accumulation_dtype(dy.dtype)
     if out is not None:
-        if tuple(out.shape) != (R, C) or out.dtype != acc or (C > 1 and out.stride(1) != 1):
+        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != (R, C) or out.dtype != acc
+                or (C > 1 and out.stride(1) != 1) or out.device != dy.device):
             raise ShapeError(f"out must be [{R}, {C}] {acc} with unit column stride, got {tuple(out.shape)} "
-                             f"{out.dtype}; allocate it like torch.empty(({R}, {C}), dtype={acc})")
+                             f"{out.dtype} on {out.device}; allocate it like torch.empty(({R}, {C}), dtype={acc}, "
+                             "device=dy.device)")
     if resolve_backend(dy.device, backend) == "torch":
-        res = row_grad_reference(dy, x, rows, out_dtype)
+        res = _reference(dy, x, rows, out_dtype)
         if out is None:
             return res
         out.copy_(res)
@@ -236,6 +259,7 @@ class RowSelectiveProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w_rows, b_rows, delta_w, delta_b, transposed, backend):
+        w_rows, b_rows = _check_projection(x, weight, bias, w_rows, b_rows, delta_w, delta_b, transposed)
         # the same computation as the module's own forward (Linear / Conv1D), so outputs are unchanged
         if transposed:
             x2 = x.reshape(-1, x.shape[-1])
@@ -261,10 +285,45 @@ class RowSelectiveProjection(torch.autograd.Function):
         if need[2] and ctx.has_bias:
             gb = dy.sum(0)
         if need[5]:
-            gdw = row_grad(dy, x2, w_rows, backend=ctx.backend)
+            gdw = _row_grad(dy, x2, w_rows, None, ctx.backend, None, None)  # w_rows checked in forward
         if need[6] and b_rows is not None:
             gdb = dy.index_select(1, b_rows).sum(0, dtype=accumulation_dtype(dy.dtype))
         return gx, gw, gb, None, None, gdw, gdb, None, None
+
+
+def _check_projection(x, weight, bias, w_rows, b_rows, delta_w, delta_b, transposed: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shapes, dtypes, devices and row ranges of :class:`RowSelectiveProjection`'s inputs;
+    returns the row indices as int64 on the weight's device."""
+    checks.tensor("weight", weight, dims=2)
+    checks.tensor("x", x)
+    in_f, out_f = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ShapeError(f"x has {x.shape[-1] if x.dim() else 0} features but the weight takes {in_f} "
+                         f"(weight {tuple(weight.shape)}, transposed={transposed})")
+    if x.dtype != weight.dtype:
+        raise ShapeError(f"x is {x.dtype} but the weight is {weight.dtype}; run the module in its own dtype")
+    checks.index("w_rows", w_rows, out_f, what="output channels of the weight")
+    checks.tensor("delta_w", delta_w, dims=2)
+    if tuple(delta_w.shape) != (w_rows.numel(), in_f):
+        raise ShapeError(f"delta_w must be [{w_rows.numel()}, {in_f}] (rows x input features), got "
+                         f"{tuple(delta_w.shape)}; make it with zero_delta")
+    if bias is not None:
+        checks.tensor("bias", bias, dims=1)
+        if bias.shape[0] != out_f:
+            raise ShapeError(f"bias has {bias.shape[0]} entries but the weight has {out_f} output channels")
+    if b_rows is not None:
+        if bias is None:
+            raise ShapeError("b_rows given for a module without a bias; pass b_rows=None")
+        checks.index("b_rows", b_rows, out_f, what="bias entries")
+        checks.tensor("delta_b", delta_b, dims=1)
+        if tuple(delta_b.shape) != (b_rows.numel(),):
+            raise ShapeError(f"delta_b must be [{b_rows.numel()}] (one per bias row), got {tuple(delta_b.shape)}")
+    elif delta_b is not None:
+        raise ShapeError("delta_b given without b_rows; pass both or neither")
+    checks.same_device(x=x, weight=weight, bias=bias, delta_w=delta_w, delta_b=delta_b)
+    return (w_rows.to(weight.device, torch.long),
+            None if b_rows is None else b_rows.to(weight.device, torch.long))
 
 
 def zero_delta(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -290,11 +349,9 @@ def row_selective(module: nn.Module, w_rows: torch.Tensor, b_rows: torch.Tensor 
         raise ShapeError(f"row_selective needs a module with a 2-D weight (nn.Linear, or Conv1D with "
                          f"transposed=True), got {type(module).__name__}")
     in_features = weight.shape[0] if transposed else weight.shape[1]
-    if tuple(delta_w.shape) != (w_rows.numel(), in_features):
-        raise ShapeError(f"delta_w must be [{w_rows.numel()}, {in_features}] (rows x input features), got "
-                         f"{tuple(delta_w.shape)}; make it with zero_delta")
-    w_rows = w_rows.to(weight.device)
-    b_rows = None if b_rows is None else b_rows.to(weight.device)
+    probe = torch.empty((0, in_features), dtype=weight.dtype, device=weight.device)
+    bias = getattr(module, "bias", None)
+    w_rows, b_rows = _check_projection(probe, weight, bias, w_rows, b_rows, delta_w, delta_b, transposed)
     if "forward" in module.__dict__:
         raise StateError(f"{type(module).__name__} already has a patched forward; leave the enclosing "
                          "row_selective block (or remove the other patch) first")

@@ -51,6 +51,7 @@ from typing import Iterable, Union
 
 import torch
 
+from . import checks
 from .dispatch import Backend, accumulation_dtype, interpret_mode, jit_lazily, resolve_backend
 from .errors import ConfigError, ShapeError, StateError
 
@@ -132,14 +133,29 @@ def packed_shape(param: torch.Tensor, dim: int, n_rows: int) -> tuple[int, ...]:
     return (n_rows, param.shape[1 - dim])
 
 
+def _check_rows_of(param: torch.Tensor, dim: int, index: torch.Tensor, name: str = "param") -> tuple[int, ...]:
+    """``param`` is a 1-D / 2-D float tensor, ``dim`` one of its dimensions and ``index`` rows
+    inside it; returns the packed shape."""
+    checks.tensor(name, param, dims=(1, 2))
+    shape = packed_shape(param, dim, index.numel() if isinstance(index, torch.Tensor) else 0)
+    checks.index(f"{name}: index", index, param.shape[dim], what=f"dimension {dim} of shape {tuple(param.shape)}")
+    return shape
+
+
 def gather_rows(param: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """The selected rows of ``param`` in packed layout (a new tensor, ``param``'s dtype)."""
+    _check_rows_of(param, dim, index)
     rows = param.detach().index_select(dim, index.to(param.device))
     return rows.t().contiguous() if (param.dim() == 2 and dim == 1) else rows
 
 
 def scatter_rows(param: torch.Tensor, dim: int, index: torch.Tensor, rows: torch.Tensor) -> None:
     """Write packed ``rows`` into ``param`` (in place, no autograd); other rows untouched."""
+    shape = _check_rows_of(param, dim, index)
+    checks.tensor("rows", rows)
+    if tuple(rows.shape) != shape:
+        raise ShapeError(f"rows must have the packed shape {list(shape)} for {index.numel()} rows of "
+                         f"{tuple(param.shape)} along dim {dim}, got {tuple(rows.shape)}")
     src = rows.t() if (param.dim() == 2 and dim == 1) else rows
     with torch.no_grad():
         param.index_copy_(dim, index.to(param.device), src.to(param.dtype))
@@ -337,6 +353,7 @@ class _Group:
             self.params.append(PackedParam(s.name, s.param, s.dim, s.index.to(self.device), off, shape))
             off += math.prod(shape)
         self.numel = off
+        self.param_shapes = [tuple(s.param.shape) for s in specs]
         z = lambda: torch.zeros(self.numel, dtype=self.cdtype, device=self.device)  # noqa: E731
         self.grad = z()
         self.has_master = master_weights and self.dtype in (torch.float16, torch.bfloat16)
@@ -402,12 +419,13 @@ class RowSparseOptimizer:
                 raise ConfigError(f"parameter {s.name} given twice; merge its rows into one RowSpec")
             seen.add(s.name)
             idx = s.index
-            if idx.dim() != 1 or idx.dtype != torch.long:
-                raise ShapeError(f"{s.name}: index must be a 1-D LongTensor, got {idx.dtype} "
-                                 f"{tuple(idx.shape)}")
-            n = s.param.shape[s.dim]
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel()):
-                raise ShapeError(f"{s.name}: row indices must be unique and in [0, {n})")
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.long:
+                raise ShapeError(f"{s.name}: index must be a 1-D LongTensor, got {getattr(idx, 'dtype', type(idx))} "
+                                 f"{tuple(getattr(idx, 'shape', ()))}")
+            checks.tensor(s.name, s.param, dims=(1, 2))
+            packed_shape(s.param, s.dim, idx.numel())
+            checks.index(f"{s.name}: index", idx, s.param.shape[s.dim], unique=True,
+                         what=f"dimension {s.dim} of shape {tuple(s.param.shape)}")
             groups.setdefault((s.param.device, s.param.dtype), []).append(s)
         self.config = config
         self.backend = backend
@@ -420,21 +438,27 @@ class RowSparseOptimizer:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def _entry(self, name: str) -> tuple[_Group, PackedParam]:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise StateError(f"this optimizer has no parameter {name!r}; it updates {', '.join(self._by_name)}") from None
+
     def grad_view(self, name: str) -> torch.Tensor:
         """The packed gradient block of ``name`` (``[R, C]`` or ``[R]``, compute dtype): a view
         into the flat gradient buffer."""
-        g, p = self._by_name[name]
+        g, p = self._entry(name)
         return p.view(g.grad)
 
     def rows(self, name: str) -> torch.Tensor:
         """Current packed rows of ``name`` (a copy, parameter dtype)."""
-        _, p = self._by_name[name]
+        _, p = self._entry(name)
         return gather_rows(p.param, p.dim, p.index)
 
     def state_view(self, name: str, key: str) -> torch.Tensor:
         """Packed optimizer state ``key`` (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``,
         ``master``) of ``name``."""
-        g, p = self._by_name[name]
+        g, p = self._entry(name)
         flat = g.master if key == "master" else g.state.get(key)
         if flat is None:
             kept = sorted(g.state) + (["master"] if g.master is not None else [])
@@ -483,6 +507,7 @@ class RowSparseOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """One optimizer step on every selected row."""
+        self._check_params()
         self.steps += 1
         for g in self.groups:
             if g.numel == 0:
@@ -492,6 +517,17 @@ class RowSparseOptimizer:
                 self._step_triton(g, torch.tensor(hp, dtype=g.cdtype).to(g.device, non_blocking=True))
             else:
                 self._step_torch(g, hp)
+
+    def _check_params(self) -> None:
+        """Each parameter still has the device, dtype and shape it had at construction (the
+        kernels address its memory by them): a :class:`StateError` naming it otherwise."""
+        for g in self.groups:
+            for p, shape in zip(g.params, g.param_shapes):
+                now = (p.param.device, p.param.dtype, tuple(p.param.shape))
+                if now != (g.device, g.dtype, shape):
+                    raise StateError(f"{p.name} changed since the optimizer was built ({tuple(shape)} "
+                                     f"{g.dtype} on {g.device}, now {now[2]} {now[1]} on {now[0]}); build a new "
+                                     "RowSparseOptimizer after moving or converting the model")
 
     def _hyper(self) -> list[float]:
         """Per-step scalars: AdamW ``[lr, b1, b2, eps, wd, lr / bc1, sqrt(bc2)]``; SGD ``[lr, mu,

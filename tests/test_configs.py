@@ -1,7 +1,7 @@
-"""Typed configurations and the stage loop: ``RunConfig`` / ``StudyConfig`` checked up front
+"""Typed configurations and the step loop: ``RunConfig`` / ``StudyConfig`` checked up front
 (a typo fails before any work), built from nested dicts with one ``from_dict``, the command line
 giving the same configuration as the Python API, ``config.json`` refusing a different resumed
-run, and the stage loop's ``--until``, resumption and timing."""
+run, and the step loop's ``--until``, resumption and timing."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +20,7 @@ from cca_fast.experiments.config import GenerationSettings, RunConfig
 from cca_fast.experiments.recipes import DEFAULT_RECIPE, recipe_config
 from cca_fast.experiments.pipeline import run_cca
 from cca_fast.experiments.rundir import RunDir
-from cca_fast.experiments.stages import STAGE_NAMES, RunContext, outputs_through, run_stages
+from cca_fast.experiments.steps import STEP_NAMES, RunContext, outputs_through, run_steps
 from cca_fast.experiments.study import SHARED_FILES, StudyConfig
 from cca_fast.stages.localize.dcm import DCMConfig
 from cca_fast.stages.traces import TraceConfig
@@ -98,7 +98,7 @@ def test_typo_fails_before_any_work(tmp_path):
     cfg.dcm = {"epoch": 3}  # type: ignore[assignment]
     with pytest.raises(CCAError, match="RunConfig.dcm must be a DCMConfig"):
         run_cca(cfg, progress=False)
-    with pytest.raises(CCAError, match="unknown stage"):
+    with pytest.raises(CCAError, match="unknown step"):
         run_cca(RunConfig(output=str(out)), until="pivot", progress=False)
     assert not out.exists()
 
@@ -173,7 +173,7 @@ def test_config_json_refuses_a_different_run_and_accepts_the_same(tmp_path):
     rd.check_config(cfg)
 
 
-# ---- the stage loop ------------------------------------------------------------------------------------
+# ---- the step loop ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Result:
     value: str
@@ -182,7 +182,7 @@ class _Result:
         return f"done {self.value}"
 
 
-class _FakeStage:
+class _FakeStep:
     """Writes one file; complete once the file exists."""
 
     def __init__(self, name: str, calls: list[str]):
@@ -198,26 +198,26 @@ class _FakeStage:
         return self.load(ctx)
 
 
-def test_stage_loop_until_resume_and_timing(tmp_path, capsys):
+def test_step_loop_until_resume_and_timing(tmp_path, capsys):
     calls: list[str] = []
-    stages = [_FakeStage(n, calls) for n in ("a", "b", "c")]
+    steps = [_FakeStep(n, calls) for n in ("a", "b", "c")]
     ctx = RunContext(RunConfig(output=str(tmp_path)), RunDir(tmp_path))
-    assert run_stages(stages, ctx, until="b") is None
+    assert run_steps(steps, ctx, until="b") is None
     assert calls == ["a", "b"] and not (tmp_path / "c.txt").exists()
     assert set(json.loads((tmp_path / "stages.json").read_text())) == {"a", "b"}
     assert "done ba" in capsys.readouterr().out
-    # resume: finished stages are loaded, not run (nor timed again)
+    # resume: finished steps are loaded, not run (nor timed again)
     ctx = RunContext(RunConfig(output=str(tmp_path)), RunDir(tmp_path))
-    assert run_stages(stages, ctx) == _Result("caba")
+    assert run_steps(steps, ctx) == _Result("caba")
     assert calls == ["a", "b", "c"]
     assert set(json.loads((tmp_path / "stages.json").read_text())) == {"a", "b", "c"}
-    assert run_stages(stages, ctx, until="c") == _Result("caba")  # until the last stage: its result
-    with pytest.raises(CCAError, match="unknown stage 'd'"):
-        run_stages(stages, ctx, until="d")
+    assert run_steps(steps, ctx, until="c") == _Result("caba")  # until the last step: its result
+    with pytest.raises(CCAError, match="unknown step 'd'"):
+        run_steps(steps, ctx, until="d")
 
 
 def test_run_dir_owns_the_file_names():
-    assert STAGE_NAMES == ("data", "base_eval", "traces", "pivots", "examples", "localize", "diagnostics", "update",
+    assert STEP_NAMES == ("data", "base_eval", "traces", "pivots", "examples", "localize", "diagnostics", "update",
                            "cca_eval", "report")
     assert SHARED_FILES == outputs_through("pivots") == (
         "data/train.jsonl", "data/val.jsonl", "data/test.jsonl", RunDir.BASE_TRAIN, RunDir.BASE_TEST,
@@ -230,7 +230,7 @@ def test_until_stops_the_real_pipeline(workdir, tmp_path):  # noqa: F811
     assert run_cca(cfg, until="data", progress=False) is None
     assert all((out / RunDir.split_name(s)).exists() for s in ("train", "val", "test"))
     assert not (out / RunDir.BASE_TRAIN).exists() and not (out / RunDir.TRACES).exists()
-    assert set(json.loads((out / "stages.json").read_text())) == {"data"}  # the data stage needs no model
+    assert set(json.loads((out / "stages.json").read_text())) == {"data"}  # the data step needs no model
     assert RunConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
 
 

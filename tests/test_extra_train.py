@@ -13,7 +13,8 @@ from cca_fast.cli.run import config_from_args
 from cca_fast.errors import CCAError, DataError
 from cca_fast.experiments.config import RunConfig
 from cca_fast.experiments.pipeline import run_cca
-from cca_fast.experiments.stages import make_splits, validation_problems
+from cca_fast.experiments.steps.data import make_splits
+from cca_fast.experiments.steps.update import validation_problems
 from cca_fast.io import check_or_write_config, read_json, read_jsonl
 from helpers import run_argv, run_config
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-import cca_fast.experiments.pipeline as pipeline
+import cca_fast.experiments.steps.evaluation as evaluation_step
 from cca_fast.data.problem import Problem
 from cca_fast.distributed import Dist, sharded
 from cca_fast.evaluation.prompting import PromptConfig
@@ -126,20 +126,20 @@ def test_eval_resumable_sharded_equals_one_process_and_skips_written_items(workd
     gen = GenerationConfig(max_new_tokens=8, batch_size=2)
 
     one = tmp_path / "one.jsonl"
-    expected = pipeline.eval_resumable(model, tok, problems, prompt, gen, one, "one", progress=False,
+    expected = evaluation_step.eval_resumable(model, tok, problems, prompt, gen, one, "one", progress=False,
                                        prefix_cache=PrefixCache())
     # a resumed file: the first 3 records written, the rest to compute (chunks of 4: 4, 4)
     two = tmp_path / "two.jsonl"
     two.write_text("".join(one.read_text().splitlines(keepends=True)[:3]))
     calls: list[list[str]] = []
-    real = pipeline.generate
+    real = evaluation_step.generate
 
     def spy(m, t, ids, *a, **k):
         calls.append([tok.decode(x) for x in ids])
         return real(m, t, ids, *a, **k)
 
-    monkeypatch.setattr(pipeline, "generate", spy)
-    got = _on_threads(2, lambda d: pipeline.eval_resumable(model, tok, problems, prompt, gen, two, "two",
+    monkeypatch.setattr(evaluation_step, "generate", spy)
+    got = _on_threads(2, lambda d: evaluation_step.eval_resumable(model, tok, problems, prompt, gen, two, "two",
                                                            progress=False, prefix_cache=PrefixCache(), dist=d))
     assert got[0] == got[1] == expected
     assert [r["id"] for r in got[0]] == [p.id for p in problems]

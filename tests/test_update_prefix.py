@@ -140,11 +140,16 @@ def test_eager_attention(arch):
 
 
 class _NoLogitsToKeep(nn.Module):
-    """A model whose forward takes no ``logits_to_keep`` (as some remote-code models)."""
+    """A model whose forward takes no ``logits_to_keep`` (as some remote-code models). It is a
+    model of its own (config + input embeddings, as a ``PreTrainedModel``), not a wrapper that
+    ``runtime.unwrap`` would look through."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner, self.config = inner, inner.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

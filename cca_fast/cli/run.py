@@ -36,7 +36,7 @@ Paper-size configuration (GPU): --n-per-template 50 --max-train-problems 0
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from cca_fast.experiments.config import SELECTORS
-    from cca_fast.experiments.stages import STAGE_NAMES
+    from cca_fast.experiments.steps import STEP_NAMES
 
     p = subparsers.add_parser("run", help="the whole CCA method end to end (resumable)", description=DESCRIPTION)
     add_run_args(p)
@@ -56,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s2.add_argument("--select-count", type=int, metavar="N", help="components for random")
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="DIR", help="run directory (resumable)")
-    o.add_argument("--until", default=None, choices=STAGE_NAMES, metavar="STAGE",
-                   help=f"stop after this stage ({', '.join(STAGE_NAMES)})")
+    o.add_argument("--until", default=None, choices=STEP_NAMES, metavar="STEP",
+                   help=f"stop after this step ({', '.join(STEP_NAMES)})")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     bind_flags(p, RUN_FLAGS + RUN_ONLY_FLAGS, recipe_config(DEFAULT_RECIPE))
     p.set_defaults(func=run)

@@ -26,9 +26,9 @@ class RunReport:
         weak_templates, n_train_problems, n_flipped, n_examples: stage 1's training set, pairs
             with a flipped sample and pivot examples; ``pivot_search``: what the search cost.
         components_selected, components_total, fraction, per_kind, component_space: stage 2.
-        delta: the delta directory; ``seconds``: seconds per stage (``stages.json``).
+        delta: the delta directory; ``seconds``: seconds per step (``stages.json``).
         training_examples: counts of stage 3's training pivots (source, filter, forks).
-        diagnostics: :func:`~cca_fast.experiments.stages.diagnostics_summary` (pivot summary,
+        diagnostics: :func:`~cca_fast.experiments.steps.diagnostics.diagnostics_summary` (pivot summary,
             gradient alignment, leave-fold-out transfer, gold alignment, changed test traces).
         attn_implementation: the attention backend the model ran (``auto`` resolved:
             ``sdpa``, ``flash_attention_2``...; ``""`` in reports written before it was recorded).

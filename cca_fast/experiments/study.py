@@ -4,10 +4,10 @@ no-mask update and LoRA, on the same seeded splits, with side effects, in one re
 Study directory layout::
 
     OUTPUT/study_config.json      the StudyConfig (a resumed study must use the same one)
-    OUTPUT/shared/                a `cca run` directory holding the stages every condition shares:
+    OUTPUT/shared/                a `cca run` directory holding the steps every condition shares:
                                   data splits, base evaluation, traces, pivots
     OUTPUT/<condition>/           one complete `cca run` directory per CCA condition (the selectors,
-                                  `random`, `none`), seeded with copies of the shared stages
+                                  `random`, `none`), seeded with copies of the shared steps
     OUTPUT/lora/                  the LoRA baseline: adapter/, lora.json, eval_test.jsonl
     OUTPUT/side_effects/<c>.json  side-effect suites of each condition (and `base`)
     OUTPUT/study.json, study.md, study.png   the comparison table
@@ -36,13 +36,14 @@ from cca_fast.experiments.pipeline import run_cca
 from cca_fast.experiments.report import RunReport
 from cca_fast.experiments.lock import dir_lock
 from cca_fast.experiments.rundir import RunDir
-from cca_fast.experiments.stages import DataStage, RunContext, outputs_through
+from cca_fast.experiments.steps import RunContext, outputs_through
+from cca_fast.experiments.steps.data import DataStep
 from cca_fast.io import add_seconds, atomic_write_json, check_or_write_config, read_json
 
-#: the stage the shared run stops after, and the files of a run directory it writes
+#: the step the shared run stops after, and the files of a run directory it writes
 SHARED_UNTIL = "pivots"
 SHARED_FILES = outputs_through(SHARED_UNTIL)
-SHARED_STAGES = ("load_model", "data", "base_eval", "traces", "pivots")
+SHARED_STEPS = ("load_model", "data", "base_eval", "traces", "pivots")
 CONTROLS = ("random", "none", "lora")
 #: keys of a study variant that are not RunConfig overrides
 VARIANT_KEYS = ("random_like", "match_kinds", "label")
@@ -192,10 +193,10 @@ class StudyConfig:
         return [*self.selectors, *(c for c in self.controls if c in ("random", "none")), *self.variants]
 
     def run_config(self, name: str, random_count: int | dict[str, int] | None = None) -> RunConfig:
-        """The :class:`RunConfig` of condition ``name`` (``"shared"``: the shared stages)."""
+        """The :class:`RunConfig` of condition ``name`` (``"shared"``: the shared steps)."""
         out = str(Path(self.output) / name)
         unset = {"select_k": None, "select_fraction": None, "select_count": None, "select_kinds": None}
-        if name == "shared":  # stages up to pivots only: later stages' settings do not enter it
+        if name == "shared":  # steps up to pivots only: later steps' settings do not enter it
             defaults = RunConfig()
             return dataclasses.replace(self.run, output=out, **unset, selector="dcm", dcm=defaults.dcm,
                                        update=defaults.update, pivot_source=defaults.pivot_source,
@@ -226,7 +227,7 @@ class StudyConfig:
 
 # ---- the study directory -------------------------------------------------------------------------
 def seed_from_shared(shared: Path, target: Path) -> None:
-    """Copy the shared stages' files into a condition's run directory (each atomically; files
+    """Copy the shared steps' files into a condition's run directory (each atomically; files
     already there are kept), and their seconds into its ``stages.json`` so its report counts them."""
     for rel in SHARED_FILES + (RunDir.MODEL_IDENTITY,):  # the identity: a changed model is noticed
         src, dst = shared / rel, target / rel
@@ -239,7 +240,7 @@ def seed_from_shared(shared: Path, target: Path) -> None:
     stages = target / "stages.json"
     if not stages.exists() and (shared / "stages.json").exists():
         sec = read_json(shared / "stages.json")
-        atomic_write_json(stages, {k: v for k, v in sec.items() if k in SHARED_STAGES})
+        atomic_write_json(stages, {k: v for k, v in sec.items() if k in SHARED_STEPS})
 
 
 def run_study(config: StudyConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -272,9 +273,9 @@ def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[st
 
     shared = out / "shared"
     if not (shared / "pivots.jsonl").exists() or not (shared / "eval_base_test.jsonl").exists():
-        say("study: shared stages (data, base evaluation, traces, pivots)")
+        say("study: shared steps (data, base evaluation, traces, pivots)")
         timed("shared", lambda: run_cca(config.run_config("shared"), until=SHARED_UNTIL, progress=progress))
-    else:  # resume the shared run's stages (finished ones are not recomputed)
+    else:  # resume the shared run's steps (finished ones are not recomputed)
         run_cca(config.run_config("shared"), until=SHARED_UNTIL, progress=progress)
 
     if not (out / "model_info.json").exists():
@@ -316,13 +317,13 @@ def _run_study_locked(config: StudyConfig, out: Path, progress: bool) -> dict[st
 def study_problems(config: StudyConfig):
     """``(training problems, validation problems, test problems)`` of the study, read from the
     shared run directory: the training problems CCA's stage 1 used (``training_set.json``), the
-    validation and test problems every condition is selected and scored on (the data stage's)."""
-    from cca_fast.experiments.stages import validation_problems
+    validation and test problems every condition is selected and scored on (the data step's)."""
+    from cca_fast.experiments.steps.update import validation_problems
 
     rd = RunDir(Path(config.output) / "shared", create=False)
-    splits = DataStage().load(RunContext(config.run_config("shared"), rd))
+    splits = DataStep().load(RunContext(config.run_config("shared"), rd))
     if splits is None:
-        raise CCAError(f"{rd.path} has no data splits: run the study's shared stages first")
+        raise CCAError(f"{rd.path} has no data splits: run the study's shared steps first")
     by_id = {p.id: p for p in splits.train}
     chosen = [by_id[i] for i in rd.read_training_set()["problem_ids"]]
     return chosen, validation_problems(config.run, splits, [p.id for p in chosen]), splits.test
@@ -344,7 +345,7 @@ def run_lora_condition(config: StudyConfig, *, progress: bool = True) -> None:
     validation accuracy), then evaluate it on the test problems (resumable)."""
     from cca_fast.evaluation.evaluate import summarize
     from cca_fast.baselines.lora.train import load_lora, merge_lora, train_lora
-    from cca_fast.experiments.pipeline import eval_resumable
+    from cca_fast.experiments.steps.evaluation import eval_resumable
 
     d = Path(config.output) / "lora"
     d.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cca_fast.errors import UnsupportedArchitectureError
+from cca_fast.errors import CCAError, UnsupportedArchitectureError
+from cca_fast.models import runtime
 
 KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 Kind = Literal["q", "k", "v", "mlp"]
@@ -84,7 +85,13 @@ class ModelAdapter:
     """Base adapter: subclasses describe one family's module layout.
 
     Args:
-        model: a Hugging Face causal LM of a supported family.
+        model: a Hugging Face causal LM of a supported family (already unwrapped: build
+            adapters with :func:`get_adapter`, which looks through peft, ``torch.compile`` and
+            user wrappers).
+
+    Parameter names are the plain model's (:func:`~cca_fast.models.runtime.base_parameters`:
+    under peft, ``q_proj.weight`` names the base layer's weight); module names are the model's
+    own (a peft tuner layer keeps its name, so a hook on it sees the adapter's contribution).
     """
 
     model_types: tuple[str, ...] = ()
@@ -103,7 +110,7 @@ class ModelAdapter:
         head_dim = getattr(cfg, "head_dim", None)
         self.head_dim: int = int(head_dim) if head_dim else hidden // self.n_heads
         self.d_ff: int = self._d_ff()
-        self._params = dict(model.named_parameters())
+        self._params = runtime.base_parameters(model)
         self._modules = dict(model.named_modules())
 
     # ---- family specifics (overridden) -------------------------------------------------
@@ -113,16 +120,24 @@ class ModelAdapter:
     def _layer_prefix(self, layer: int) -> str:
         return f"{self.layers_path}.{layer}"
 
+    def check(self, layer: int, kind: str) -> None:
+        """:class:`CCAError` unless ``kind`` is one of :data:`KINDS` and ``layer`` a layer of the
+        model (every :meth:`site` starts with it)."""
+        if kind not in KINDS:
+            raise CCAError(f"unknown component kind {kind!r}; the kinds are {', '.join(map(repr, KINDS))} "
+                           "(query, key and value heads, MLP neurons)")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise CCAError(f"layer {layer!r} out of range: the model has layers 0..{self.n_layers - 1}")
+
     def site(self, layer: int, kind: str) -> Site:
         """The :class:`Site` of ``kind`` components in ``layer``."""
+        self.check(layer, kind)
         p = self._layer_prefix(layer)
         D = self.head_dim
         if kind in ("q", "k", "v"):
             n = self.n_heads if kind == "q" else self.n_kv_heads
             return Site(layer, kind, f"{p}.self_attn.{kind}_proj", "output", 0, n, D)
-        if kind == "mlp":
-            return Site(layer, kind, f"{p}.mlp.down_proj", "input", 0, self.d_ff, 1)
-        raise ValueError(f"unknown component kind {kind!r}; expected one of {KINDS}")
+        return Site(layer, kind, f"{p}.mlp.down_proj", "input", 0, self.d_ff, 1)
 
     def _projection(self, layer: int, kind: str) -> tuple[str, int, int]:
         """(module name, first output channel, output dim of the weight) of the projection
@@ -186,6 +201,7 @@ class Phi3Adapter(ModelAdapter):
     model_types = ("phi3",)
 
     def site(self, layer: int, kind: str) -> Site:
+        self.check(layer, kind)
         if kind == "mlp":
             return super().site(layer, kind)
         p = self._layer_prefix(layer)
@@ -213,6 +229,7 @@ class GPT2Adapter(ModelAdapter):
         return int(n_inner) if n_inner else 4 * int(self.config.n_embd)
 
     def site(self, layer: int, kind: str) -> Site:
+        self.check(layer, kind)
         p = self._layer_prefix(layer)
         if kind == "mlp":
             return Site(layer, kind, f"{p}.mlp.c_proj", "input", 0, self.d_ff, 1)
@@ -246,8 +263,11 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, or :class:`UnsupportedArchitectureError` naming the
-    supported families."""
+    """The adapter for ``model`` (a transformers causal LM, or a peft / ``torch.compile`` / user
+    wrapper of one: :func:`~cca_fast.models.runtime.unwrap`), or
+    :class:`UnsupportedArchitectureError` naming the supported families (or, for a layout it
+    does not know, the module tree it found)."""
+    model = runtime.unwrap(model, strict=True)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
@@ -268,16 +288,17 @@ def _check_layout(adapter: ModelAdapter) -> None:
         if site.module_name not in adapter._modules:
             raise UnsupportedArchitectureError(
                 f"{adapter.config.model_type}: expected module {site.module_name!r} for {kind} "
-                "components but the model has none (a transformers version with a different "
-                "module layout?)"
+                f"components but {type(adapter.model).__name__} has none (a transformers version with a "
+                f"different module layout?). Module tree found:\n{runtime.module_tree(adapter.model, depth=5)}"
             )
         for ws in adapter.owned(0, kind, 0):
             if ws.param not in adapter._params:
                 raise UnsupportedArchitectureError(
-                    f"{adapter.config.model_type}: expected parameter {ws.param!r} is missing"
+                    f"{adapter.config.model_type}: expected parameter {ws.param!r} is missing. Module tree "
+                    f"found:\n{runtime.module_tree(adapter.model, depth=5)}"
                 )
 
 
 def param_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    """The parameter called ``name`` (as in ``model.named_parameters()``)."""
-    return model.get_parameter(name)
+    """The base parameter called ``name`` (:func:`~cca_fast.models.runtime.base_parameters`)."""
+    return runtime.base_parameters(model)[name]

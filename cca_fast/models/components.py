@@ -9,13 +9,17 @@ builds it back.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, overload
 
 import torch
 from torch import nn
 
+from cca_fast.errors import CCAError
 from cca_fast.models.adapters import KINDS, ModelAdapter, Site, WeightSlice, get_adapter
+
+_NAME = re.compile(r"^L(\d+)\.(q|k|v|mlp)(\d+)$")
 
 
 @dataclass(frozen=True, order=True)
@@ -29,6 +33,16 @@ class Component:
 
     def __str__(self) -> str:
         return f"L{self.layer}.{self.kind}{self.index}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Component":
+        """The component named ``name`` (``str(component)``, e.g. ``"L3.q4"``, ``"L0.mlp17"``), as
+        saved in deltas and selections. Not range-checked (:meth:`ComponentSpace.parse` is)."""
+        m = _NAME.match(name.strip()) if isinstance(name, str) else None
+        if m is None:
+            raise CCAError(f"not a component name: {name!r}; names look like 'L3.q4' (layer 3, query head 4), "
+                           f"'L0.k1', 'L2.v0' or 'L1.mlp17' (kinds: {', '.join(KINDS)})")
+        return cls(int(m.group(1)), m.group(2), int(m.group(3)))
 
 
 @dataclass(frozen=True)
@@ -65,12 +79,23 @@ class ComponentSpace:
             self._kind_offset[k] = off
             off += self.counts[k]
 
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{k} {n}" for k, n in self.counts.items())
+        return (f"ComponentSpace({self.adapter.config.model_type}: {self.n_layers} layers x ({kinds}) = "
+                f"{self.total} components)")
+
     # ---- indexing ----------------------------------------------------------------------
+    def _kind(self, kind: str) -> str:
+        if kind not in self._kind_offset:
+            self.adapter.check(0, kind)  # raises, naming the kinds
+        return kind
+
     def offset(self, layer: int, kind: str) -> int:
         """Flat index of component ``(layer, kind, 0)``."""
-        return layer * self.per_layer + self._kind_offset[kind]
+        return layer * self.per_layer + self._kind_offset[self._kind(kind)]
 
     def flat_index(self, layer: int, kind: str, index: int) -> int:
+        self._kind(kind)
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.n_layers})")
         if not 0 <= index < self.counts[kind]:
@@ -85,6 +110,31 @@ class ComponentSpace:
             if rem >= self._kind_offset[k]:
                 return Component(layer, k, rem - self._kind_offset[k])
         raise AssertionError("unreachable")
+
+    @overload
+    def parse(self, names: str) -> Component: ...
+    @overload
+    def parse(self, names: Iterable[str]) -> list[Component]: ...
+
+    def parse(self, names):
+        """Component names (``"L3.q4"``, as :class:`Component` prints and deltas save them) back
+        into components of this space (range-checked): one name -> a :class:`Component`, a list
+        of names -> a list. Flat indices: :meth:`index`."""
+        if isinstance(names, str):
+            c = Component.parse(names)
+            try:
+                self.flat_index(c.layer, c.kind, c.index)  # range check
+            except IndexError as e:
+                raise CCAError(f"component {names!r} is not in this model ({e}); it has {self!r}") from None
+            return c
+        return [self.parse(n) for n in names]
+
+    def index(self, component: Component | str) -> int:
+        """The flat index of a :class:`Component` or a component name (``"L3.q4"``)."""
+        c = self.parse(component) if isinstance(component, str) else component
+        if not isinstance(c, Component):
+            raise CCAError(f"expected a Component or a name like 'L3.q4', got {type(component).__name__}")
+        return self.flat_index(c.layer, c.kind, c.index)
 
     def components(self, flat: Iterable[int] | torch.Tensor) -> list[Component]:
         if isinstance(flat, torch.Tensor):

@@ -29,6 +29,7 @@ from typing import Iterator, Union
 import torch
 from torch import nn
 
+from cca_fast.models import runtime
 from cca_fast.models.adapters import KINDS, Site
 from cca_fast.models.components import ComponentSpace
 
@@ -84,7 +85,7 @@ def tap_module(model: nn.Module, module_name: str, io: str, fn) -> torch.utils.h
     """Register ``fn(x) -> x'`` on a module's output (``io="output"``) or on its first input
     (a forward pre-hook, the other inputs passed through); the one place cca_fast hooks an
     activation tensor."""
-    module = model.get_submodule(module_name)
+    module = runtime.submodule(model, module_name)  # through peft / compile / user wrappers
     if io == "output":
         def out_hook(_m, _inp, out):
             return fn(out)
@@ -179,7 +180,7 @@ def ones_scales(space: ComponentSpace, kinds: tuple[str, ...] = KINDS, *, dtype=
     """A scale of 1 for every component of ``kinds`` (leaf tensors; set ``requires_grad`` to
     read gradient x activation attributions from ``.grad``)."""
     return {
-        (layer, k): torch.ones(space.counts[k], dtype=dtype, device=device, requires_grad=requires_grad)
+        (layer, k): torch.ones(space.adapter.site(layer, k).n, dtype=dtype, device=device, requires_grad=requires_grad)
         for layer in range(space.n_layers)
         for k in kinds
     }

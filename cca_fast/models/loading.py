@@ -467,6 +467,12 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        what = ("an already loaded model" if isinstance(name_or_path, torch.nn.Module)
+                else f"a {type(name_or_path).__name__}")
+        raise CCAError(f"load_model takes a name or a path (a hub id, a local directory, a .gguf file or None for the "
+                       f"embedded default), but got {what}: a loaded model needs no loading, pass it to cca_fast's "
+                       "functions directly (e.g. ComponentSpace(model), attribute(model, batch)) with its tokenizer")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     attn = resolve_attn_implementation(attn_implementation, dev, dt)

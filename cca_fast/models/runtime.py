@@ -16,6 +16,10 @@ pad id                     :func:`pad_id`: explicit > tokenizer's pad > model co
                            the first EOS id > 0 (its value never matters: pad slots are masked)
 input device               :func:`input_device`: the input embedding's device (also under a
                            ``device_map``), the first parameter's as a fallback
+wrapped models             :func:`unwrap`: the transformers model inside a peft model,
+                           ``torch.compile`` or a user's module; :func:`base_parameters`,
+                           :func:`submodule`: the base weights and layers under the plain
+                           model's names
 frozen / eval              :func:`frozen`, :func:`eval_mode` (context managers that restore)
 attention backend          :func:`attention_backend`: what the model runs (``sdpa``,
                            ``flash_attention_2``, ``eager``...), for reports
@@ -37,6 +41,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from cca_fast.errors import CCAError, WrappedModelError
+
 CACHE_KEYWORDS = ("cache", "past_key_values")  # newest first
 
 
@@ -45,16 +51,197 @@ class FastPathWarning(UserWarning):
     results are the same, only slower."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model whose ``forward`` defines the keywords: a peft wrapper passes ``**kwargs``
-    through to its base model (``get_base_model``), so that one is asked."""
-    seen = 0
-    while hasattr(model, "get_base_model") and seen < 8:
-        inner = model.get_base_model()
-        if inner is model:
-            break
-        model, seen = inner, seen + 1
-    return model
+def _is_hf_model(m: object) -> bool:
+    """A transformers model: a module with ``config.model_type`` and ``get_input_embeddings``
+    (``PreTrainedModel``; duck-typed, so this module imports no transformers)."""
+    return (isinstance(m, nn.Module) and isinstance(getattr(getattr(m, "config", None), "model_type", None), str)
+            and callable(getattr(type(m), "get_input_embeddings", None)))
+
+
+def _is_peft(m: object) -> bool:
+    return isinstance(m, nn.Module) and hasattr(m, "peft_config") and callable(getattr(m, "get_base_model", None))
+
+
+def module_tree(model: nn.Module, depth: int = 3, width: int = 6) -> str:
+    """The first levels of ``model``'s module tree, one ``name: Type`` line each (at most
+    ``width`` children per module; the children of a ``ModuleList`` shown by its first entry), for
+    error messages."""
+    lines = [type(model).__name__]
+
+    def walk(m: nn.Module, level: int) -> None:
+        if level > depth:
+            return
+        kids = list(m.named_children())
+        if (isinstance(m, (nn.ModuleList, nn.Sequential)) and len(kids) > 1
+                and len({type(c) for _, c in kids}) == 1):  # repeated layers: the first stands for all
+            first = kids[0][1]
+            lines.append(f"{'  ' * level}0..{len(kids) - 1}: {type(first).__name__} x {len(kids)}")
+            walk(first, level + 1)
+            return
+        for name, child in kids[:width]:
+            lines.append(f"{'  ' * level}{name}: {type(child).__name__}")
+            walk(child, level + 1)
+        if len(kids) > width:
+            lines.append(f"{'  ' * level}... {len(kids) - width} more")
+
+    walk(model, 1)
+    return "\n".join(lines)
+
+
+def unwrap(model: nn.Module, *, strict: bool = False) -> nn.Module:
+    """The Hugging Face causal LM inside ``model``: the one place cca_fast looks through wrappers.
+
+    * ``torch.compile(model)`` (an ``OptimizedModule``): its ``_orig_mod`` (cca_fast runs the
+      eager model: hooks registered after compiling are not seen by the compiled graph);
+    * a peft model (``PeftModel``, LoRA and the other weight adapters): ``get_base_model()``, the
+      transformers model whose layers carry the adapters (running it runs them). The components
+      and the rows stage 3 changes are those of the *base* weights (:func:`base_parameters`); the
+      adapters' own weights are left as they are. Prompt-learning adapters (prefix / prompt
+      tuning) change the inputs, not the weights, and are refused;
+    * your own module holding the transformers model as an attribute (at any depth, as long as
+      there is exactly one): that model (your wrapper's ``forward`` is not called).
+
+    A transformers model is returned as is. A module with no transformers model inside (a test
+    stand-in with its own ``forward``) is returned as is too, unless ``strict``: then it raises
+    :class:`WrappedModelError` naming the module tree it found (as do several candidates, and a
+    prompt-learning peft model, always).
+    """
+    seen: list[str] = []
+    for _ in range(8):
+        if _is_hf_model(model) and not _is_peft(model):
+            return model
+        inner = getattr(model, "_orig_mod", None)  # torch.compile
+        if isinstance(inner, nn.Module):
+            seen.append("torch.compile")
+            model = inner
+            continue
+        if _is_peft(model):
+            cfg = getattr(model, "active_peft_config", None)
+            if getattr(cfg, "is_prompt_learning", False):
+                raise WrappedModelError(
+                    f"this peft model uses a prompt-learning adapter ({getattr(cfg, 'peft_type', '?')}): it changes "
+                    "the inputs, not the weights, so cca_fast cannot run it; pass the base model "
+                    "(model.get_base_model()) or a model with a LoRA-style adapter")
+            seen.append("peft")
+            model = model.get_base_model()
+            continue
+        found = _find_hf_models(model)
+        if len(found) == 1:
+            seen.append(f"attribute {found[0][0]!r}")
+            model = found[0][1]
+            continue
+        if not found and not strict:
+            return model
+        how = ("holds several transformers models (" + ", ".join(n for n, _ in found) + "): pass the one to use"
+               if found else "holds no transformers model (no module with config.model_type and "
+                             "get_input_embeddings)")
+        through = f" (looked through: {', '.join(seen)})" if seen else ""
+        raise WrappedModelError(
+            f"cannot find the causal LM in this {type(model).__name__}{through}: it {how}. cca_fast takes a "
+            "transformers causal LM, a peft model of one, torch.compile of one, or a module holding one as an "
+            f"attribute. Module tree found:\n{module_tree(model)}")
+    raise WrappedModelError(f"too many nested wrappers around the model ({', '.join(seen)}); pass the inner model")
+
+
+def _find_hf_models(model: nn.Module, max_depth: int = 4) -> list[tuple[str, nn.Module]]:
+    """The outermost transformers models (or peft / compiled wrappers of one) among the
+    submodules of ``model``, breadth first, by name; each distinct module once."""
+    out: list[tuple[str, nn.Module]] = []
+    frontier: list[tuple[str, nn.Module]] = list(model.named_children())
+    for _ in range(max_depth):
+        nxt: list[tuple[str, nn.Module]] = []
+        for name, m in frontier:
+            if _is_hf_model(m) or _is_peft(m) or isinstance(getattr(m, "_orig_mod", None), nn.Module):
+                if all(m is not o for _, o in out):
+                    out.append((name, m))
+            else:
+                nxt += [(f"{name}.{n}", c) for n, c in m.named_children()]
+        if out:
+            return out
+        frontier = nxt
+    return out
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers causal LM cca_fast works on inside ``model`` (a peft model, a
+    ``torch.compile`` d model or your own module holding one; see :func:`unwrap`);
+    :class:`~cca_fast.errors.WrappedModelError` naming the module tree when there is none."""
+    return unwrap(model, strict=True)
+
+
+def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """peft tuner layers (a module with a ``base_layer`` it wraps, defined by peft) of the
+    unwrapped model, by name."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "base_layer", None), nn.Module) and type(m).__module__.startswith("peft.")]
+
+
+def _base_name(name: str, tuners: Sequence[str]) -> str | None:
+    """``name`` (a parameter or buffer of the unwrapped model) as the plain model calls it:
+    ``X.base_layer.weight`` of a tuner layer ``X`` is ``X.weight``; an adapter's own tensors
+    (``X.lora_A.default.weight``...) have no base name (``None``)."""
+    for t in sorted(tuners, key=len, reverse=True):
+        if name.startswith(t + "."):
+            rest = name[len(t) + 1:]
+            if not rest.startswith("base_layer."):
+                return None
+            return _base_name(t + "." + rest[len("base_layer."):], [u for u in tuners if u != t])
+    return name
+
+
+def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of the base weights of ``model`` (unwrapped, :func:`unwrap`) under
+    the names the plain transformers model gives them: for a peft model the wrapped layers' own
+    weights (``q_proj.base_layer.weight`` is ``q_proj.weight``), the adapters' weights left out.
+    The same names for a plain model and a peft model of it, so a delta made on one fits the
+    other. For a plain model: ``dict(model.named_parameters())``."""
+    inner = unwrap(model)
+    tuners = [n for n, _ in _tuner_layers(inner)]
+    if not tuners:
+        return dict(inner.named_parameters())
+    out: dict[str, nn.Parameter] = {}
+    for name, p in inner.named_parameters():
+        base = _base_name(name, tuners)
+        if base is not None:
+            out[base] = p
+    return out
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain transformers model inside ``model`` (:func:`base_parameters`
+    and the persistent buffers, under the plain model's names; adapter tensors left out): what
+    ``save_pretrained(..., state_dict=...)`` writes so that a peft model saves as its base model."""
+    inner = unwrap(model)
+    tuners = [n for n, _ in _tuner_layers(inner)]
+    out: dict[str, torch.Tensor] = {}
+    for name, t in inner.state_dict().items():
+        base = _base_name(name, tuners)
+        if base is not None:
+            out[base] = t
+    return out
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether the unwrapped ``model`` carries peft adapter layers."""
+    return bool(_tuner_layers(unwrap(model)))
+
+
+def submodule(model: nn.Module, name: str, *, base: bool = False) -> nn.Module:
+    """The module called ``name`` in the unwrapped ``model``. With ``base``, a peft tuner layer
+    there is replaced by the layer it wraps (whose weight rows stage 3 changes); without it, the
+    tuner layer itself (its output, the activation the model computes, includes the adapter's
+    contribution)."""
+    inner = unwrap(model)
+    try:
+        m = inner.get_submodule(name)
+    except AttributeError:
+        raise CCAError(f"the model has no module {name!r} (module tree:\n{module_tree(inner)})") from None
+    while base and isinstance(getattr(m, "base_layer", None), nn.Module) and type(m).__module__.startswith("peft."):
+        if getattr(m, "merged", False):
+            raise CCAError(f"{name}: its peft adapter is merged into the base weights, so the base rows are not "
+                           "the base model's; unmerge it (model.unmerge_adapter()) or merge_and_unload() first")
+        m = m.base_layer
+    return m
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,10 +324,10 @@ def forward(model: nn.Module, *, cache: Any = None, use_cache: bool | None = Non
         if cache is not None or use_cache:
             raise TypeError(f"{type(unwrap(model)).__name__}.forward takes no key/value cache; "
                             "check runtime.cache_keyword(model) before passing one")
-        out = model(**inputs, **keep_kwargs(model, keep))
+        out = unwrap(model)(**inputs, **keep_kwargs(model, keep))
         new = None
     else:
-        out = model(**inputs, **{kw: cache}, use_cache=use_cache, **keep_kwargs(model, keep))
+        out = unwrap(model)(**inputs, **{kw: cache}, use_cache=use_cache, **keep_kwargs(model, keep))
         new = getattr(out, kw, None) if use_cache else None
     logits = out.logits if keep is None else out.logits[:, -int(keep):]
     return logits, new
@@ -178,6 +365,7 @@ def pad_id(model: nn.Module | None = None, tokenizer: Any = None, explicit: int 
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the input embedding's device (right under ``device_map`` too), else
     the first parameter's."""
+    model = unwrap(model)
     get_emb = getattr(model, "get_input_embeddings", None)
     if callable(get_emb):
         try:

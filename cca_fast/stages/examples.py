@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
+from cca_fast.errors import CCAError
+
 
 @dataclass(frozen=True)
 class PivotExample:
@@ -85,9 +87,18 @@ class PivotBatch:
 
 
 def collate(examples: Sequence[PivotExample], pad_id: int, device: torch.device | str = "cpu") -> PivotBatch:
-    """Left-pad ``examples`` into a :class:`PivotBatch`."""
+    """Left-pad ``examples`` into a :class:`PivotBatch`.
+
+    ``pad_id``: any valid token id (pad slots are masked, so its value never matters), e.g.
+    ``tokenizer.pad_token_id`` (:func:`~cca_fast.models.loading.load_model` always sets one) or,
+    for a tokenizer without a pad token, ``tokenizer.eos_token_id``."""
     if not examples:
         raise ValueError("collate needs at least one example")
+    if pad_id is None or isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+        why = ("is None: the tokenizer has no pad token (tokenizer.pad_token_id is None)" if pad_id is None
+               else f"must be a token id (an integer >= 0), got {pad_id!r}")
+        raise CCAError(f"collate: pad_id {why}; pass pad_id=tokenizer.eos_token_id (or any valid token id: pad "
+                       "slots are masked), or use the tokenizer load_model returns, which always has a pad token")
     T = max(len(e.prefix_ids) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)

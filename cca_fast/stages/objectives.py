@@ -10,6 +10,13 @@
                 restricted to the selected rows this is sparse SFT on the circuit
 ==============  =====================================================================================
 
+Your own objective: ``run_update(..., loss=fn)`` with ``fn(model, batch) -> scalar tensor``
+(:class:`LossObjective`): the mean loss of the mini-batch ``batch`` (a
+:class:`~cca_fast.stages.examples.PivotBatch` of pivot examples, or a list of your own training
+items), computed by calling ``model`` (the transformers model, unwrapped, whose selected rows are
+trained). The full-batch loss is the mean over all items (each mini-batch weighted by its size),
+so the gradient does not depend on ``batch_size``.
+
 A *retain* term can be added to the pivot objectives (``retain_weight > 0``):
 ``w * 1/M sum_{i, s} KL(p_base(. | x_i[:s]) || p(. | x_i[:s]))`` over the ``M`` trace positions
 ``s`` of every pivot example that are *not* the pivot (the positions predicting the trace tokens
@@ -23,7 +30,7 @@ to summation order).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -186,6 +193,57 @@ class TrainingObjective:
                 if backward:
                     loss.backward()
             total += float(loss.detach())
+        return {"loss": total}
+
+
+#: a user objective: ``loss(model, batch) -> scalar tensor`` (the mean over the mini-batch)
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class LossObjective:
+    """A user loss as the stage-3 objective (see the module docstring).
+
+    Args:
+        model: the (unwrapped) transformers model the loss calls.
+        items: training items: :class:`PivotExample` s (mini-batches are left-padded
+            :class:`PivotBatch` es on the model's input device) or anything else (mini-batches
+            are lists of the items, in order).
+        loss: ``loss(model, batch) -> scalar tensor``.
+        config: the update configuration (``batch_size``, ``pad_id``).
+    """
+
+    def __init__(self, model: nn.Module, items: Sequence[Any], loss: LossFn, config: "UpdateConfig"):
+        if not callable(loss):
+            raise CCAError(f"loss must be a callable loss(model, batch) -> scalar tensor, got {type(loss).__name__}")
+        if not items:
+            raise CCAError("a user loss needs at least one training item (train_examples is empty)")
+        self.model, self.loss, self.n = model, loss, len(items)
+        size = config.batch_size
+        groups = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        if all(isinstance(e, PivotExample) for e in items):
+            pad = runtime.pad_id(model, explicit=config.pad_id)
+            device = runtime.input_device(model)
+            self.batches: list[Any] = [collate(g, pad, device) for g in groups]
+        else:
+            self.batches = groups
+        self.sizes = [len(g) for g in groups]
+
+    def pass_(self, backward: bool) -> dict[str, float]:
+        """One pass: ``{"loss": the mean over every item}``; with ``backward`` its gradient accumulates."""
+        total = 0.0
+        for batch, size in zip(self.batches, self.sizes):
+            with torch.set_grad_enabled(backward):
+                value = self.loss(self.model, batch)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    raise CCAError(f"loss(model, batch) must return a scalar tensor (the batch mean), got "
+                                   f"{type(value).__name__}{list(value.shape) if isinstance(value, torch.Tensor) else ''}")
+                value = value.reshape(()) * (size / self.n)
+                if backward:
+                    if not value.requires_grad:
+                        raise CCAError("loss(model, batch) returned a tensor without a gradient: compute it from "
+                                       "model(...)'s outputs, not under torch.no_grad() or from detached values")
+                    value.backward()
+            total += float(value.detach())
         return {"loss": total}
 
 

@@ -31,20 +31,19 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
 
 from cca_fast.delta import SparseDelta
 from cca_fast.errors import CCAError, KernelError
-from cca_fast.stages.examples import PivotExample
 from cca_fast.kernels.dispatch import BACKENDS, Backend, accumulation_dtype
 from cca_fast.kernels.row_grad import row_selective, zero_delta
 from cca_fast.kernels.sparse_optim import (AdamWConfig, RowSparseOptimizer, RowSpec, SGDConfig, gather_rows,
                                            scatter_rows)
 from cca_fast.models.components import ComponentSpace, RowSelection
-from cca_fast.stages.objectives import TrainingObjective, check_objective
+from cca_fast.stages.objectives import LossFn, LossObjective, TrainingObjective, check_objective
 from cca_fast.models import runtime
 
 Progress = Callable[[dict], None]
@@ -185,6 +184,13 @@ class UpdateResult:
         return {"best_step": self.best_step, "best_val": self.best_val, "history": self.history,
                 "seconds": self.seconds, "config": self.config, "delta": self.delta.summary()}
 
+    def __repr__(self) -> str:
+        val = "None" if self.best_val is None else f"{self.best_val:.4g}"
+        last = self.history[-1] if self.history else {}
+        loss = next((f", final {k}={last[k]:.4g}" for k in ("train_loss", "train_logit_diff") if k in last), "")
+        return (f"UpdateResult(best_step={self.best_step}, best_val={val}, steps={max(len(self.history) - 1, 0)}"
+                f"{loss}, delta={self.delta!r}, seconds={self.seconds:.1f})")
+
 
 def eval_steps(max_steps: int, every: int = 5, early_every: int = 2, early_steps: int = 10) -> list[int]:
     """Steps at which validation runs: 0, every ``early_every`` up to ``early_steps``, every
@@ -202,7 +208,7 @@ class _SparseStepper:
     """Row-selective gradients accumulated into a :class:`RowSparseOptimizer`'s packed buffer."""
 
     def __init__(self, model: nn.Module, plan: dict[str, RowSelection], config: UpdateConfig):
-        params = dict(model.named_parameters())
+        params = runtime.base_parameters(model)
         specs = [RowSpec(n, params[n], s.dim, s.index) for n, s in plan.items()]
         self.opt = RowSparseOptimizer(specs, config.optim_config(), master_weights=config.master_weights,
                                       backend=config.backend)
@@ -240,7 +246,7 @@ class _SparseStepper:
 
     def context(self, stack: ExitStack) -> None:
         for mod, (w, b) in self.modules.items():
-            module = self.model.get_submodule(mod)
+            module = runtime.submodule(self.model, mod, base=True)  # a peft layer's base layer
             sel_w = self.plan[w]
             transposed = sel_w.dim == 1
             if transposed == isinstance(module, nn.Linear):
@@ -268,7 +274,7 @@ class _ReferenceStepper:
 
     def __init__(self, model: nn.Module, plan: dict[str, RowSelection], config: UpdateConfig):
         self.model, self.plan = model, plan
-        self.params = dict(model.named_parameters())
+        self.params = runtime.base_parameters(model)  # under peft: the base weights, the adapters stay frozen
         self.rows: dict[str, torch.Tensor] = {}  # leaves the torch optimizer steps
         for name, sel in plan.items():
             p = self.params[name]
@@ -320,56 +326,92 @@ class _ReferenceStepper:
 # the stage
 # ---------------------------------------------------------------------------------------------
 def _full_plan(model: nn.Module) -> dict[str, RowSelection]:
-    """Every row of every parameter (the no-mask baseline); 0-d parameters (scalars) have no
-    rows and are left out."""
-    return {n: RowSelection(n, 0, torch.arange(p.shape[0])) for n, p in model.named_parameters() if p.dim() > 0}
+    """Every row of every base parameter (the no-mask baseline; a peft model's adapters are left
+    as they are); 0-d parameters (scalars) have no rows and are left out."""
+    return {n: RowSelection(n, 0, torch.arange(p.shape[0])) for n, p in runtime.base_parameters(model).items()
+            if p.dim() > 0}
 
 
 def _snapshot(model: nn.Module, plan: dict[str, RowSelection]) -> dict[str, torch.Tensor]:
     """The selected rows (parameter layout, ``index_select(dim, index)``), copied."""
-    params = dict(model.named_parameters())
+    params = runtime.base_parameters(model)
     return {n: params[n].detach().index_select(s.dim, s.index.to(params[n].device)).clone() for n, s in plan.items()}
 
 
 @torch.no_grad()
 def _restore(model: nn.Module, plan: dict[str, RowSelection], rows: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    params = runtime.base_parameters(model)
     for n, s in plan.items():
         params[n].index_copy_(s.dim, s.index.to(params[n].device), rows[n])
+
+
+def _selected(selection: Any, space: ComponentSpace) -> torch.Tensor:
+    """Flat indices ``LongTensor [n]`` (sorted, unique) of a :class:`Selection` (checked against
+    ``space``), a tensor, or a sequence of flat indices / components / names (``"L3.q4"``)."""
+    if hasattr(selection, "indices") and not isinstance(selection, torch.Tensor):  # a Selection
+        check = getattr(selection, "check_space", None)
+        if callable(check):
+            check(space)
+        selection = selection.indices
+    if isinstance(selection, torch.Tensor):
+        if selection.is_floating_point() or selection.is_complex() or selection.dtype == torch.bool:
+            raise CCAError(f"selected components must be integer flat indices, got a {selection.dtype} tensor "
+                           "(a boolean mask? pass mask.nonzero().flatten())")
+        return selection.detach().to("cpu", torch.long).flatten().unique()
+    if isinstance(selection, (str, bytes)) or not isinstance(selection, Iterable):
+        raise CCAError(f"selection must be a Selection (from select()), a tensor or a list of flat indices or "
+                       f"component names such as 'L3.q4', got {type(selection).__name__}")
+    flat = [space.index(c) if not isinstance(c, int) or isinstance(c, bool) else c for c in selection]
+    return torch.tensor(flat, dtype=torch.long).unique()
 
 
 def run_update(
     model: nn.Module,
     space: ComponentSpace,
-    selection_flat_indices: Sequence[int] | torch.Tensor,
-    train_examples: Sequence[PivotExample],
+    selection: Any,
+    train_examples: Sequence[Any],
     config: UpdateConfig | None = None,
     validate: Callable[[nn.Module], float] | None = None,
     progress: Progress | bool | None = None,
     gold: Sequence[Any] | None = None,
+    *,
+    loss: LossFn | None = None,
 ) -> UpdateResult:
     """Stage 3 (see module docstring).
 
     Args:
-        model: the causal LM (any device, any dtype); modified in place.
+        model: the causal LM (any device, any dtype; a peft / ``torch.compile`` / user wrapper of
+            one is looked through, :func:`~cca_fast.models.runtime.unwrap`); modified in place.
+            Under peft the base rows are updated and the adapters are left as they are.
         space: its :class:`ComponentSpace`.
-        selection_flat_indices: selected components (flat indices).
-        train_examples: pivot examples; the loss uses all of them at every step.
+        selection: the selected components: the :class:`~cca_fast.stages.localize.select.Selection`
+            that :func:`~cca_fast.stages.localize.select.select` returns, a ``LongTensor`` or a
+            list of flat indices, or component names (``"L3.q4"``, as saved in a delta).
+        train_examples: pivot examples; the loss uses all of them at every step (with ``loss``:
+            your training items, see below).
         config: :class:`UpdateConfig` (default: paper).
         validate: ``validate(model) -> accuracy``; without it the last step is kept.
         progress: ``True`` for a progress bar, or a callable receiving each history record.
         gold: the training problems' gold solutions
             (:class:`~cca_fast.baselines.lora.sft.SFTExample`), for ``objective="gold_nll"``.
+        loss: your own objective instead of ``config.objective``: ``loss(model, batch) -> scalar``,
+            the mean loss of a mini-batch of ``config.batch_size`` training items (a
+            :class:`~cca_fast.stages.examples.PivotBatch` when they are pivot examples, else the
+            list of items); ``model`` is the unwrapped transformers model. The history records its
+            full-batch mean as ``train_loss`` (:class:`~cca_fast.stages.objectives.LossObjective`).
     Returns:
         :class:`UpdateResult`; the model is left at the best step's weights.
     """
     t0 = time.perf_counter()
     config = config or UpdateConfig()
     config.check()
+    if loss is not None and (config.objective != "logit_diff" or config.retain_weight > 0):
+        raise CCAError(f"pass either loss=... or UpdateConfig.objective={config.objective!r} / retain_weight, not both "
+                       "(a user loss replaces the built-in objective)")
+    model = runtime.unwrap(model)
     if not train_examples and config.objective != "gold_nll":
         raise CCAError("stage 3 needs at least one training example (stage 1 found no pivotal tokens?)")
-    sel = torch.as_tensor(list(selection_flat_indices) if not isinstance(selection_flat_indices, torch.Tensor)
-                          else selection_flat_indices, dtype=torch.long).flatten().unique()
+    sel = _selected(selection, space)
     if config.scope == "selected":
         if sel.numel() == 0:
             raise CCAError("no components selected: stage 3 would change nothing (lower the DCM lambda or use "
@@ -381,7 +423,8 @@ def run_update(
         plan = _full_plan(model)
     components = [str(c) for c in space.components(sel)] if config.scope == "selected" else ["all"]
 
-    objective = TrainingObjective(model, train_examples, config, gold)
+    objective = (LossObjective(model, train_examples, loss, config) if loss is not None
+                 else TrainingObjective(model, train_examples, config, gold))
     schedule = set(eval_steps(config.max_steps, config.eval_every, config.eval_every_early, config.early_steps))
     dense = config.mode == "reference" or config.scope == "all"
     base_rows = _snapshot(model, plan)
@@ -408,7 +451,7 @@ def run_update(
                 measured = objective.pass_(backward=not last)
                 if "logit_diff" in measured:
                     record["train_logit_diff"] = measured["logit_diff"]
-                if config.objective != "logit_diff" or "retain_kl" in measured:
+                if loss is not None or config.objective != "logit_diff" or "retain_kl" in measured:
                     record["train_loss"] = measured["loss"]
                     if "retain_kl" in measured:
                         record["retain_kl"] = measured["retain_kl"]
@@ -434,7 +477,8 @@ def run_update(
         "n_components": len(components) if config.scope == "selected" else space.total,
         "components_total": space.total,
         "fraction": (sel.numel() / space.total) if config.scope == "selected" else 1.0,
-        "hyperparameters": config.to_dict(),
+        "hyperparameters": config.to_dict() if loss is None else {
+            **config.to_dict(), "objective": f"custom:{getattr(loss, '__qualname__', type(loss).__name__)}"},
         "metrics": {"best_step": best_step, "best_val": best_val,
                     "base_val": history[0].get("val") if history else None,
                     "train_logit_diff": {str(h["step"]): h["train_logit_diff"] for h in history

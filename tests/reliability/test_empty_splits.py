@@ -10,7 +10,7 @@ import pytest
 from helpers import run_argv
 
 from cca_fast.cli.main import main
-from cca_fast.experiments.stages import min_per_template
+from cca_fast.experiments.steps.data import min_per_template
 
 
 @pytest.fixture

@@ -118,6 +118,7 @@ def run_atp(model: nn.Module, examples: Sequence[PivotExample], config: AtPConfi
     """
     config = config or AtPConfig()
     space = space if space is not None else ComponentSpace(model)
+    model = runtime.unwrap(model)  # peft / torch.compile / a user's wrapper: the model inside
     check_examples(examples, getattr(model.config, "vocab_size", None))
     device = runtime.input_device(model)
     pad = runtime.pad_id(model, explicit=config.pad_id)

@@ -261,6 +261,7 @@ def run_dcm(model: nn.Module, examples: Sequence[PivotExample], config: DCMConfi
     """
     config = config or DCMConfig()
     space = space if space is not None else ComponentSpace(model)
+    model = runtime.unwrap(model)  # peft / torch.compile / a user's wrapper: the model inside
     check_examples(examples, getattr(model.config, "vocab_size", None))
     travel = max_mask_travel(config, len(examples))
     if config.init == "ones" and travel < 1.0 - config.threshold:

@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -65,6 +65,26 @@ class Selection:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        """The flat indices (so ``list(selection)`` and ``torch.tensor(list(selection))`` work)."""
+        return iter(self.indices)
+
+    def __repr__(self) -> str:
+        kinds = " ".join(f"{k} {v}" for k, v in self.counts.items())
+        return (f"Selection({self.method!r}: {len(self.indices)} of {self.total} components "
+                f"({100 * self.fraction:.3g}%): {kinds}; params={self.params})")
+
+    def names(self, space: ComponentSpace) -> list[str]:
+        """The components' names (``"L3.q4"``...), as deltas save them."""
+        return [str(c) for c in self.components(space)]
+
+    @classmethod
+    def from_names(cls, space: ComponentSpace, names: Iterable[str], method: str = "names",
+                   params: dict[str, Any] | None = None) -> "Selection":
+        """A selection of the components named ``names`` (``"L3.q4"``, e.g. a delta's
+        ``meta["components"]``) in ``space``."""
+        return cls.build(space, [space.index(n) for n in names], method, params)
 
     @property
     def fraction(self) -> float:

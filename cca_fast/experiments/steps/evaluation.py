@@ -1,0 +1,144 @@
+"""Greedy evaluation in the run: resumable evaluation of a split (:func:`eval_resumable`), the
+``base_eval`` step (the base model on the training and test splits) and the ``cca_eval`` step
+(the updated model on the test split)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from cca_fast.data.problem import Problem
+from cca_fast.distributed import Dist, sharded
+from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts
+from cca_fast.experiments.rundir import RunDir
+from cca_fast.experiments.steps.data import Splits
+from cca_fast.experiments.steps.loop import RunContext, read_records
+from cca_fast.generation.decode import GenerationConfig, generate
+from cca_fast.generation.prefix import PrefixCache, shared_len, start_unit
+from cca_fast.io import append_jsonl, read_jsonl
+
+
+def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: PromptConfig, gen: GenerationConfig,
+                   path: Path | None, desc: str, progress: bool = True, keep_ids: bool = True,
+                   prefix_cache: PrefixCache | None = None, dist: Dist | None = None) -> list[dict[str, Any]]:
+    """Greedy evaluation records of ``problems`` (aligned), appending each finished chunk to the
+    JSON Lines file ``path`` so that an interrupted evaluation resumes. Records carry
+    ``prompt_ids`` and ``output_ids`` when ``keep_ids``. ``prefix_cache``: see
+    :func:`~cca_fast.generation.decode.generate` (emptied before every chunk:
+    :func:`~cca_fast.generation.prefix.start_unit`).
+
+    ``dist``: the chunks (``8 * batch_size`` problems each) are shared out across its ranks
+    (:func:`cca_fast.distributed.sharded`); every rank returns every record and only rank 0
+    writes ``path``, in the order one process writes it."""
+    from tqdm.auto import tqdm
+
+    from cca_fast.evaluation.evaluate import score
+
+    dist = dist or Dist()
+    done: dict[str, dict[str, Any]] = {}
+    if path is not None and path.exists():
+        done = {r["id"]: r for r in read_jsonl(path)}
+    todo = [p for p in problems if p.id not in done]
+    if prefix_cache is not None and gen.share_prefix:  # the exemplars: once per weights, the same for every chunk
+        every = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in problems], tokenizer, prompt)
+        prefix_cache.pin(every[0][:shared_len(every, gen.min_shared_prefix)])
+    size = max(1, gen.batch_size) * 8
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+
+    def evaluate(part: list[Problem]) -> list[dict[str, Any]]:
+        start_unit(prefix_cache)
+        ids = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in part], tokenizer, prompt)
+        gens = generate(model, tokenizer, ids, gen, prefix_cache=prefix_cache)
+        records, _, _, _ = score(part, gens)
+        for r, g in zip(records, gens):
+            if keep_ids:
+                r["prompt_ids"], r["output_ids"] = list(g.prompt_ids), list(g.output_ids)
+        return records
+
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem",
+               disable=not (progress and dist.main))
+    try:
+        for part, records in sharded(dist, chunks, evaluate):
+            for r in records:
+                done[r["id"]] = r
+                if path is not None and dist.main:
+                    append_jsonl(path, r)
+            bar.update(len(part))
+    finally:
+        bar.close()
+    return [done[p.id] for p in problems]
+
+
+@dataclass
+class BaseEval:
+    """The base model's greedy records of the training split and the test summary."""
+
+    train_records: list[dict[str, Any]]
+    train: dict[str, Any]
+    test: dict[str, Any]
+
+    def message(self) -> str:
+        return f"base accuracy: train {self.train['accuracy']:.3f}, test {self.test['accuracy']:.3f}"
+
+
+@dataclass
+class CCAEval:
+    """The updated model on the test problems."""
+
+    test: dict[str, Any]
+
+
+class BaseEvalStep:
+    """Greedy traces of the training split (kept with token ids) and the base test accuracy."""
+
+    name = "base_eval"
+    outputs = (RunDir.BASE_TRAIN, RunDir.BASE_TEST)
+    all_ranks = True
+
+    def load(self, ctx: RunContext) -> BaseEval | None:
+        from cca_fast.evaluation.evaluate import summarize
+
+        splits: Splits = ctx.results["data"]
+        train = read_records(ctx.rd.base_train, splits.train)
+        test = read_records(ctx.rd.base_test, splits.test)
+        if train is None or test is None:
+            return None
+        return BaseEval(train, summarize(train), summarize(test))
+
+    def run(self, ctx: RunContext) -> BaseEval:
+        from cca_fast.evaluation.evaluate import summarize
+
+        splits: Splits = ctx.results["data"]
+        c, gen = ctx.config, ctx.settings.generation
+        train = eval_resumable(ctx.model, ctx.tokenizer, splits.train, c.prompt, gen, ctx.rd.base_train,
+                               "base eval (train)", ctx.progress, prefix_cache=ctx.prefix_cache, dist=ctx.dist)
+        test = eval_resumable(ctx.model, ctx.tokenizer, splits.test, c.prompt, gen, ctx.rd.base_test,
+                              "base eval (test)", ctx.progress, keep_ids=False, prefix_cache=ctx.prefix_cache,
+                              dist=ctx.dist)
+        return BaseEval(train, summarize(train), summarize(test))
+
+
+class CCAEvalStep:
+    """The updated model (base + the saved delta) on the test problems."""
+
+    name = "cca_eval"
+    outputs = (RunDir.CCA_TEST,)
+    all_ranks = False
+
+    def load(self, ctx: RunContext) -> CCAEval | None:
+        from cca_fast.evaluation.evaluate import summarize
+
+        records = read_records(ctx.rd.cca_test, ctx.results["data"].test)
+        return None if records is None else CCAEval(summarize(records))
+
+    def run(self, ctx: RunContext) -> CCAEval:
+        from cca_fast.delta import SparseDelta, apply_delta
+        from cca_fast.evaluation.evaluate import summarize
+
+        if not ctx.model_holds_update:
+            apply_delta(ctx.model, SparseDelta.load(ctx.rd.delta))
+            ctx.model_holds_update = True
+        records = eval_resumable(ctx.model, ctx.tokenizer, ctx.results["data"].test, ctx.config.prompt,
+                                 ctx.settings.generation, ctx.rd.cca_test, "CCA eval (test)", ctx.progress,
+                                 keep_ids=False)
+        return CCAEval(summarize(records))

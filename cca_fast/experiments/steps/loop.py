@@ -1,0 +1,120 @@
+"""The loop of ``cca run``'s steps: a :class:`Step` reads its result back from the run directory
+(:meth:`Step.load`) or computes it (:meth:`Step.run`); :func:`run_steps` is the one place that
+times steps and stops after ``until``. The steps themselves are listed in
+:mod:`cca_fast.experiments.steps`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from cca_fast.data.problem import Problem
+from cca_fast.distributed import Dist
+from cca_fast.errors import CCAError
+from cca_fast.experiments.config import ProcedureSettings, RunConfig, procedure_settings
+from cca_fast.experiments.rundir import RunDir
+from cca_fast.io import read_jsonl
+
+
+class Step(Protocol):
+    """One step of a run.
+
+    Attributes:
+        name: the step's name (``--until`` takes it; ``stages.json`` times it).
+        outputs: the :class:`RunDir` names of the files the step writes.
+        all_ranks: under ``torchrun``, every rank runs the step (sharing out its generation;
+            rank 0 writes); else rank 0 alone, after the other ranks have returned.
+    """
+
+    name: str
+    outputs: tuple[str, ...]
+    all_ranks: bool
+
+    def load(self, ctx: "RunContext") -> Any | None:
+        """The result read back from complete outputs (no model work), else ``None``."""
+
+    def run(self, ctx: "RunContext") -> Any:
+        """Compute the result (resuming from partial outputs) and write the outputs."""
+
+
+@dataclass
+class RunContext:
+    """What the steps of one run share: the configuration, its directory, the loaded model
+    (``None`` where only files are read) and the results of the steps so far."""
+
+    config: RunConfig
+    rd: RunDir
+    progress: bool = True
+    model: Any = None
+    tokenizer: Any = None
+    space: Any = None  # ComponentSpace
+    prefix_cache: Any = None  # PrefixCache: the exemplars' key/values, once per weights
+    model_holds_update: bool = False  # the model in memory holds the (no-mask) update
+    pending_splits: Any = None  # data.splits.Splits made (and checked) before config.json was written
+    results: dict[str, Any] = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)  # the torchrun ranks (one rank outside torchrun)
+
+    @property
+    def settings(self) -> ProcedureSettings:
+        return procedure_settings(self.config)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run directory (rank 0)."""
+        return self.dist.main
+
+    def say(self, message: str | None) -> None:
+        if message and self.progress and self.dist.main:
+            print(message, flush=True)
+
+
+def run_steps(steps: Sequence[Step], ctx: RunContext, *, until: str | None = None) -> Any | None:
+    """Run (or load) ``steps`` in order; returns the last step's result, or ``None`` when
+    stopped by ``until`` before it. Seconds of every step that ran go to ``stages.json``.
+
+    On ranks other than 0 (``ctx.dist``) it returns ``None`` at the first step without
+    ``all_ranks``; an ``all_ranks`` step is loaded by every rank between barriers (so no rank
+    reads while rank 0 writes), and the ranks must agree on whether it is complete."""
+    names = [s.name for s in steps]
+    if until is not None and until not in names:
+        raise CCAError(f"unknown step {until!r} (--until); steps: {', '.join(names)}")
+    for step in steps:
+        if not ctx.dist.main and not step.all_ranks:
+            return None
+        result = _load(step, ctx)
+        if result is None:
+            t = time.perf_counter()
+            result = step.run(ctx)
+            if ctx.writes:
+                ctx.rd.record_seconds(step.name, time.perf_counter() - t)
+        ctx.results[step.name] = result
+        ctx.say(result.message() if hasattr(result, "message") else None)
+        if step.name == until and step is not steps[-1]:
+            return None
+    return ctx.results[steps[-1].name]
+
+
+def _load(step: Step, ctx: RunContext) -> Any | None:
+    """``step.load(ctx)``; for an ``all_ranks`` step on several ranks, between barriers, and
+    checked to be complete on every rank or on none."""
+    if ctx.dist.world == 1 or not step.all_ranks:
+        return step.load(ctx)
+    ctx.dist.barrier()  # every write of the steps before is done
+    result = step.load(ctx)
+    complete = ctx.dist.all_gather_object(result is not None)  # and nobody writes before all have read
+    if len(set(complete)) > 1:
+        raise CCAError(f"the ranks disagree on whether step {step.name!r} is complete in {ctx.rd.path} "
+                       f"(rank: complete {dict(enumerate(complete))}): is the run directory on storage that every "
+                       "rank sees the same?")
+    return result
+
+
+def read_records(path, problems: Sequence[Problem], key: str = "id") -> list[dict[str, Any]] | None:
+    """The records of ``path`` aligned with ``problems``, or ``None`` if any is missing."""
+    if not path.exists():
+        return None
+    done = {r[key]: r for r in read_jsonl(path)}
+    if any(p.id not in done for p in problems):
+        return None
+    return [done[p.id] for p in problems]
+
