@@ -450,6 +450,12 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
     Returns:
         One :class:`Generation` per prompt, in input order.
     """
+    with slots.LOCK:  # threads sharing a model must not see its attention switched (slots.attention_as)
+        return _generate(model, tokenizer, prompts, config, row_seeds=row_seeds, callback=callback, stats=stats,
+                         prefix_cache=prefix_cache)
+
+
+def _generate(model, tokenizer, prompts, config, *, row_seeds, callback, stats, prefix_cache) -> list[Generation]:
     config = config or GenerationConfig()
     seqs = encode(tokenizer, prompts)
     if row_seeds is not None and len(row_seeds) != len(seqs):

@@ -30,6 +30,7 @@ models whose forward takes no keyword arguments through to attention.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -45,6 +46,9 @@ from cca_fast.models import runtime
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
 ATTN_NAME = "cca_slots"
 KWARG = "cca_slots"
+#: held while a model runs with the ``"cca_slots"`` attention (the switch is on the model's config,
+#: shared by threads): :func:`~cca_fast.generation.decode.generate` holds it for its whole call
+LOCK = threading.RLock()
 
 
 def supported(model: torch.nn.Module, total_len: int) -> bool:
@@ -198,12 +202,14 @@ class attention_as:
         self.cfg = runtime.unwrap(model).config
 
     def __enter__(self):
+        LOCK.acquire()
         self.old = self.cfg._attn_implementation
         self.cfg._attn_implementation = ATTN_NAME
         return self
 
     def __exit__(self, *exc):
         self.cfg._attn_implementation = self.old
+        LOCK.release()
         return False
 
 
