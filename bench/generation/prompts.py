@@ -9,11 +9,11 @@ def base_eval_prompts(tokenizer: Any) -> tuple[list[list[int]], list[Any]]:
     """``(token ids of every prompt, the problems)``, train then test, as the default run orders them."""
     from cca_fast.evaluation.prompting import build_prompt, encode_prompts
     from cca_fast.experiments.config import RunConfig
-    from cca_fast.experiments.pipeline import _subset
     try:
+        from cca_fast.experiments.steps.data import make_splits, subset as _subset
+    except ImportError:  # the baseline commit's layout
+        from cca_fast.experiments.pipeline import _subset
         from cca_fast.experiments.stages import make_splits
-    except ImportError:  # pragma: no cover - moved
-        from cca_fast.experiments import make_splits  # type: ignore
 
     c = RunConfig()
     s = make_splits(c)
