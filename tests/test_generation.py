@@ -3,6 +3,8 @@ finished rows are removed from the batch, text stops cut where docs/method.md sa
 inverse CDF and reproducible per row."""
 from __future__ import annotations
 
+import dataclasses
+
 import re
 
 import pytest
@@ -133,6 +135,8 @@ def test_decode_from_repeated_prefix_state(llama):
 
 
 def test_rows_are_removed_from_the_running_batch(llama):
+    """The padded-batch decoder (``continuous=False``; the path of models the slot decoder does
+    not take) drops a finished row from the running batch."""
     prompts = random_prompts([4, 6, 5, 3], seed=9)
     refs = [reference_greedy(llama, p, 9) for p in prompts]
     extra = {refs[1][1], refs[2][4]}
@@ -142,7 +146,7 @@ def test_rows_are_removed_from_the_running_batch(llama):
     h = llama.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
     try:
         stats = GenerationStats()
-        gens = generate(llama, None, prompts, GenerationConfig(max_new_tokens=9, batch_size=4,
+        gens = generate(llama, None, prompts, GenerationConfig(max_new_tokens=9, batch_size=4, continuous=False,
                                                                eos_token_ids=tuple(extra)), stats=stats)
     finally:
         h.remove()
@@ -352,13 +356,17 @@ def test_greedy_matches_hf_generate_real_model(smol):
 
 def test_nan_logits_error():
     """float64 + eager + left padding: transformers itself yields NaN logits; we say so clearly
-    instead of generating garbage. (If transformers fixes it, generation must then be right.)"""
+    instead of generating garbage (the padded-batch decoder). (If transformers fixes it, generation
+    must then be right.) The slot decoder pads nothing, so it is right either way."""
     model = make_tiny("llama", dtype=torch.float64, seed=1, attn="eager")
     prompts = random_prompts([2, 6], seed=1)
     ids = torch.tensor([[0] * 4 + prompts[0], prompts[1]])
     mask = torch.tensor([[0] * 4 + [1] * 2, [1] * 6])
     hf_nan = bool(torch.isnan(model(input_ids=ids, attention_mask=mask).logits).any())
-    cfg = GenerationConfig(max_new_tokens=3, stop_on_eos=False, share_prefix=False)
+    cfg = GenerationConfig(max_new_tokens=3, stop_on_eos=False, share_prefix=False, continuous=False)
+    slot_cfg = dataclasses.replace(cfg, continuous=True)
+    assert [g.output_ids for g in generate(model, None, prompts, slot_cfg)] == \
+        [reference_greedy(model, p, 3) for p in prompts]
     if hf_nan:
         with pytest.raises(CCAError, match="NaN logits"):
             generate(model, None, prompts, cfg)

@@ -57,6 +57,7 @@ import torch
 from cca_fast.errors import CCAError
 from cca_fast.generation.prefix import PrefixCache, can_share, shared_len
 from cca_fast.generation.state import DecodeState, GenerationStats, prefill
+from cca_fast.generation import slots
 from cca_fast.generation.stops import StopRule
 from cca_fast.models import runtime
 
@@ -86,6 +87,11 @@ class GenerationConfig:
         early_stop: remove a row from the batch as soon as it stops. ``False`` (the reference
             procedure): every row decodes ``max_new_tokens`` tokens; the output is still cut at
             the first stop, so the result is the same.
+        continuous: decode through :mod:`~cca_fast.generation.slots` (continuous batching over
+            ``batch_size`` slots of a preallocated cache, the shared prefix stored once) where the
+            model allows; ``False`` (or an unsupported model): padded batches of ``batch_size``
+            prompts over a growing cache. Both give the same tokens up to floating-point
+            reduction order.
     """
 
     max_new_tokens: int = 400
@@ -101,6 +107,7 @@ class GenerationConfig:
     share_prefix: bool = True
     min_shared_prefix: int = 16
     early_stop: bool = True
+    continuous: bool = True
 
     def __post_init__(self) -> None:
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
@@ -275,11 +282,63 @@ def final_text(tokenizer: Any, output_ids: Sequence[int], reason: str, rules: Se
 # Prefill / decode
 # --------------------------------------------------------------------------------------------
 
+class RowStops:
+    """Per-row stop bookkeeping shared by both decoders: the tokens of each row, its
+    :class:`StopScanner`, and its :class:`DecodeResult` once it stops."""
+
+    def __init__(self, n: int, config: GenerationConfig, tokenizer: Any, eos: set[int]):
+        self.config, self.tokenizer, self.eos = config, tokenizer, eos
+        text_stops = tokenizer is not None and bool(config.stops)
+        self.scanners = [StopScanner(tokenizer, config.stops) if text_stops else None for _ in range(n)]
+        self.outputs: list[list[int]] = [[] for _ in range(n)]
+        self.results: list[DecodeResult | None] = [None] * n
+
+    def push(self, r: int, t: int) -> bool:
+        """Record token ``t`` of row ``r``; ``True`` when the row stops with it."""
+        out = self.outputs[r]
+        out.append(t)
+        stop = None
+        if t in self.eos:
+            stop = ("eos", None)
+        elif self.scanners[r] is not None:
+            stop = self.scanners[r].push(t)
+        if stop is None and len(out) >= self.config.max_new_tokens:
+            stop = ("length", None)
+        if stop is None:
+            return False
+        sc = self.scanners[r]
+        text = final_text(self.tokenizer, out, stop[0], self.config.stops,
+                          scanner_text=sc.text if sc else None, cut=stop[1])
+        self.results[r] = DecodeResult(out, stop[0], text)
+        return True
+
+
+def _eos(model, tokenizer, config: GenerationConfig, eos_token_ids: Sequence[int] | None) -> set[int]:
+    if not config.stop_on_eos:
+        return set()
+    return set(eos_token_ids) if eos_token_ids is not None else runtime.eos_ids(model, tokenizer, config.eos_token_ids)
+
+
+def _chooser(config: GenerationConfig, seeds: Sequence[int]) -> Callable[[torch.Tensor, list[int]], list[int]]:
+    """``(logits [n, V], rows) -> tokens``: greedy, or one uniform draw per row from the row's own
+    generator (seeded with ``seeds[row]``)."""
+    if not config.do_sample:
+        return lambda logits, rows: greedy_from_logits(logits).tolist()
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def choose(logits: torch.Tensor, rows: list[int]) -> list[int]:
+        u = torch.stack([torch.rand((), generator=generators[r], dtype=torch.float64) for r in rows])
+        return sample_from_logits(logits, u, temperature=config.temperature, top_p=config.top_p,
+                                  top_k=config.top_k).tolist()
+    return choose
+
+
 def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig, *, tokenizer: Any = None,
            eos_token_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
            stats: GenerationStats | None = None) -> list[DecodeResult]:
     """Generate from ``state`` until every row stops; ``state`` is consumed (its cache grows and
-    loses finished rows).
+    loses finished rows). The padded-batch decoder (the slot decoder of
+    :mod:`~cca_fast.generation.slots` is what :func:`generate` takes where it can).
 
     Args:
         state: e.g. from :func:`prefill`, or a prefix state ``.repeat(k)``-ed for k samples.
@@ -295,19 +354,12 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
         One :class:`DecodeResult` per row of ``state``, in order.
     """
     B = state.batch_size
-    eos = set(eos_token_ids) if eos_token_ids is not None else runtime.eos_ids(model, tokenizer, config.eos_token_ids)
-    if not config.stop_on_eos:
-        eos = set()
-    text_stops = tokenizer is not None and bool(config.stops)
-    scanners = [StopScanner(tokenizer, config.stops) if text_stops else None for _ in range(B)]
-    generators: list[torch.Generator] = []
-    if config.do_sample:
-        seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(B)]
-        if len(seeds) != B:
-            raise CCAError(f"row_seeds has {len(seeds)} entries for a batch of {B}")
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    outputs: list[list[int]] = [[] for _ in range(B)]
-    results: list[DecodeResult | None] = [None] * B
+    rs = RowStops(B, config, tokenizer, _eos(model, tokenizer, config, eos_token_ids))
+    seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(B)]
+    if config.do_sample and len(seeds) != B:
+        raise CCAError(f"row_seeds has {len(seeds)} entries for a batch of {B}")
+    choose = _chooser(config, seeds)
+    results = rs.results
     active = list(range(B))  # original row of each running row
     logits = state.next_logits
     device = logits.device
@@ -315,36 +367,19 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
 
     with torch.no_grad():
         while True:
-            if config.do_sample:
-                u = torch.stack([torch.rand((), generator=generators[r], dtype=torch.float64) for r in active])
-                tokens = sample_from_logits(logits, u, temperature=config.temperature, top_p=config.top_p,
-                                            top_k=config.top_k)
-            else:
-                tokens = greedy_from_logits(logits)
+            tokens = choose(logits, active)
             step += 1
             keep: list[int] = []
             n_new = n_done = 0  # tokens kept in outputs; rows stopping at this step
-            for j, (r, t) in enumerate(zip(active, tokens.tolist())):
+            for j, (r, t) in enumerate(zip(active, tokens)):
                 if results[r] is not None:  # stopped earlier, decoding on (early_stop=False)
                     if step < config.max_new_tokens:
                         keep.append(j)
                     continue
                 n_new += 1
-                outputs[r].append(t)
-                stop = None
-                if t in eos:
-                    stop = ("eos", None)
-                elif scanners[r] is not None:
-                    stop = scanners[r].push(t)
-                if stop is None and len(outputs[r]) >= config.max_new_tokens:
-                    stop = ("length", None)
-                if stop is None:
+                if not rs.push(r, t):
                     keep.append(j)
                     continue
-                sc = scanners[r]
-                text = final_text(tokenizer, outputs[r], stop[0], config.stops,
-                                  scanner_text=sc.text if sc else None, cut=stop[1])
-                results[r] = DecodeResult(outputs[r], stop[0], text)
                 n_done += 1
                 if not config.early_stop and step < config.max_new_tokens:
                     keep.append(j)  # the reference procedure decodes max_new_tokens regardless
@@ -354,13 +389,13 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
                 stats.sequences += n_done
             if not keep:
                 break
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
             if len(keep) < len(active):
-                idx = torch.tensor(keep, dtype=torch.long, device=device)
                 state.select(idx)
-                tokens = tokens[idx]
                 active = [active[j] for j in keep]
+            step_tokens = torch.tensor([tokens[j] for j in keep], dtype=torch.long, device=device)
             mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(active), 1)], dim=1)
-            logits, state.cache = runtime.forward(model, input_ids=tokens.unsqueeze(1), attention_mask=mask,
+            logits, state.cache = runtime.forward(model, input_ids=step_tokens.unsqueeze(1), attention_mask=mask,
                                                   position_ids=state.next_position.unsqueeze(1), cache=state.cache,
                                                   keep=1)
             logits = logits[:, -1, :]
@@ -409,10 +444,18 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
             prompts' common prefix (e.g. the few-shot exemplars) is then taken from its stored
             key/value cache as far as it matches, instead of being recomputed, and stored for
             the next call. Only used with ``config.share_prefix``; with it even a single prompt
-            shares (all but its last token).
+            shares (all but its last token). Its pinned prefix (:meth:`PrefixCache.pin`), when
+            every prompt starts with it and their common prefix is not much longer, is shared
+            as it is (computed once per weights version).
     Returns:
         One :class:`Generation` per prompt, in input order.
     """
+    with slots.LOCK:  # threads sharing a model must not see its attention switched (slots.attention_as)
+        return _generate(model, tokenizer, prompts, config, row_seeds=row_seeds, callback=callback, stats=stats,
+                         prefix_cache=prefix_cache)
+
+
+def _generate(model, tokenizer, prompts, config, *, row_seeds, callback, stats, prefix_cache) -> list[Generation]:
     config = config or GenerationConfig()
     seqs = encode(tokenizer, prompts)
     if row_seeds is not None and len(row_seeds) != len(seqs):
@@ -429,10 +472,34 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
         if shared and not can_share(model, max(len(s) for s in seqs) + config.max_new_tokens):
             shared = 0
     prefix_state = None
-    if shared and prefix_cache is not None:  # (shared > 0 implies config.share_prefix)
+    pinned = prefix_cache.pinned_len(seqs) if shared and prefix_cache is not None else 0
+    if pinned and shared - pinned < prefix_cache.min_reuse:  # the pinned exemplars, computed once per weights
+        shared, prefix_state = pinned, prefix_cache.pinned_state(model, pad_id=pad, stats=stats)
+    elif shared and prefix_cache is not None:  # (shared > 0 implies config.share_prefix)
         prefix_state = prefix_cache.state(model, seqs[0][:shared], pad_id=pad, stats=stats)
     elif shared:
         prefix_state = prefill(model, [seqs[0][:shared]], pad_id=pad, stats=stats)
+
+    longest = max(len(s) for s in seqs) + config.max_new_tokens
+    if config.continuous and slots.supported(model, longest):
+        P = shared if prefix_state is not None else 0
+        rs = RowStops(len(seqs), config, tokenizer, _eos(model, tokenizer, config, eos))
+
+        def push(i: int, t: int) -> bool:
+            stopped = rs.push(i, t)
+            if stopped:
+                o = rs.results[i]
+                results[i] = Generation(prompt_ids=seqs[i], output_ids=o.output_ids, text=o.text,
+                                        prompt_len=len(seqs[i]), finish_reason=o.finish_reason,
+                                        n_generated=len(o.output_ids))
+                if callback is not None:
+                    callback([i], [results[i]])
+            return stopped
+
+        slots.run_slots(model, [s[P:] for s in seqs], slots=config.batch_size, max_new_tokens=config.max_new_tokens,
+                        prefix=prefix_state, choose=_chooser(config, seeds), push=push,
+                        early_stop=config.early_stop, stats=stats)
+        return [g for g in results if g is not None]
 
     for b in range(0, len(order), config.batch_size):
         rows = order[b:b + config.batch_size]

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from cca_fast.generation.state import DecodeState, GenerationStats, extend_state
+from cca_fast.generation.state import DecodeState, GenerationStats, expand, extend_state
 from cca_fast.models import runtime
 
 
@@ -99,18 +99,6 @@ def run_prefix(model: nn.Module, ids: Sequence[int] | torch.Tensor, *, attention
         position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
     return runtime.forward(model, input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                            cache=runtime.new_cache(model), keep=keep)
-
-
-def expand(cache: Any, n: int, *, copy: bool = False) -> Any:
-    """Each batch row of ``cache`` repeated ``n`` times (``repeat_interleave``). In place on the
-    cache object (its tensors are rebound to new, differentiable ``[B*n, H, P, D]`` tensors);
-    ``copy=True`` leaves ``cache`` untouched and returns a new cache."""
-    if copy:
-        with torch.no_grad():
-            cache = _copy.deepcopy(cache)
-    if n != 1:
-        cache.batch_repeat_interleave(n)
-    return cache
 
 
 def crop_copy(model: nn.Module, cache: Any, length: int) -> Any:
@@ -200,10 +188,53 @@ class PrefixCache:
         self._tokens: list[int] = []
         self._state: DecodeState | None = None
         self._key: tuple | None = None
+        self._pinned: list[int] = []
+        self._pinned_state: DecodeState | None = None
+        self._pinned_key: tuple | None = None
 
     def clear(self) -> None:
-        """Drop the stored state (frees its memory)."""
+        """Drop the stored state (frees its memory); a pinned prefix (:meth:`pin`) stays."""
         self._tokens, self._state, self._key = [], None, None
+
+    # ---- the pinned prefix -------------------------------------------------------------------
+    def pin(self, tokens: Sequence[int]) -> None:
+        """Share exactly ``tokens`` (e.g. the few-shot exemplars of every prompt of a run):
+        their state is computed from scratch once per weights version (:func:`weights_key`) and
+        kept across :meth:`clear` / :func:`start_unit`, so every unit that starts from it gets the
+        same numbers whatever ran before. ``[]`` unpins."""
+        tokens = [int(t) for t in tokens]
+        if tokens != self._pinned:
+            self._pinned, self._pinned_state, self._pinned_key = tokens, None, None
+
+    @property
+    def pinned(self) -> list[int]:
+        """The pinned prefix's token ids (empty when none)."""
+        return list(self._pinned)
+
+    def pinned_state(self, model: torch.nn.Module, *, pad_id: int = 0,
+                     stats: GenerationStats | None = None) -> DecodeState:
+        """The state after the pinned tokens (batch 1; read-only), computed on the first call
+        for the current weights."""
+        if not self._pinned:
+            raise ValueError("no pinned prefix: call pin(tokens) first")
+        key = weights_key(model)
+        if self._pinned_state is None or self._pinned_key != key:
+            self._pinned_state, _ = extend_state(model, [self._pinned], None, pad_id=pad_id, stats=stats)
+            self._pinned_key = key
+            self.stats.misses += 1
+            self.stats.computed_tokens += len(self._pinned)
+        else:
+            self.stats.hits += 1
+            self.stats.reused_tokens += len(self._pinned)
+        return self._pinned_state
+
+    def pinned_len(self, sequences: Sequence[Sequence[int]]) -> int:
+        """``len(pinned)`` when every sequence starts with the pinned tokens and keeps at least
+        one token of its own, else 0."""
+        n = len(self._pinned)
+        if not n or any(len(s) <= n or list(s[:n]) != self._pinned for s in sequences):
+            return 0
+        return n
 
     @property
     def tokens(self) -> list[int]:
@@ -213,15 +244,17 @@ class PrefixCache:
     def _base(self, model: torch.nn.Module, tokens: list[int], limit: int) -> tuple[DecodeState | None, int]:
         """A private copy of the stored state cropped to its common prefix with ``tokens`` (at
         most ``limit`` positions), and that length; ``(None, 0)`` on a miss."""
-        if self._state is None:
-            self.stats.misses += 1
-            return None, 0
-        if self._key != weights_key(model):
+        if self._state is not None and self._key != weights_key(model):
             self.clear()
-            self.stats.misses += 1
-            return None, 0
-        c = min(common_prefix_len([self._tokens, tokens]), limit)
-        if c < self.min_reuse:
+        c = min(common_prefix_len([self._tokens, tokens]), limit) if self._state is not None else 0
+        n = len(self._pinned) if self._pinned and self.pinned_len([tokens[:limit + 1]]) else 0
+        if n and n >= c:  # start from the pinned prefix (computed once per weights)
+            st = self.pinned_state(model)
+            cache = crop_copy(model, st.cache, n)
+            if cache is not None:
+                return DecodeState(cache, st.next_logits[:, :0], st.attention_mask[:, :n],
+                                   torch.full_like(st.next_position, n)), n
+        if self._state is None or c < self.min_reuse:
             self.stats.misses += 1
             return None, 0
         cache = crop_copy(model, self._state.cache, c)

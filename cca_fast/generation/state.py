@@ -7,6 +7,7 @@ position ids count each row's real tokens, the 2-D attention mask hides pad slot
 """
 from __future__ import annotations
 
+import copy as _copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -70,10 +71,20 @@ class DecodeState:
     def repeat(self, n: int) -> "DecodeState":
         """A new state with each row repeated ``n`` times (``repeat_interleave``); the cache is
         copied, this state is left untouched."""
-        from cca_fast.generation.prefix import expand  # (prefix builds on this module)
-
         return DecodeState(expand(self.cache, n, copy=True), self.next_logits.repeat_interleave(n, 0),
                            self.attention_mask.repeat_interleave(n, 0), self.next_position.repeat_interleave(n, 0))
+
+
+def expand(cache: Any, n: int, *, copy: bool = False) -> Any:
+    """Each batch row of ``cache`` repeated ``n`` times (``repeat_interleave``). In place on the
+    cache object (its tensors are rebound to new, differentiable ``[B*n, H, P, D]`` tensors);
+    ``copy=True`` leaves ``cache`` untouched and returns a new cache."""
+    if copy:
+        with torch.no_grad():
+            cache = _copy.deepcopy(cache)
+    if n != 1:
+        cache.batch_repeat_interleave(n)
+    return cache
 
 
 def _cache_select(cache: Any, idx: torch.Tensor) -> None:

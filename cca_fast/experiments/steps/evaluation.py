@@ -14,7 +14,7 @@ from cca_fast.experiments.rundir import RunDir
 from cca_fast.experiments.steps.data import Splits
 from cca_fast.experiments.steps.loop import RunContext, read_records
 from cca_fast.generation.decode import GenerationConfig, generate
-from cca_fast.generation.prefix import PrefixCache, start_unit
+from cca_fast.generation.prefix import PrefixCache, shared_len, start_unit
 from cca_fast.io import append_jsonl, read_jsonl
 
 
@@ -39,6 +39,9 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     if path is not None and path.exists():
         done = {r["id"]: r for r in read_jsonl(path)}
     todo = [p for p in problems if p.id not in done]
+    if prefix_cache is not None and gen.share_prefix:  # the exemplars: once per weights, the same for every chunk
+        every = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in problems], tokenizer, prompt)
+        prefix_cache.pin(every[0][:shared_len(every, gen.min_shared_prefix)])
     size = max(1, gen.batch_size) * 2
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
 
