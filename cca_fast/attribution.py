@@ -158,7 +158,7 @@ class AttributionSession:
         self.per_position = per_position
         self.backend = backend
         sites = [self.space.adapter.site(layer, kind) for layer in range(self.space.n_layers) for kind in self.kinds]
-        self.engine = Engine(model, build_groups(sites, self.space.offset), self.space.total, absolute=absolute,
+        self.engine = Engine(self.model, build_groups(sites, self.space.offset), self.space.total, absolute=absolute,
                              per_row=per_position, backend=backend)
         self.groups = self.engine.groups
         self.metric_value = 0.0

@@ -163,9 +163,9 @@ class Engine:
                  per_row: bool = False, per_example: bool = False, backend: Backend | None = None):
         if per_row and per_example:
             raise CCAError("per_row and per_example are exclusive")
-        self.model, self.groups, self.total = model, groups, int(total)
+        self.model, self.groups, self.total = runtime.unwrap(model), groups, int(total)  # the model inside a wrapper
         self.absolute, self.per_row, self.per_example, self.backend = absolute, per_row, per_example, backend
-        self.acc = accumulation_dtype(next(model.parameters()).dtype)
+        self.acc = accumulation_dtype(next(self.model.parameters()).dtype)
         self.home = runtime.input_device(model)
         self.rows: Rows | None = None
         self.base: list[torch.Tensor] | None = None

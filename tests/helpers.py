@@ -285,3 +285,10 @@ def make_delta(components=(0, 7)):
             p = new.get_parameter(name)
             p.index_copy_(sel.dim, sel.index, p.index_select(sel.dim, sel.index) + 0.01)
     return base, new, SparseDelta.from_models(base, new)
+
+
+def save_model_dir(model, tokenizer, path):
+    """Save ``model`` and ``tokenizer`` into the folder ``path`` (``save_pretrained``); returns it."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                               S.update_steps, S.update_lr, dtype, device, S.update_memory)
         if 6 in only:
             say(f"[6] whole cca run: {S.run_train} train / {S.run_val} val / {S.run_test} test problems")
-            cfg = RunConfig(output="", model="synthetic" if synthetic_model else None,
+            cfg = RunConfig(output="unused", model="synthetic" if synthetic_model else None,  # output: replaced per procedure by pair_whole_run
                             dtype=None if not synthetic_model else args.dtype, device=str(device),
                             n_per_template=2, seed=args.seed, weak_threshold=1.01, max_train_problems=None,
                             max_val_problems=None, max_test_problems=None,

@@ -38,7 +38,33 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 
 
-class RunDir:
+class _Folder:
+    """A directory whose files are named by class attributes; ``LOCK`` is its one-writer lock,
+    ``LINK_CHECKED`` the sub-folders (besides itself) refused when they hold a symbolic link."""
+
+    LOCK = LOCK_NAME
+    CREATE = True
+    LINK_CHECKED: tuple[str, ...] = ()
+
+    def __init__(self, path: str | Path, *, create: bool | None = None):
+        self.path = Path(path)
+        if self.CREATE if create is None else create:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @contextmanager
+    def lock(self) -> Iterator[Path]:
+        """Hold ``run.lock`` (one writer per directory) for a ``with`` block; a symbolic link in the
+        directory (or as one of ``LINK_CHECKED``) is refused first: every write would follow it out
+        of the folder."""
+        with dir_lock(self.path) as path:
+            refuse_links(self.path, self.LINK_CHECKED)
+            yield path
+
+
+class RunDir(_Folder):
     """Files of one run, by name (relative names in the class attributes, paths as properties);
     stage timings in ``stages.json``."""
 
@@ -59,15 +85,7 @@ class RunDir:
     COMPONENTS_PNG = "components.png"
     STAGES = "stages.json"
     MODEL_IDENTITY = "model_identity.json"
-    LOCK = LOCK_NAME
-
-    def __init__(self, path: str | Path, *, create: bool = True):
-        self.path = Path(path)
-        if create:
-            self.path.mkdir(parents=True, exist_ok=True)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
+    LINK_CHECKED = ("data", DELTA)
 
     @staticmethod
     def split_name(split: str) -> str:
@@ -152,14 +170,6 @@ class RunDir:
 
         check_or_write_config(self.config, config.to_dict(), RunConfig().to_dict(), str(self.path), write=write)
 
-    @contextmanager
-    def lock(self) -> Iterator[Path]:
-        """Hold ``run.lock`` (one writer per run directory) for a ``with`` block; a symbolic link
-        in the run directory (or as its ``data/`` / ``delta/``) is refused first: every write of
-        the run would follow it out of the folder."""
-        with dir_lock(self.path) as path:
-            refuse_links(self.path, ("data", self.DELTA))
-            yield path
 
     def check_model_identity(self, identity: dict[str, Any]) -> None:
         """Record ``identity`` (:func:`~cca_fast.models.identity.model_identity`) at the first
@@ -203,7 +213,7 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
 
-class StudyDir:
+class StudyDir(_Folder):
     """Files of one ``cca study`` directory, by name (relative names in the class attributes):
 
     =============================  ================================================================
@@ -231,15 +241,7 @@ class StudyDir:
     STUDY_JSON = "study.json"
     STUDY_MD = "study.md"
     STUDY_PNG = "study.png"
-    LOCK = LOCK_NAME
-
-    def __init__(self, path: str | Path, *, create: bool = False):
-        self.path = Path(path)
-        if create:
-            self.path.mkdir(parents=True, exist_ok=True)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
+    CREATE = False
 
     # ---- paths ---------------------------------------------------------------------------------
     @property
@@ -307,13 +309,6 @@ class StudyDir:
     def study_png(self) -> Path:
         return self.path / self.STUDY_PNG
 
-    @contextmanager
-    def lock(self) -> Iterator[Path]:
-        """Hold ``run.lock`` (one writer per study directory) for a ``with`` block; a symbolic
-        link in the study directory is refused first (its writes would follow it out)."""
-        with dir_lock(self.path) as path:
-            refuse_links(self.path)
-            yield path
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"StudyDir({str(self.path)!r})"

@@ -91,9 +91,9 @@ def test_missing_empty_and_bad_sources(tmp_path):
         load_problems(empty_dir)
     with pytest.raises(DataError, match="duplicate problem id 'a'"):
         load_problems(_write(tmp_path / "dup.jsonl", ['{"id": "a", "question": "q", "gold": 1}'] * 2))
-    with pytest.raises(DataError, match="limit must be >= 1"):
+    with pytest.raises(DataError, match="limit must be a positive integer, got 0"):
         load_problems(None, limit=0)
-    with pytest.raises(DataError, match="n_per_template must be >= 1"):
+    with pytest.raises(DataError, match="n_per_template must be a positive integer"):
         load_problems(None, n_per_template=0)
 
 

@@ -21,7 +21,7 @@ from cca_fast.cli.main import main
 from cca_fast.delta import (CONFIG_NAME, WEIGHTS_NAME, SparseDelta, apply_delta, bitwise_equal, content_sha256,
                             merge_delta)
 from cca_fast.errors import CCAError
-from helpers import make_tiny
+from helpers import make_tiny, save_model_dir
 
 
 def _tokenizer():
@@ -50,9 +50,7 @@ def _delta():
 @pytest.fixture()
 def saved(tmp_path):
     base, new, delta = _delta()
-    base_dir = tmp_path / "base"
-    base.save_pretrained(base_dir)
-    _tokenizer().save_pretrained(base_dir)
+    base_dir = save_model_dir(base, _tokenizer(), tmp_path / "base")
     return base_dir, delta.save(tmp_path / "delta"), delta
 
 

@@ -24,7 +24,7 @@ from cca_fast.delta import SparseDelta, merge_delta
 from cca_fast.errors import CCAError
 from cca_fast.io import append_jsonl, repair_torn_tail
 from cca_fast.experiments.lock import LOCK_NAME
-from helpers import char_tokenizer, make_delta, make_tiny, run_argv
+from helpers import char_tokenizer, make_delta, make_tiny, run_argv, save_model_dir
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -109,9 +109,7 @@ def test_a_link_in_an_attribution_output_is_refused(tmp_path):
 def run_with_delta(tmp_path):
     """A base model folder and a run folder holding ``delta/`` (a delta of that model) and a report."""
     base, _, delta = make_delta()
-    base_dir = tmp_path / "base"
-    base.save_pretrained(base_dir)
-    char_tokenizer().save_pretrained(base_dir)
+    base_dir = save_model_dir(base, char_tokenizer(), tmp_path / "base")
     run = tmp_path / "r"
     delta.save(run / "delta")
     (run / "report.json").write_text('{"finished": true}\n')
