@@ -42,7 +42,8 @@ from cca_fast.stages.examples import PivotBatch, PivotExample, collate, logit_di
 
 if TYPE_CHECKING:  # pragma: no cover
     from cca_fast.stages.sft import SFTExample
-    from cca_fast.stages.update import UpdateConfig
+# Settings passed as ``config`` below are a stage-3 ``UpdateConfig`` (typed ``Any``: stages/update.py
+# imports this module, so importing it back, even for type checking, would be a cycle).
 
 OBJECTIVES = ("logit_diff", "hinge", "gold_nll")
 
@@ -92,7 +93,7 @@ class TrainingObjective:
             by ``gold_nll``.
     """
 
-    def __init__(self, model: nn.Module, examples: Sequence[PivotExample], config: "UpdateConfig",
+    def __init__(self, model: nn.Module, examples: Sequence[PivotExample], config: Any,
                  gold: Sequence["SFTExample"] | None = None):
         self.model, self.config = model, config
         self.objective = config.objective
@@ -212,7 +213,7 @@ class LossObjective:
         config: the update configuration (``batch_size``, ``pad_id``).
     """
 
-    def __init__(self, model: nn.Module, items: Sequence[Any], loss: LossFn, config: "UpdateConfig"):
+    def __init__(self, model: nn.Module, items: Sequence[Any], loss: LossFn, config: Any):
         if not callable(loss):
             raise CCAError(f"loss must be a callable loss(model, batch) -> scalar tensor, got {type(loss).__name__}")
         if not items:
