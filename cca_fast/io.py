@@ -230,15 +230,23 @@ def check_or_write_config(path: str | os.PathLike, new: dict[str, Any], defaults
         if write:
             atomic_write_json(path, new)
         return
-    old, new_flat, default_flat = _flatten(read_json(path)), _flatten(new), _flatten(defaults)
+    diff = config_differences(read_json(path), new, defaults)
+    if diff:
+        raise CCAError(f"{what} holds a run with a different configuration (differs in: {', '.join(diff)}); "
+                       "use another --output directory, or delete it to start over")
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` (keys like ``dcm.epochs``, sorted) where the nested
+    configurations ``old`` (a saved one) and ``new`` differ; a key ``old`` lacks (a field added
+    since) counts at its value in ``defaults``, and the top-level ``output`` is not compared."""
+    old, new_flat, default_flat = _flatten(old), _flatten(new), _flatten(defaults)
     # a default fills a key the saved file lacks, unless the file has keys below it (a default
     # ``{}`` beside a saved ``variants.paper = {}``)
     below = {k.rsplit(".", i)[0] for k in old for i in range(1, k.count(".") + 1)}
     old = {**{k: default_flat[k] for k in set(default_flat) - set(old) - below}, **old}
-    diff = sorted(k for k in set(old) | set(new_flat) if k != "output" and old.get(k) != new_flat.get(k))
-    if diff:
-        raise CCAError(f"{what} holds a run with a different configuration (differs in: {', '.join(diff)}); "
-                       "use another --output directory, or delete it to start over")
+    keys = sorted(k for k in set(old) | set(new_flat) if k != "output" and old.get(k) != new_flat.get(k))
+    return {k: (old.get(k), new_flat.get(k)) for k in keys}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -23,7 +23,7 @@ from cca_fast.experiments.config import (PROCEDURES, SELECTORS, GenerationSettin
                                          RunConfig, procedure_settings)
 from cca_fast.experiments.report import RunReport
 from cca_fast.experiments.rundir import SPLITS, RunDir
-from cca_fast.experiments.steps import STEP_NAMES, STEPS, RunContext, run_steps
+from cca_fast.experiments.steps import STEP_NAMES, STEPS, RunContext, check_made_with, run_steps
 from cca_fast.experiments.steps.data import check_splits, make_splits
 from cca_fast.experiments.steps.evaluation import eval_resumable  # noqa: F401  (re-exported)
 from cca_fast.experiments.steps.localize import localize  # noqa: F401  (re-exported)
@@ -93,6 +93,7 @@ def _run_main(config: RunConfig, until: str | None, progress: bool, dist: Dist) 
         rd = RunDir(config.output)
         with rd.lock():
             rd.check_config(config, write=False)  # another configuration: refused before the load
+            check_made_with(STEPS, rd, config)  # config.json edited after steps ran: refused too
             rd.check_model_identity(model_identity(config.model))
             if until == STEPS[0].name:  # the data step needs no model (and no other rank)
                 dist.broadcast_object(None)

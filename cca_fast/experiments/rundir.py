@@ -18,6 +18,7 @@
 ``report.json``, ``report.md``, ``components.png``  the report
 ``stages.json``            seconds spent per stage
 ``model_identity.json``    the identity of the weights behind ``--model`` (checked on resume)
+``made_with.json``         the configuration each step's outputs were made with (checked on resume)
 ``run.lock``               held by the one process writing the run (see :mod:`.lock`)
 =========================  =====================================================================
 """
@@ -85,6 +86,7 @@ class RunDir(_Folder):
     COMPONENTS_PNG = "components.png"
     STAGES = "stages.json"
     MODEL_IDENTITY = "model_identity.json"
+    MADE_WITH = "made_with.json"
     LINK_CHECKED = ("data", DELTA)
 
     @staticmethod
@@ -186,6 +188,19 @@ class RunDir(_Folder):
                 f"or delete {self.path} to start over")
         if not old.get("digest"):
             atomic_write_json(path, identity)
+
+    def made_with(self) -> dict[str, dict[str, Any]]:
+        """``{step name: the configuration dict its outputs were made with}`` (``made_with.json``;
+        empty for a run directory of an older version, whose steps are then not checked)."""
+        path = self.path / self.MADE_WITH
+        return read_json(path) if path.exists() else {}
+
+    def record_made_with(self, step: str, config: dict[str, Any]) -> None:
+        """Record that step ``step``'s outputs are made with ``config`` (a ``RunConfig.to_dict()``),
+        before the step writes them, so that partial outputs are covered too."""
+        records = self.made_with()
+        if records.get(step) != config:
+            atomic_write_json(self.path / self.MADE_WITH, {**records, step: config})
 
     def read_split(self, split: str) -> list["Problem"]:
         """The problems of ``data/<split>.jsonl``."""

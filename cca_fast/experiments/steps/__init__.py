@@ -19,6 +19,11 @@ step             outputs (:class:`RunDir` names)               result
 ``report``       ``report.json``, ``report.md``, ``components.png``  :class:`~cca_fast.experiments.report.RunReport`
 ===============  ============================================  ========================================
 
+Before a step writes, the configuration it runs with is recorded in ``made_with.json``; a resumed
+run is refused when a step with outputs was made with other settings than the ones asked for
+(``config.json`` edited by hand), on the fields the step depends on
+(:func:`~cca_fast.experiments.steps.loop.check_made_with`).
+
 ``load`` returns ``None`` unless the step's outputs are complete; ``run`` resumes from partial
 outputs (evaluations, traces and pivots append one line per finished item) and writes them.
 
@@ -38,12 +43,12 @@ from cca_fast.experiments.steps.data import DataStep
 from cca_fast.experiments.steps.diagnostics import DiagnosticsStep
 from cca_fast.experiments.steps.evaluation import BaseEvalStep, CCAEvalStep
 from cca_fast.experiments.steps.localize import LocalizeStep
-from cca_fast.experiments.steps.loop import RunContext, Step, run_steps
+from cca_fast.experiments.steps.loop import RunContext, Step, check_made_with, run_steps
 from cca_fast.experiments.steps.pivots import PivotsStep, TracesStep, TrainingExamplesStep
 from cca_fast.experiments.steps.report import ReportStep
 from cca_fast.experiments.steps.update import UpdateStep
 
-__all__ = ["Step", "RunContext", "run_steps", "STEPS", "STEP_NAMES", "outputs_through"]
+__all__ = ["Step", "RunContext", "run_steps", "check_made_with", "STEPS", "STEP_NAMES", "outputs_through"]
 
 #: the steps of ``cca run``, in order
 STEPS: tuple[Step, ...] = (DataStep(), BaseEvalStep(), TracesStep(), PivotsStep(), TrainingExamplesStep(),

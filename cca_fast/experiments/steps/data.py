@@ -10,7 +10,7 @@ from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError
 from cca_fast.experiments.config import RunConfig
 from cca_fast.experiments.rundir import SPLITS, RunDir
-from cca_fast.experiments.steps.loop import RunContext
+from cca_fast.experiments.steps.loop import LATER_STAGE_FIELDS, PIVOT_CHOICE_FIELDS, RunContext
 
 if TYPE_CHECKING:
     from cca_fast.data.splits import Splits as DataSplits
@@ -41,6 +41,7 @@ class DataStep:
     name = "data"
     outputs = tuple(RunDir.split_name(s) for s in SPLITS)
     all_ranks = True
+    ignores = LATER_STAGE_FIELDS + PIVOT_CHOICE_FIELDS  # stage 1 (a study shares it between conditions)
 
     def load(self, ctx: RunContext) -> Splits | None:
         if not all((ctx.rd / o).exists() for o in self.outputs):

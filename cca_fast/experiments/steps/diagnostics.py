@@ -38,6 +38,7 @@ class DiagnosticsStep:
     name = "diagnostics"
     outputs = (RunDir.DIAGNOSTICS,)
     all_ranks = False
+    ignores: tuple[str, ...] = ()
 
     def load(self, ctx: RunContext) -> Diagnostics | None:
         if not ctx.config.diagnostics:

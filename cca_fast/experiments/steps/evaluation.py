@@ -12,7 +12,7 @@ from cca_fast.distributed import Dist, sharded
 from cca_fast.evaluation.prompting import PromptConfig, build_prompt, encode_prompts
 from cca_fast.experiments.rundir import RunDir
 from cca_fast.experiments.steps.data import Splits
-from cca_fast.experiments.steps.loop import RunContext, read_records
+from cca_fast.experiments.steps.loop import LATER_STAGE_FIELDS, PIVOT_CHOICE_FIELDS, RunContext, read_records
 from cca_fast.generation.decode import GenerationConfig, generate
 from cca_fast.generation.prefix import PrefixCache, shared_len, start_unit
 from cca_fast.io import append_jsonl, read_jsonl
@@ -94,6 +94,7 @@ class BaseEvalStep:
     name = "base_eval"
     outputs = (RunDir.BASE_TRAIN, RunDir.BASE_TEST)
     all_ranks = True
+    ignores = LATER_STAGE_FIELDS + PIVOT_CHOICE_FIELDS  # stage 1 (a study shares it between conditions)
 
     def load(self, ctx: RunContext) -> BaseEval | None:
         from cca_fast.evaluation.evaluate import summarize
@@ -124,6 +125,7 @@ class CCAEvalStep:
     name = "cca_eval"
     outputs = (RunDir.CCA_TEST,)
     all_ranks = False
+    ignores: tuple[str, ...] = ()
 
     def load(self, ctx: RunContext) -> CCAEval | None:
         from cca_fast.evaluation.evaluate import summarize

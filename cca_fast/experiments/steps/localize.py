@@ -58,6 +58,7 @@ class LocalizeStep:
     name = "localize"
     outputs = (RunDir.SELECTION,)
     all_ranks = False
+    ignores = ("update", "val_from_train", "diagnostics")  # stage 3's settings
 
     def load(self, ctx: RunContext) -> Localized | None:
         from cca_fast.stages.localize.select import Selection

@@ -16,6 +16,16 @@ from cca_fast.experiments.rundir import RunDir
 from cca_fast.io import read_jsonl
 
 
+#: configuration fields that only stages 2 and 3 read (a study shares stage 1's steps between
+#: conditions that differ in them); see :attr:`Step.ignores`
+LATER_STAGE_FIELDS = ("selector", "select_k", "select_fraction", "select_count", "select_kinds", "dcm", "update",
+                      "val_from_train", "diagnostics")
+#: the fields that choose stage 3's training pivots (the ``examples`` step reads them)
+PIVOT_CHOICE_FIELDS = ("pivot_source", "pivot_filter", "fork")
+#: :attr:`Step.ignores` of a step whose outputs are rewritten at every run (never read back)
+EVERY_FIELD = ("*",)
+
+
 class Step(Protocol):
     """One step of a run.
 
@@ -24,11 +34,17 @@ class Step(Protocol):
         outputs: the :class:`RunDir` names of the files the step writes.
         all_ranks: under ``torchrun``, every rank runs the step (sharing out its generation;
             rank 0 writes); else rank 0 alone, after the other ranks have returned.
+        ignores: configuration fields (dotted keys of ``RunConfig.to_dict()``, a name standing for
+            everything below it) the step's outputs do not depend on: a resumed run whose
+            configuration differs from the one recorded for the step only in them still reads
+            them back (:func:`check_made_with`); :data:`EVERY_FIELD` for outputs never read back.
+            ``()`` (the default) when unsure.
     """
 
     name: str
     outputs: tuple[str, ...]
     all_ranks: bool
+    ignores: tuple[str, ...]
 
     def load(self, ctx: "RunContext") -> Any | None:
         """The result read back from complete outputs (no model work), else ``None``."""
@@ -83,6 +99,8 @@ def run_steps(steps: Sequence[Step], ctx: RunContext, *, until: str | None = Non
             return None
         result = _load(step, ctx)
         if result is None:
+            if ctx.writes:  # before the first output: partial outputs are covered too
+                ctx.rd.record_made_with(step.name, ctx.config.to_dict())
             t = time.perf_counter()
             result = step.run(ctx)
             if ctx.writes:
@@ -92,6 +110,49 @@ def run_steps(steps: Sequence[Step], ctx: RunContext, *, until: str | None = Non
         if step.name == until and step is not steps[-1]:
             return None
     return ctx.results[steps[-1].name]
+
+
+def check_made_with(steps: Sequence[Step], rd: RunDir, config: RunConfig) -> None:
+    """Refuse to resume a run whose finished (or partial) step outputs were made with another
+    configuration than ``config``: ``config.json`` says what the run is, but a hand edit of it
+    (``lr`` 0.01 -> 0.05, then ``cca run --lr 0.05``) would otherwise pass off the old delta and
+    report as the new ones. Each step's configuration is recorded in ``made_with.json`` before
+    it writes (:meth:`RunDir.record_made_with`); a step is compared when one of its outputs
+    exists, on the fields it depends on (:attr:`Step.ignores`). Steps without a record (a run
+    directory of an older version, steps copied from a study's shared run) are not compared.
+
+    Raises:
+        CCAError: naming the steps, each differing field with its recorded and current value,
+            the files to delete to recompute exactly those steps, and the other ways out. Nothing
+            is written or deleted.
+    """
+    from cca_fast.io import config_differences
+
+    records = rd.made_with()
+    new, defaults = config.to_dict(), RunConfig().to_dict()
+    stale: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for step in steps:
+        old = records.get(step.name)
+        ignores = getattr(step, "ignores", ())
+        if old is None or ignores == EVERY_FIELD or not any((rd / o).exists() for o in step.outputs):
+            continue
+        diff = {k: v for k, v in config_differences(old, new, defaults).items()
+                if not any(k == f or k.startswith(f + ".") for f in ignores)}
+        if diff:
+            stale[step.name] = diff
+    if not stale:
+        return
+    fields = {k: v for d in stale.values() for k, v in d.items()}
+    shown = "; ".join(f"{k}: {old!r} then, {now!r} now" for k, (old, now) in list(fields.items())[:6])
+    more = f" and {len(fields) - 6} more" if len(fields) > 6 else ""
+    files = [o + ("/" if (rd / o).is_dir() else "") for s in steps if s.name in stale for o in s.outputs
+             if (rd / o).exists()]
+    raise CCAError(
+        f"{rd.path}: the outputs of step{'s' if len(stale) > 1 else ''} {', '.join(stale)} were made with another "
+        f"configuration than the one asked for ({shown}{more}): {rd.CONFIG} was edited after they ran, so "
+        f"resuming would return results of the old settings. To recompute exactly these steps with the new "
+        f"settings, delete {' '.join(files)} in {rd.path} and run again; to keep them, put the old values back in "
+        f"{rd.config} and run with the original flags; or use another --output directory")
 
 
 def _load(step: Step, ctx: RunContext) -> Any | None:

@@ -13,7 +13,7 @@ from cca_fast.distributed import Dist, sharded
 from cca_fast.errors import CCAError
 from cca_fast.experiments.rundir import RunDir
 from cca_fast.experiments.steps.data import subset
-from cca_fast.experiments.steps.loop import RunContext, read_records
+from cca_fast.experiments.steps.loop import LATER_STAGE_FIELDS, PIVOT_CHOICE_FIELDS, RunContext, read_records
 from cca_fast.generation.decode import GenerationConfig
 from cca_fast.generation.prefix import PrefixCache, start_unit
 from cca_fast.io import append_jsonl, atomic_write_json, read_json, read_jsonl
@@ -136,6 +136,7 @@ class TracesStep:
     name = "traces"
     outputs = (RunDir.TRAINING_SET, RunDir.TRACES)
     all_ranks = True
+    ignores = LATER_STAGE_FIELDS + PIVOT_CHOICE_FIELDS  # stage 1 (a study shares it between conditions)
 
     def _training_set(self, ctx: RunContext) -> tuple[list[Problem], list[str]]:
         c, base = ctx.config, ctx.results["base_eval"]
@@ -175,6 +176,7 @@ class PivotsStep:
     name = "pivots"
     outputs = (RunDir.PIVOTS,)
     all_ranks = True
+    ignores = LATER_STAGE_FIELDS + PIVOT_CHOICE_FIELDS  # stage 1 (a study shares it between conditions)
 
     @staticmethod
     def _checked(examples: list, stats: dict[str, int]) -> Pivots:
@@ -208,6 +210,7 @@ class TrainingExamplesStep:
     name = "examples"
     outputs = (RunDir.TRAINING_EXAMPLES,)
     all_ranks = True  # the forks are shared out; the filter runs on every rank (cheap), rank 0 writes
+    ignores = LATER_STAGE_FIELDS
 
     def load(self, ctx: RunContext) -> TrainingExamples | None:
         from cca_fast.stages.examples import PivotExample

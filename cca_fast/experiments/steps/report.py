@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from cca_fast.experiments.rundir import RunDir
 from cca_fast.experiments.steps.diagnostics import diagnostics_summary
-from cca_fast.experiments.steps.loop import RunContext
+from cca_fast.experiments.steps.loop import EVERY_FIELD, RunContext
 from cca_fast.models import runtime
 
 
@@ -14,6 +14,7 @@ class ReportStep:
     name = "report"
     outputs = (RunDir.REPORT_JSON, RunDir.REPORT_MD, RunDir.COMPONENTS_PNG)
     all_ranks = False
+    ignores = EVERY_FIELD  # rewritten at every run
 
     def load(self, ctx: RunContext) -> None:
         return None

@@ -65,6 +65,7 @@ class UpdateStep:
     name = "update"
     outputs = (RunDir.UPDATE, RunDir.DELTA)
     all_ranks = False
+    ignores: tuple[str, ...] = ()
 
     def load(self, ctx: RunContext) -> UpdateInfo | None:
         return UpdateInfo(**read_json(ctx.rd.update)) if ctx.rd.update.exists() else None
