@@ -243,9 +243,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.m
                     "vocab.txt", "tokenizer_config.json")
 
 
-def check_safetensors_file(path: Path) -> None:
+def check_safetensors_file(path: Path) -> dict[str, list[int]]:
     """Refuse a safetensors file whose header is unreadable or whose data is truncated (reads the
-    header only)."""
+    header only). Returns ``{tensor name: shape}`` from the header."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -263,6 +263,75 @@ def check_safetensors_file(path: Path) -> None:
     if size < need:
         raise CCAError(f"{path} is truncated: {size} bytes, its header needs {need}; write or download it again "
                        "(an interrupted copy or download?)")
+    return {k: list(v.get("shape") or []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+#: config fields that must be positive integers where a config has them (the transformers names,
+#: and GPT-2's)
+_POSITIVE_CONFIG_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                           "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim", "n_layer",
+                           "n_head", "n_embd", "n_positions")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def check_config_fits_weights(cfg: dict[str, Any], shapes: dict[str, list[int]], where: str) -> None:
+    """Refuse a model config that contradicts itself or its weights, before anything is loaded:
+    a size field that is not a positive integer, a head count that does not divide (query heads
+    by key/value heads, ``hidden_size`` by heads), a layer count or vocabulary size other than
+    the weights' (``shapes``: ``{tensor name: shape}`` of the safetensors headers; layers found
+    as ``...layers.N.``), query / key projections of another size than heads x ``head_dim``.
+    ``where`` names ``config.json`` in the error, which names the field and the value to set."""
+    c = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+    found = {int(m.group(1)) for k in shapes for m in [_LAYER_INDEX.search(k)] if m}
+    field = "num_hidden_layers" if "num_hidden_layers" in c else "n_layer"
+    for name in _POSITIVE_CONFIG_FIELDS:
+        v = c.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            fix = (f"the weights hold {max(found) + 1} layers: set it to {max(found) + 1}" if name == field and found
+                   else "fix it")
+            raise CCAError(f"{where}: {name} is {v!r}, but it must be a positive integer; {fix} in config.json "
+                           "(or write the config again with save_pretrained)")
+    layers = c.get(field)
+    if isinstance(layers, int) and found and layers != max(found) + 1:
+        raise CCAError(f"{where}: {field} is {layers}, but the weights hold {max(found) + 1} layers; "
+                       f"{'their extra layers would be dropped silently' if layers < max(found) + 1 else 'the missing layers would be random'}: "
+                       f"set {field} to {max(found) + 1} in config.json (or use the weights it was written with)")
+    emb = next((shape for k, shape in shapes.items() if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    vocab = c.get("vocab_size")
+    if isinstance(vocab, int) and emb and emb[0] != vocab:
+        raise CCAError(f"{where}: vocab_size is {vocab}, but the weights' token embedding has {emb[0]} rows: set "
+                       f"vocab_size to {emb[0]} in config.json (or use the weights it was written with)")
+    heads, kv = c.get("num_attention_heads", c.get("n_head")), c.get("num_key_value_heads")
+    if not isinstance(heads, int):
+        return
+    if isinstance(kv, int) and heads % kv:
+        raise CCAError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} (each "
+                       "key/value head serves a whole group of query heads): fix one of them in config.json")
+    hidden, head_dim = c.get("hidden_size", c.get("n_embd")), c.get("head_dim")
+    if head_dim is None and isinstance(hidden, int):
+        if hidden % heads:
+            raise CCAError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}, and "
+                           "there is no head_dim: fix the head count (or set head_dim) in config.json")
+        head_dim = hidden // heads
+    for proj, count, key in (("q_proj", heads, "num_attention_heads"), ("k_proj", kv, "num_key_value_heads")):
+        shape = next((s for k, s in shapes.items() if k.endswith(f"layers.0.self_attn.{proj}.weight")), None)
+        if isinstance(count, int) and isinstance(head_dim, int) and shape and shape[0] != count * head_dim:
+            fix = (f"set {key} to {shape[0] // head_dim}" if shape[0] % head_dim == 0
+                   else f"check {key} and head_dim")
+            raise CCAError(f"{where}: {key} is {count} (x head_dim {head_dim} = {count * head_dim}), but the "
+                           f"weights' {proj} has {shape[0]} rows: {fix} in config.json (or use the weights it was "
+                           "written with)")
+
+
+def check_tokenizer_fits(model: torch.nn.Module, tokenizer: Any, what: str) -> None:
+    """Refuse a tokenizer with token ids beyond the model's vocabulary (its input embedding rows):
+    a prompt holding one would be an ``IndexError`` deep in the first forward."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    size = len(tokenizer)
+    if size > rows:
+        raise CCAError(f"{what}: its tokenizer has {size} tokens but the model's vocabulary (vocab_size, the token "
+                       f"embedding) only {rows}: token ids {rows} and above would fail; use the tokenizer the model "
+                       "was trained with (tokenizer.save_pretrained next to the weights)")
 
 
 def _check_model_dir(p: Path, *, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -299,8 +368,10 @@ def _check_model_dir(p: Path, *, trust_remote_code: bool = False) -> dict[str, A
                            "the file (AutoModelForCausalLM.from_pretrained(d).save_pretrained(d), which writes "
                            "model.safetensors)")
         raise CCAError(f"{p} has no weights (no *.safetensors file): write the model with save_pretrained")
+    shapes: dict[str, list[int]] = {}
     for w in weights:
-        check_safetensors_file(w)
+        shapes.update(check_safetensors_file(w))
+    check_config_fits_weights(cfg, shapes, str(cfg_path))
     if not any((p / t).is_file() for t in _TOKENIZER_FILES):
         raise CCAError(f"{p} has no tokenizer (none of tokenizer.json, tokenizer_config.json, tokenizer.model, "
                        f"vocab.json): save it next to the model with tokenizer.save_pretrained('{p}')")
@@ -543,6 +614,7 @@ def load_model(
         raise CCAError(f"{what}: its weights hold NaN or Inf values ({len(bad_weights)} tensor(s), e.g. "
                        f"{bad_weights[0]}): the checkpoint is damaged or was saved after a diverged update; "
                        "write or download it again")
+    check_tokenizer_fits(model, tokenizer, what)
     if device_map is None:
         model.to(dev)
     model.eval()

@@ -108,13 +108,55 @@ def test_broken_tokenizer(capsys, model_dir, empty_delta):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"num_hidden_layers": 3}, ["weights do not fit its config", "missing", "random values"]),
+    ({"num_hidden_layers": 3}, ["num_hidden_layers is 3", "weights hold 2 layers", "random",
+                                "set num_hidden_layers to 2"]),
     ({"intermediate_size": 30}, ["weights do not fit its config", "another shape", "config.json matches the weights"]),
 ])
 def test_inconsistent_config(capsys, model_dir, empty_delta, change, words):
     cfg = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**cfg, **change}))
     _refused(capsys, empty_delta, model_dir, *words)
+
+
+@pytest.mark.parametrize("change, words", [
+    # the layer count: 0 was evaluated with the layers dropped ("accuracy 0.5"), -1 a raw ValueError
+    ({"num_hidden_layers": 0}, ["num_hidden_layers is 0", "positive integer", "weights hold 2 layers", "set it to 2"]),
+    ({"num_hidden_layers": -1}, ["num_hidden_layers is -1", "positive integer", "set it to 2"]),
+    ({"num_hidden_layers": 1}, ["num_hidden_layers is 1", "weights hold 2 layers", "dropped silently",
+                                "set num_hidden_layers to 2"]),
+    ({"num_hidden_layers": "2"}, ["num_hidden_layers is '2'", "positive integer"]),
+    # head counts: were "could not load the tokenizer" (transformers' config check, run by the tokenizer)
+    ({"num_attention_heads": 5}, ["num_attention_heads 5 is not a multiple of num_key_value_heads 2", "fix one"]),
+    ({"num_attention_heads": 4}, ["num_attention_heads is 4", "q_proj has 36 rows", "set num_attention_heads to 6"]),
+    ({"num_key_value_heads": 3}, ["num_key_value_heads is 3", "k_proj has 12 rows", "set num_key_value_heads to 2"]),
+    ({"num_attention_heads": 0}, ["num_attention_heads is 0", "positive integer"]),
+    ({"head_dim": None, "hidden_size": 35}, ["hidden_size 35 is not a multiple of num_attention_heads 6"]),
+    # the vocabulary
+    ({"vocab_size": 10}, ["vocab_size is 10", "token embedding has 97 rows", "set vocab_size to 97"]),
+])
+def test_config_contradicting_its_weights_is_refused_before_anything_loads(capsys, model_dir, empty_delta, change,
+                                                                           words, monkeypatch):
+    import transformers
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.update(change)
+    (model_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    for auto in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: pytest.fail("loading started before the check"))
+    _refused(capsys, empty_delta, model_dir, str(model_dir / "config.json"), *words)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(capsys, tmp_path, empty_delta):
+    from transformers import LlamaForCausalLM
+
+    config = make_tiny("llama", dtype=torch.float32).config
+    config.vocab_size = 50  # the weights agree with it; the tokenizer (79 tokens) does not
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "small")
+    char_tokenizer().save_pretrained(tmp_path / "small")
+    assert len(char_tokenizer()) == 79
+    _refused(capsys, empty_delta, tmp_path / "small", "tokenizer has 79 tokens", "only 50",
+             "token ids 50 and above would fail", "use the tokenizer the model was trained with")
 
 
 def test_pickle_bin_is_refused(capsys, model_dir, empty_delta):
