@@ -52,7 +52,7 @@ from torch import nn
 
 from cca_fast.errors import CCAError
 from cca_fast.models import runtime
-from cca_fast.io import atomic_write_bytes, atomic_write_json
+from cca_fast.io import atomic_write_bytes, atomic_write_json, refuse_special_file
 
 FORMAT = "cca_fast.sparse_delta"
 FORMAT_VERSION = 2
@@ -287,6 +287,8 @@ class SparseDelta:
 
         d = Path(directory)
         cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+        for f in (cfg_path, w_path):
+            refuse_special_file(f, "the delta file")
         if not cfg_path.is_file() or not w_path.is_file():
             raise CCAError(f"{d} is not a sparse delta directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
                            "(written by SparseDelta.save / `cca run`)")

@@ -20,6 +20,21 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
+#: the ``errno`` values of a full disk (or an exhausted quota)
+DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def disk_full_error(e: OSError, doing: str, rerun: str) -> CCAError:
+    """The one-line :class:`~cca_fast.errors.CCAError` of a full disk (``e.errno`` in
+    :data:`DISK_FULL`) met while ``doing`` (``"step update of runs/x"``): what was being written,
+    that finished files are kept (every write is atomic or a whole appended record), and
+    ``rerun``: what to run once space is freed."""
+    where = f" writing {e.filename}" if e.filename else ""
+    return CCAError(f"no space left on the device ({errno.errorcode.get(e.errno, e.errno)}){where} during {doing}: "
+                    f"the files already finished are kept (writes are atomic, records whole); free some space there, "
+                    f"then {rerun}")
+
+
 def _link_error(path: Path) -> CCAError:
     return CCAError(f"{path} is a symbolic link: cca_fast never writes or appends through a link (it could point "
                     "outside the output folder, and its target would be overwritten); remove the link "
@@ -63,6 +78,24 @@ def describe_kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a regular file"
+
+
+def refuse_special_file(path: str | os.PathLike, what: str, *, folder_ok: bool = False,
+                         error: type[Exception] = CCAError) -> None:
+    """Refuse (``error``, naming ``what`` and the fix) a ``path`` that exists but is not a regular
+    file (nor a folder, when ``folder_ok``): a FIFO would block the read forever, a device such as
+    ``/dev/zero`` never ends, a socket cannot be read. Checked with ``os.stat`` (links followed),
+    without opening anything; a missing path passes (its reader reports it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return
+    raise error(f"{what} {path} is {describe_kind(mode)}, not a regular file: cca_fast reads only regular files "
+                "(a FIFO would block, a device never ends); pass the file itself (copy the data into a file)")
 
 
 def refuse_links(directory: str | os.PathLike, names: Iterable[str] = ()) -> None:

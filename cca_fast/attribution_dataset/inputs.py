@@ -29,6 +29,7 @@ import torch
 
 from cca_fast import checks
 from cca_fast.errors import CCAError
+from cca_fast.io import refuse_special_file
 
 #: what each metric needs from a record
 METRICS: tuple[str, ...] = ("logit_diff", "logprob", "loss")
@@ -83,6 +84,7 @@ def read_records(path: str | Path, fields: Mapping[str, str] | None = None, limi
     if not p.exists():
         raise CCAError(f"data not found: {p} (pass a .jsonl file, a `cca run` directory with pivots.jsonl, "
                        "or a .json/.csv/.parquet file)")
+    refuse_special_file(p, "the data", folder_ok=True)
     if p.is_dir():
         records = _read_run_dir(p)
     elif p.suffix.lower() == ".jsonl":
@@ -112,6 +114,7 @@ def _mapped(d: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _read_jsonl(p: Path) -> list[Record]:
+    refuse_special_file(p, "the data file")
     out: list[Record] = []
     with open(p, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -187,6 +190,10 @@ def needs(metric: str, method: str) -> list[str]:
     return out
 
 
+#: the most integrated-gradient steps (each is a forward and backward pass of every batch)
+MAX_IG_STEPS = 1000
+
+
 def check_options(metric: str, method: str, positions: str, ig_steps: int) -> None:
     """:class:`CCAError` for an unknown metric / method / positions or a bad combination."""
     if metric not in METRICS:
@@ -195,8 +202,9 @@ def check_options(metric: str, method: str, positions: str, ig_steps: int) -> No
         raise CCAError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if positions not in POSITIONS:
         raise CCAError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
-    if int(ig_steps) < 0:
-        raise CCAError(f"ig_steps must be >= 0, got {ig_steps}")
+    checks.integer("AttributeConfig.ig_steps", ig_steps, flag="--ig-steps", lo=0, hi=MAX_IG_STEPS,
+                   hint=f"each step is one more forward and backward pass of every batch ({ig_steps} would be "
+                        f"{ig_steps}x the work of plain attribution patching); EAP-IG uses 5 to 100, e.g. 20")
     if ig_steps and method != "patch":
         raise CCAError("--ig-steps needs --method patch: integrated gradients interpolate the input embeddings "
                        "between the corrupted and the clean prompt (EAP-IG)")

@@ -78,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from cca_fast.io import DISK_FULL, disk_full_error
+
+        if args.debug or e.errno not in DISK_FULL:
+            raise
+        print(f"error: {disk_full_error(e, f'cca {args.command}', 'run the same command again')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
 from cca_fast.errors import CCAError, DataError
+from cca_fast.io import refuse_special_file
 from cca_fast.data.problem import Problem
 from cca_fast.data.templates import (SKIP_HINT, InstantiateConfig, SkipReport, instantiate, load_template,
                                      load_template_dir)
@@ -38,6 +39,11 @@ _KNOWN_HUB_CONFIGS = MappingProxyType({"openai/gsm8k": "main", "gsm8k": "main",
 #: A GSM8K gold: an integer or a decimal, optional thousands commas, an optional ``$`` and sign.
 _GOLD_TEXT = re.compile(r"(-?)\$?(-?)((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
 _GOLD_FORMS = "an integer or a decimal such as 42, -3.5, 1,000 or $40"
+#: the longest ``question`` or ``answer`` text accepted, in characters (a GSM8K question has a few
+#: hundred): a longer one is a damaged or wrong file, and tens of megabytes abort the tokenizer
+MAX_TEXT_CHARS = 100_000
+#: the longest line of a ``.jsonl`` data file, in characters, refused before it is parsed
+MAX_LINE_CHARS = 4 * MAX_TEXT_CHARS
 
 
 def parse_gold(text: str, where: str, what: str = "the gold answer") -> float:
@@ -114,6 +120,12 @@ def problem_from_record(rec: Mapping[str, Any], *, default_id: str, where: str) 
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: missing 'question' (need 'question' and 'answer' ending "
                         f"'#### N', or 'question' and 'gold'); fields present: {sorted(rec)}")
+    for key in ("question", "answer"):
+        text = rec.get(key)
+        if isinstance(text, str) and len(text) > MAX_TEXT_CHARS:
+            raise DataError(f"{where}: '{key}' is {len(text):,} characters long, more than the {MAX_TEXT_CHARS:,} "
+                            "a problem may have (no model's context holds it): is this the right file? Shorten "
+                            "or remove that record")
     if rec.get("gold") is not None:
         gold = gold_from_field(rec["gold"], where)
         answer = rec.get("answer") or ""
@@ -139,15 +151,20 @@ def read_problems_jsonl(path: str | Path) -> list[Problem]:
     GSM8K lines get ``id = f"{stem}-{i}"`` (``i``: 0-based line index). Blank lines are skipped.
     """
     p = Path(path)
+    refuse_special_file(p, "the data file", error=DataError)
     if not p.is_file():
         raise DataError(f"file not found: {p}")
     problems: list[Problem] = []
     try:
         with p.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
+            for i, line in enumerate(iter(lambda: fh.readline(MAX_LINE_CHARS + 1), "")):
+                where = f"{p}, line {i + 1}"
+                if len(line.rstrip("\n")) > MAX_LINE_CHARS:
+                    raise DataError(f"{where} is longer than {MAX_LINE_CHARS:,} characters (one problem per line is "
+                                    "expected, a few hundred characters each): is this the right file? Shorten or "
+                                    "remove that line")
                 if not line.strip():
                     continue
-                where = f"{p}, line {i + 1}"
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -339,6 +356,7 @@ def load_problems(source: str | Path | None = None, *, n_per_template: int = 50,
         text = str(source)
         p = Path(text).expanduser()
         where = text
+        refuse_special_file(p, "the data source", folder_ok=True, error=DataError)
         if p.is_dir():
             templates = load_template_dir(p, skip_bad=skip_bad_templates, on_skip=on_skip)
             problems = _from_templates(templates, p.name or "tmpl", n_per_template, seed,

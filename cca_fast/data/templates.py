@@ -565,7 +565,9 @@ def sample_instances(template: Template, n: int, seed: int,
         raise TemplateError(f"template {template.id}: number of instances must be >= 0, got {n}")
     with eval_limits(cfg.limits):
         try:
-            return _sample(template, n, seed, cfg)
+            found = _sample(template, n, seed, cfg)
+            _warn_mismatches(template, found)
+            return found
         except TemplateError as e:
             if template.path and template.path not in str(e):
                 raise TemplateError(f"{template.path}: {e}") from None
@@ -682,6 +684,19 @@ def _sample(template: Template, n: int, seed: int, cfg: InstantiateConfig) -> li
         tries = dup_streak = 0
     _warn_repeats(template, found)
     return found
+
+
+def _warn_mismatches(template: Template, found: Sequence[Instance]) -> None:
+    """Report (logger ``cca_fast.data``, WARNING) instances whose ``#answer`` disagreed with the
+    solution's ``#### {...}`` line (``answer_mismatch="use_solution"`` took the solution's number):
+    never silently, since one of the two lines of the template is wrong."""
+    bad = [inst for inst in found if inst.answer_mismatch is not None]
+    if bad:
+        _log.warning("%s: in %d of %d instances the solution's final '#### %s' disagrees with #answer = %s (gold "
+                     "taken from the solution's line, #answer's value kept in meta['answer_mismatch']): fix the "
+                     "template's #answer or its '####' line, or pass InstantiateConfig(answer_mismatch='error') to "
+                     "refuse it", _tag(template), len(bad), len(found), format_number(bad[0].value),
+                     format_number(bad[0].answer_mismatch))
 
 
 def _warn_repeats(template: Template, found: Sequence[Instance]) -> None:

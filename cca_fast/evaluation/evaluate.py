@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError
+from cca_fast.models.lengths import check_generation_fits
 from cca_fast.generation.decode import Generation, GenerationConfig, GenerationStats, generate
 from cca_fast.evaluation.prompting import (PromptConfig, build_prompt, encode_prompts, extract_answer, is_correct,
                                           paper_stops)
@@ -152,6 +153,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], *, prompt:
     stats = stats if stats is not None else GenerationStats()
     texts = [build_prompt(p.question, prompt, tokenizer) for p in problems]
     ids = encode_prompts(texts, tokenizer, prompt)
+    check_generation_fits(model, [len(x) for x in ids], generation.max_new_tokens, generation.batch_size,
+                          names=[f"problem {p.id}" for p in problems], where="evaluation")
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 from cca_fast.errors import CCAError, DataError
+from cca_fast.io import refuse_special_file
 from cca_fast.generation.stops import MarkerStop, PatternStop, StopRule
 
 DEFAULT_INSTRUCTION = "As an expert problem solver, solve step by step the following mathematical questions."
@@ -153,6 +154,7 @@ def load_exemplars(path: str | Path | None = None) -> list[Exemplar]:
         DataError: missing file, invalid JSON, or a malformed entry (the message names it).
     """
     p = Path(path).expanduser() if path is not None else default_exemplars_path()
+    refuse_special_file(p, "the exemplar file", error=DataError)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:

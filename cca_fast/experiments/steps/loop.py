@@ -13,7 +13,7 @@ from cca_fast.distributed import Dist
 from cca_fast.errors import CCAError
 from cca_fast.experiments.config import ProcedureSettings, RunConfig, procedure_settings
 from cca_fast.experiments.rundir import RunDir
-from cca_fast.io import read_jsonl
+from cca_fast.io import DISK_FULL, disk_full_error, read_jsonl
 
 
 #: configuration fields that only stages 2 and 3 read (a study shares stage 1's steps between
@@ -97,19 +97,31 @@ def run_steps(steps: Sequence[Step], ctx: RunContext, *, until: str | None = Non
     for step in steps:
         if not ctx.dist.main and not step.all_ranks:
             return None
-        result = _load(step, ctx)
-        if result is None:
-            if ctx.writes:  # before the first output: partial outputs are covered too
-                ctx.rd.record_made_with(step.name, ctx.config.to_dict())
-            t = time.perf_counter()
-            result = step.run(ctx)
-            if ctx.writes:
-                ctx.rd.record_seconds(step.name, time.perf_counter() - t)
+        try:
+            result = _run_or_load(step, ctx)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise disk_full_error(e, f"step {step.name} of {ctx.rd.path}",
+                                  f"run the same command again: it resumes at step {step.name}") from None
         ctx.results[step.name] = result
         ctx.say(result.message() if hasattr(result, "message") else None)
         if step.name == until and step is not steps[-1]:
             return None
     return ctx.results[steps[-1].name]
+
+
+def _run_or_load(step: Step, ctx: RunContext) -> Any:
+    """``step``'s result: read back when its outputs are complete, else computed (and timed)."""
+    result = _load(step, ctx)
+    if result is None:
+        if ctx.writes:  # before the first output: partial outputs are covered too
+            ctx.rd.record_made_with(step.name, ctx.config.to_dict())
+        t = time.perf_counter()
+        result = step.run(ctx)
+        if ctx.writes:
+            ctx.rd.record_seconds(step.name, time.perf_counter() - t)
+    return result
 
 
 def check_made_with(steps: Sequence[Step], rd: RunDir, config: RunConfig) -> None:
