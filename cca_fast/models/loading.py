@@ -326,10 +326,14 @@ def check_config_fits_weights(cfg: dict[str, Any], shapes: dict[str, list[int]],
 
 
 def check_tokenizer_fits(model: torch.nn.Module, tokenizer: Any, what: str) -> None:
-    """Refuse a tokenizer with token ids beyond the model's vocabulary (its input embedding rows):
-    a prompt holding one would be an ``IndexError`` deep in the first forward."""
+    """Refuse a tokenizer whose vocabulary (``tokenizer.vocab_size``, without added tokens) is
+    larger than the model's (its input embedding rows): ordinary text would give token ids beyond
+    it, an ``IndexError`` deep in the first forward. (Added special tokens beyond it are not
+    refused: a tokenizer class may add one that the model never sees.)"""
     rows = model.get_input_embeddings().weight.shape[0]
-    size = len(tokenizer)
+    size = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(size, int):
+        return
     if size > rows:
         raise CCAError(f"{what}: its tokenizer has {size} tokens but the model's vocabulary (vocab_size, the token "
                        f"embedding) only {rows}: token ids {rows} and above would fail; use the tokenizer the model "
