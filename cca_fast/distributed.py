@@ -78,6 +78,16 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def leave(self) -> None:
+        """Leave the process group together with every other rank (each must call it at the same
+        point): a barrier, so that no rank closes its connections while another may still be
+        exchanging data with it, then the group is destroyed (:func:`shutdown`). No-op on one rank.
+        ``cca run`` calls it where stage 1 ends, so no group outlives the collectives (rank 0 then
+        runs stages 2 and 3 alone, as one process)."""
+        if self.world > 1:
+            self.barrier()
+            shutdown()
+
     def barrier(self) -> None:
         """Wait for every rank (no-op on one rank)."""
         if self.world > 1:
@@ -144,8 +154,14 @@ def sharded(dist: Dist, units: Sequence[T], compute: Callable[[T], R]) -> Iterat
 
 
 def shutdown() -> None:
-    """Destroy the process group if one is running."""
+    """Destroy the process group if one is running. Unreferenced collective work (and the tensors
+    it holds) is collected first, while the interpreter is whole: freed during interpreter
+    shutdown instead, gloo's worker threads would take the GIL of a finalising interpreter and
+    abort the process ("terminate called without an active exception")."""
     import torch.distributed as dist  # noqa: PLC0415
 
     if dist.is_available() and dist.is_initialized():
+        import gc  # noqa: PLC0415
+
+        gc.collect()
         dist.destroy_process_group()

@@ -222,3 +222,81 @@ def test_torchrun_refusal_on_rank_0_stops_every_rank(workdir, tmp_path):
     assert proc.returncode != 0
     assert "different configuration" in proc.stderr
     assert "rank 0 refused the run" in proc.stderr
+
+
+# ---- the teardown: every rank leaves the process group together --------------------------------------------
+@dataclass(frozen=True)
+class _LoggedDist(ThreadDist):
+    """A :class:`ThreadDist` whose ``leave`` is logged (rank, and the steps each rank ran before)."""
+
+    log: list = None  # type: ignore[assignment]
+
+    def leave(self) -> None:
+        self.log.append(("leave", self.rank))
+        super().leave()  # the thread barrier, then shutdown() (no group here: a no-op)
+
+
+@dataclass
+class _Step:
+    name: str
+    all_ranks: bool
+    outputs: tuple = ()
+    ignores: tuple = ()
+    log: list = None  # type: ignore[assignment]
+
+    def load(self, ctx):
+        return None
+
+    def run(self, ctx):
+        self.log.append((self.name, ctx.dist.rank, ctx.dist.world))
+        return ctx.dist.all_gather_object(self.name)  # a collective on the shared steps; one rank after
+
+
+@pytest.mark.parametrize("until", [None, "b"])
+def test_every_rank_leaves_the_group_together_where_the_shared_steps_end(tmp_path, until):
+    """At the first step only rank 0 runs (or after ``until`` among the shared steps), every rank
+    calls ``Dist.leave`` (a barrier, then the group destroyed), nobody before the last shared
+    step's collective is done; rank 1 returns and rank 0 runs the rest as one process."""
+    from cca_fast.experiments.config import RunConfig
+    from cca_fast.experiments.rundir import RunDir
+    from cca_fast.experiments.steps.loop import RunContext, run_steps
+
+    log: list = []
+    steps = [_Step("a", True, log=log), _Step("b", True, log=log), _Step("c", False, log=log)]
+    hub = _Hub(2)
+
+    def rank(d: ThreadDist):
+        dist = _LoggedDist(d.rank, d.world, hub, log)
+        ctx = RunContext(RunConfig(output=str(tmp_path)), RunDir(tmp_path / f"r{d.rank}"), progress=False, dist=dist)
+        return run_steps(steps, ctx, until=until), ctx.dist
+
+    (r0, d0), (r1, d1) = _on_threads(2, rank)
+    leaves = [i for i, e in enumerate(log) if e[0] == "leave"]
+    assert sorted(log[i][1] for i in leaves) == [0, 1]  # both ranks, once each
+    assert max(i for i, e in enumerate(log) if e[0] == "b") < min(leaves)  # after the last shared step
+    assert r1 is None and d0.world == 1 and d1.world == 1  # no group is left on either rank
+    if until is None:
+        assert log[-1] == ("c", 0, 1) and r0 == ["c"]  # rank 0 alone, as one process
+    else:
+        assert r0 is None and not any(e[0] == "c" for e in log)
+
+
+@pytest.mark.slow
+def test_torchrun_teardown_beside_a_cpu_burning_process(workdir, tmp_path):
+    """The teardown race (rank 1 aborting with "terminate called without an active exception"
+    while other work loaded the machine): 2 gloo ranks, beside a process burning a CPU (it stops
+    by itself after 10 minutes at most), end after stage 1 (``--until examples``) and leave rank 0
+    alone for stage 2 (``--until localize``), each run twice; every run exits 0 without an abort."""
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 600\n"
+                               "while time.time() < end: pass"])
+    try:
+        for until in ("examples", "localize", "examples", "localize"):
+            out = tmp_path / f"run-{until}"
+            shutil.rmtree(out, ignore_errors=True)
+            proc = _two_processes(run_argv(workdir, out, "--until", until, "--pivot-source", "both", "--k", "4"))
+            assert "terminate called" not in proc.stderr and "SIGABRT" not in proc.stderr, proc.stderr[-3000:]
+            assert (out / "training_examples.json").exists()
+            assert (out / "selection.json").exists() == (until == "localize")
+    finally:
+        burner.kill()
+        burner.wait()

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                                                        "chunks_scored_now", "chunks_found_finished")}
                              | {"output": str(result.output), "world_size": dist.world,
                                 "top": summary["top"][:5]}, indent=1))
+        dist.leave()  # every rank together (the finally below only cleans up after an error)
     finally:
         shutdown()
     return 0

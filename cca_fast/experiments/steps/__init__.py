@@ -31,8 +31,10 @@ Under ``torchrun`` (:attr:`RunContext.dist` of several ranks) the steps with ``a
 ``base_eval``, ``traces``, ``pivots``, ``examples``: stage 1's generation) run on every rank: their
 generation batches / problems are shared out across the ranks
 (:func:`cca_fast.distributed.sharded`), every rank gets every result, and only rank 0 writes
-(appending in the order one process appends, so the files are the same). The other ranks then
-return; rank 0 runs the later steps alone (localization, the update and its evaluation need
+(appending in the order one process appends, so the files are the same). Then every rank leaves
+the process group together (a barrier, then the group destroyed: no rank tears down a connection
+another still uses, and no group outlives the collectives); the other ranks return and rank 0 runs
+the later steps alone, as one process (localization, the update and its evaluation need
 one model copy and no collective, so nothing waits on a barrier for hours). Every rank reads a
 step's outputs between two barriers (:func:`run_steps`), so all ranks agree on what is done.
 """

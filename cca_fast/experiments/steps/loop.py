@@ -89,13 +89,15 @@ def run_steps(steps: Sequence[Step], ctx: RunContext, *, until: str | None = Non
     stopped by ``until`` before it. Seconds of every step that ran go to ``stages.json``.
 
     On ranks other than 0 (``ctx.dist``) it returns ``None`` at the first step without
-    ``all_ranks``; an ``all_ranks`` step is loaded by every rank between barriers (so no rank
-    reads while rank 0 writes), and the ranks must agree on whether it is complete."""
+    ``all_ranks``, after every rank has left the process group together (rank 0 then runs the
+    other steps as one process; also after ``until`` among the shared steps); an ``all_ranks``
+    step is loaded by every rank between barriers (so no rank reads while rank 0 writes), and the
+    ranks must agree on whether it is complete."""
     names = [s.name for s in steps]
     if until is not None and until not in names:
         raise CCAError(f"unknown step {until!r} (--until); steps: {', '.join(names)}")
     for step in steps:
-        if not ctx.dist.main and not step.all_ranks:
+        if ctx.dist.world > 1 and not step.all_ranks and not _part_ways(ctx):
             return None
         try:
             result = _run_or_load(step, ctx)
@@ -107,8 +109,21 @@ def run_steps(steps: Sequence[Step], ctx: RunContext, *, until: str | None = Non
         ctx.results[step.name] = result
         ctx.say(result.message() if hasattr(result, "message") else None)
         if step.name == until and step is not steps[-1]:
+            if ctx.dist.world > 1:
+                _part_ways(ctx)
             return None
     return ctx.results[steps[-1].name]
+
+
+def _part_ways(ctx: RunContext) -> bool:
+    """Where the steps shared by the ranks end, every rank leaves the process group together
+    (:meth:`Dist.leave`: a barrier, then the group destroyed; no group outlives the collectives,
+    and nobody tears down a connection another rank still uses); rank 0 goes on as one process.
+    Returns whether this process goes on."""
+    main = ctx.dist.main
+    ctx.dist.leave()
+    ctx.dist = Dist()
+    return main
 
 
 def _run_or_load(step: Step, ctx: RunContext) -> Any:
