@@ -183,7 +183,9 @@ def test_a_full_disk_names_the_step_to_rerun_and_keeps_finished_files(workdir, t
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(io, "atomic_write_bytes", full)
+    inputs = snapshot(workdir)
     assert main(run_argv(workdir, out)) == 2
+    assert snapshot(workdir) == inputs  # nothing outside the output folder touched
     err = last_error(capsys)
     assert f"no space left on the device (ENOSPC) writing {out / 'diagnostics.json'} during step diagnostics" in err
     assert "the files already finished are kept" in err and "it resumes at step diagnostics" in err
@@ -225,32 +227,25 @@ WORDS = {"fifo": "a FIFO (named pipe), not a regular file", "folder": "a folder,
          "device": "a device, not a regular file"}
 
 
-@pytest.mark.parametrize("kind", SPECIAL)
-def test_special_shots_file_is_a_clear_error_not_a_hang(workdir, tmp_path, capsys, monkeypatch, kind):
+@pytest.mark.parametrize("flag,name,what,kind", [
+    *(("--shots", "shots.json", "the exemplar file", k) for k in SPECIAL),
+    *(("--data", "data.jsonl", "the data source", k) for k in SPECIAL if k != "folder"),  # a folder: templates
+])
+def test_special_shots_or_data_file_is_a_clear_error_not_a_hang(workdir, tmp_path, capsys, monkeypatch, flag, name,
+                                                                what, kind):
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "run"
     argv = run_argv(workdir, out)
-    argv[argv.index("--shots") + 1] = str(_special(kind, tmp_path / "shots.json"))
+    argv[argv.index(flag) + 1] = str(_special(kind, tmp_path / name))
     with no_hang():
         assert main(argv) == 2
     err = last_error(capsys)
-    assert WORDS[kind] in err and "the exemplar file" in err and "pass the file itself" in err
+    assert WORDS[kind] in err and what in err and "pass the file itself" in err
     assert not (out / "config.json").exists()
-
-
-@pytest.mark.parametrize("kind", [k for k in SPECIAL if k != "folder"])  # a folder of templates is a source
-def test_special_data_file_is_a_clear_error_not_a_hang(workdir, tmp_path, capsys, monkeypatch, kind):
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    out = tmp_path / "run"
-    argv = run_argv(workdir, out)
-    argv[argv.index("--data") + 1] = str(_special(kind, tmp_path / "data.jsonl"))
-    with no_hang():
-        assert main(argv) == 2
-    err = last_error(capsys)
-    assert WORDS[kind] in err and "the data source" in err
-    with no_hang():
-        with pytest.raises(DataError, match="not a regular file"):
-            read_problems_jsonl(_special(kind, tmp_path / "other.jsonl") if kind == "fifo" else "/dev/zero")
+    if flag == "--data":  # the reader itself too
+        with no_hang():
+            with pytest.raises(DataError, match="not a regular file"):
+                read_problems_jsonl(_special(kind, tmp_path / "other.jsonl") if kind == "fifo" else "/dev/zero")
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])

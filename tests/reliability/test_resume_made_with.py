@@ -41,6 +41,7 @@ def edit_config(out: Path, section: str, key: str, value) -> None:
 def test_a_hand_edited_config_is_refused_then_exactly_the_affected_steps_recompute(workdir, tmp_path, capsys,
                                                                                    monkeypatch):
     out = tmp_path / "run"
+    inputs = snapshot(workdir)  # the model, the data, the shots: outside the output folder
     assert main(with_lr(run_argv(workdir, out), "0.01")) == 0
     made = json.loads((out / "made_with.json").read_text())
     assert made["update"]["update"]["lr"] == 0.01 and made["data"]["update"]["lr"] == 0.01
@@ -59,6 +60,7 @@ def test_a_hand_edited_config_is_refused_then_exactly_the_affected_steps_recompu
     assert "delete diagnostics.json update.json delta/ eval_cca_test.jsonl" in err
     assert "put the old values back" in err and "--output" in err
     assert snapshot(out) == before  # nothing finished (or the edit) touched
+    assert snapshot(workdir) == inputs
 
     # following the fix recomputes those steps only: stage 1 and 2's files stay byte-identical
     monkeypatch.setattr(loading, "load_model", real_load)
