@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cca_fast.generation.matmul import small_batch_linears
 from cca_fast.generation.state import DecodeState, GenerationStats
 from cca_fast.models import runtime
 
@@ -319,7 +320,7 @@ def run_slots(model: torch.nn.Module, seqs: Sequence[Sequence[int]], *, slots: i
     rows: list[_Row | None] = [None] * slots
     pending: list[int | None] = [None] * slots  # the token a slot feeds at the next step
     keep_kw = runtime.accepts_logits_to_keep(model)
-    with torch.no_grad(), attention_as(model):
+    with torch.no_grad(), attention_as(model), small_batch_linears(runtime.unwrap(model)):
         while True:
             segs: list[tuple[int, int]] = []
             budget = PREFILL_TOKENS if prefill_tokens is None else prefill_tokens
