@@ -6,7 +6,7 @@ On the default run's 238 base-evaluation prompts (``prompts.py``) with the embed
 and the default run's decoding settings (greedy, 160 new tokens at most, the paper's stops, 8
 rows), in one run, every side in its own process (``side.py``):
 
-* **previous**: the decoder of ``--baseline`` (a ``git worktree`` of that commit under ``--base-dir``,
+* **previous**: the decoder of ``--baseline`` (an export of that commit, ``git archive``, under ``--base-dir``,
   put first on ``PYTHONPATH``), through the base-evaluation stage's own ``eval_resumable``;
 * **new**: this tree's decoder, the same call;
 * **reference**: this tree, one sequence at a time (``batch_size=1``), on the first
@@ -128,7 +128,9 @@ def main() -> None:
 
     base = Path(a.base_dir)
     if not base.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), a.baseline], check=True)
+        base.mkdir(parents=True)  # a plain export of the baseline commit (no worktree registered)
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", a.baseline], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=tar, check=True)
     from cca_fast.experiments.config import RunConfig, procedure_settings
     from cca_fast.models.loading import load_model
     from cca_fast.stages.traces import TraceConfig, problem_seed
