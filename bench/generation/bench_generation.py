@@ -160,23 +160,67 @@ def main() -> None:
         results.append(r)
         return r
 
+
+    def write(done: bool = False) -> None:
+        """Write the JSON and Markdown of the parts measured so far (each part adds rows)."""
+        by = {(r["workload"], r["decoder"]): r for r in results}
+        speed = {}
+        if ("base_eval", "new") in by:
+            speed["base_eval_new_vs_previous"] = round(by[("base_eval", "previous")]["seconds"]
+                                                       / by[("base_eval", "new")]["seconds"], 2)
+            speed["base_eval_new_floor_ratio"] = by[("base_eval", "new")]["floor_ratio"]
+        hf_key = next((k for k in by if k[1] == "transformers generate (static cache)"), None)
+        if hf_key:
+            speed[f"{hf_key[0]}_new_vs_generate"] = round(by[hf_key]["seconds"] / by[(hf_key[0], "new")]["seconds"], 2)
+        checks = []
+        if "base_eval_new_vs_previous" in speed:
+            checks += [(">= 4x the previous decoder on the base evaluation", speed["base_eval_new_vs_previous"], 4, 1),
+                       ("within 2x of the compute floor", speed["base_eval_new_floor_ratio"], 2, -1)]
+        if hf_key:
+            checks.append(("ahead of transformers' generate (static cache)", speed[f"{hf_key[0]}_new_vs_generate"],
+                           1.0, 1))
+        res = report("generation", "cpu", results, model=model,
+                     config={"baseline": a.baseline, "problems": len(ids), "exemplar_tokens": shared,
+                             "gemm_gflops": round(rate / 1e9, 1), "generation": gen.to_dict(), **sizes,
+                             "complete": done},
+                     targets={"new_vs_previous": ">= 4", "floor_ratio": "<= 2", "new_vs_generate": "> 1"},
+                     speedups=speed, same_outputs=same, mismatches=mism)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "generation.json").write_text(json.dumps(res, indent=1))
+        md = ["# Generation benchmark" + ("" if done else " (partial: the run is not finished)"), "",
+              environment_line(res["env"]), "",
+              f"GEMM (fp32, 512x576x1536) measured: {rate / 1e9:.1f} GFLOP/s; exemplar prefix {shared} tokens.", "",
+              markdown_table(["workload", "decoder", "s", "new tokens", "tokens/s", "floor s", "x floor"],
+                             [[r["workload"], r["decoder"], r["seconds"], r["new_tokens"], r["tokens_per_second"],
+                               r["floor_seconds"], r["floor_ratio"]] for r in results]),
+              "", "Speed-ups: " + ", ".join(f"{k} {v}x" if "floor" not in k else f"{k} {v}" for k, v in speed.items()),
+              "", "Targets: " + "; ".join(f"{name}: {v}x ({'met' if (v >= lim if sign > 0 else v <= lim) else 'MISSED'})"
+                                          for name, v, lim, sign in checks),
+              "", "Same tokens: " + ", ".join(f"{k} {v}" for k, v in same.items()), "",
+              f"Token mismatches vs the batch-1 reference: {len(mism)}", ""]
+        if mism:
+            md.append(markdown_table(["side", "row", "position", "ref token", "token", "logit gap", "top-2 gap"],
+                                     [[m["side"], m["row"], m["position"], m["reference_token"], m["token"],
+                                       m["logit_gap"], m["top2_gap"]] for m in mism]))
+        (out / "generation.md").write_text("\n".join(md) + "\n")
+        if done:
+            print("\n".join(md))
+
+    sizes: dict[str, int] = {}
+    same: dict[str, Any] = {}
+    mism: list[dict[str, Any]] = []
+
     # ---- base evaluation: previous vs new (the stage's own call), then the batch-1 reference
     print("base evaluation", flush=True)
     new = side({"mode": "eval", "limit": a.problems}, None, tmp, "eval_new")
     previous = side({"mode": "eval", "limit": a.problems}, base, tmp, "eval_previous")
     row("base_eval", "previous", previous["seconds"], ids, previous["outputs"], 0)
     row("base_eval", "new", new["seconds"], ids, new["outputs"], shared)
-    nr = min(a.ref_problems, len(ids))
-    ref = side({"mode": "generate", "prompts": ids[:nr], "config": {"batch_size": 1, "slots": 1}}, None, tmp, "eval_ref")
-    row("base_eval", "reference (new, 1 slot)", ref["seconds"], ids[:nr], ref["outputs"], shared)
-    mism = mismatches(model, ids[:nr], ref["outputs"], new["outputs"][:nr], "new")
-    mism += mismatches(model, ids[:nr], ref["outputs"], previous["outputs"][:nr], "previous")
-    same = {"new_vs_reference": sum(x == y for x, y in zip(new["outputs"], ref["outputs"])),
-            "previous_vs_reference": sum(x == y for x, y in zip(previous["outputs"], ref["outputs"])),
-            "new_vs_previous": sum(x == y for x, y in zip(new["outputs"], previous["outputs"])), "compared": nr,
-            "accuracy_new": sum(new["correct"]) / len(ids), "accuracy_previous": sum(previous["correct"]) / len(ids)}
-    print(same, flush=True)
-
+    same.update({"new_vs_previous": sum(x == y for x, y in zip(new["outputs"], previous["outputs"])),
+                 "accuracy_new": sum(new["correct"]) / len(ids),
+                 "accuracy_previous": sum(previous["correct"]) / len(ids)})
+    write()
     # ---- transformers' generate (static cache) on a subset, same token counts as the new decoder
     nh = min(a.hf_problems, len(ids))
     sub = ids[:nh]
@@ -187,13 +231,32 @@ def main() -> None:
     row(f"base_eval[:{nh}]", "transformers generate (static cache)", hf["seconds"], sub, hf["outputs"], 0)
     row(f"base_eval[:{nh}]", "new", sub_new["seconds"], sub, sub_new["outputs"], shared)
     row(f"base_eval[:{nh}]", "previous", sub_previous["seconds"], sub, sub_previous["outputs"], 0)
-    mism += mismatches(model, sub[:nr], ref["outputs"][:min(nh, nr)], hf["outputs"][:min(nh, nr)], "generate")
+    sizes["hf_problems"] = nh
+    write()
 
     # ---- batch sweep of the new decoder
     ns = min(a.sweep_problems, len(ids))
     for b in [int(x) for x in a.sweep.split(",")]:
         s = side({"mode": "generate", "prompts": ids[:ns], "config": {"slots": b}}, None, tmp, f"sweep{b}")
         row(f"sweep[:{ns}]", f"new, {b} slots", s["seconds"], ids[:ns], s["outputs"], shared, slots=b)
+        sizes["sweep_problems"] = ns
+        write()
+
+    # ---- the batch-1 reference on the base evaluation: identity of every greedy token
+    nr = min(a.ref_problems, len(ids))
+    ref = side({"mode": "generate", "prompts": ids[:nr], "config": {"batch_size": 1, "slots": 1}}, None, tmp, "eval_ref")
+    row("base_eval", "reference (new, 1 slot)", ref["seconds"], ids[:nr], ref["outputs"], shared)
+    sizes["ref_problems"] = nr
+    mism += mismatches(model, ids[:nr], ref["outputs"], new["outputs"][:nr], "new")
+    mism += mismatches(model, ids[:nr], ref["outputs"], previous["outputs"][:nr], "previous")
+    same.update({"new_vs_reference": sum(x == y for x, y in zip(new["outputs"], ref["outputs"])),
+            "previous_vs_reference": sum(x == y for x, y in zip(previous["outputs"], ref["outputs"])),
+            "new_vs_previous": sum(x == y for x, y in zip(new["outputs"], previous["outputs"])), "compared": nr,
+            "accuracy_new": sum(new["correct"]) / len(ids), "accuracy_previous": sum(previous["correct"]) / len(ids)})
+    print(same, flush=True)
+    write()
+    mism += mismatches(model, sub[:nr], ref["outputs"][:min(nh, nr)], hf["outputs"][:min(nh, nr)], "generate")
+    write()
 
     # ---- sampled traces (the traces stage's settings)
     tc = TraceConfig()
@@ -222,44 +285,10 @@ def main() -> None:
     same["traces_previous_vs_reference"] = sum(x == y for x, y in zip(tr_out["previous"]["outputs"],
                                                                    tr_out["reference"]["outputs"]))
     same["traces_compared"] = len(prompts)
+    sizes["trace_problems"] = nt
     mism += mismatches(model, prompts, tr_out["reference"]["outputs"], tr_out["new"]["outputs"], "traces new")
 
-    by = {(r["workload"], r["decoder"]): r for r in results}
-    speed = {"base_eval_new_vs_previous": round(by[("base_eval", "previous")]["seconds"] / by[("base_eval", "new")]["seconds"], 2),
-             f"base_eval[:{nh}]_new_vs_generate": round(by[(f"base_eval[:{nh}]", "transformers generate (static cache)")]["seconds"]
-                                                        / by[(f"base_eval[:{nh}]", "new")]["seconds"], 2),
-             "base_eval_new_floor_ratio": by[("base_eval", "new")]["floor_ratio"]}
-    res = report("generation", "cpu", results, model=model,
-                 config={"baseline": a.baseline, "problems": len(ids), "ref_problems": nr, "hf_problems": nh,
-                         "sweep_problems": ns, "trace_problems": nt, "exemplar_tokens": shared,
-                         "gemm_gflops": round(rate / 1e9, 1), "generation": gen.to_dict()},
-                 targets={"new_vs_previous": ">= 4", "floor_ratio": "<= 2", "new_vs_generate": "> 1"},
-                 speedups=speed, same_outputs=same, mismatches=mism)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generation.json").write_text(json.dumps(res, indent=1))
-    md = ["# Generation benchmark", "", environment_line(res["env"]), "",
-          f"GEMM (fp32, 512x576x1536) measured: {rate / 1e9:.1f} GFLOP/s; exemplar prefix {shared} tokens.", "",
-          markdown_table(["workload", "decoder", "s", "new tokens", "tokens/s", "floor s", "x floor"],
-                         [[r["workload"], r["decoder"], r["seconds"], r["new_tokens"], r["tokens_per_second"],
-                           r["floor_seconds"], r["floor_ratio"]] for r in results]),
-          "", "Speed-ups: " + ", ".join(f"{k} {v}x" if "floor" not in k else f"{k} {v}" for k, v in speed.items()),
-          "", "Targets: " + "; ".join(
-              f"{name}: {value} ({'met' if ok else 'MISSED'})" for name, value, ok in (
-                  (">= 4x the previous decoder on the base evaluation", f"{speed['base_eval_new_vs_previous']}x",
-                   speed["base_eval_new_vs_previous"] >= 4),
-                  ("within 2x of the compute floor", f"{speed['base_eval_new_floor_ratio']}x",
-                   speed["base_eval_new_floor_ratio"] <= 2),
-                  ("ahead of transformers' generate (static cache)", f"{speed[f'base_eval[:{nh}]_new_vs_generate']}x",
-                   speed[f"base_eval[:{nh}]_new_vs_generate"] > 1))),
-          "", "Same tokens: " + ", ".join(f"{k} {v}" for k, v in same.items()), "",
-          f"Token mismatches vs the batch-1 reference: {len(mism)}", ""]
-    if mism:
-        md.append(markdown_table(["side", "row", "position", "ref token", "token", "logit gap", "top-2 gap"],
-                                 [[m["side"], m["row"], m["position"], m["reference_token"], m["token"],
-                                   m["logit_gap"], m["top2_gap"]] for m in mism]))
-    (out / "generation.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write(done=True)
 
 
 if __name__ == "__main__":
