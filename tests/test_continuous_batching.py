@@ -58,3 +58,32 @@ def test_slots_pinned_prefix_and_early_stop_off():
     a = [g.output_ids for g in generate(model, None, prompts, cfg)]
     b = [g.output_ids for g in generate(model, None, prompts, dataclasses.replace(cfg, early_stop=False))]
     assert a == b and a[0] == ref[0][:3]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_slots_packed_steps_budget_and_memory_cap(arch, monkeypatch):
+    """A step packs the decoding slots' tokens with the prompts entering free slots; whatever
+    the packing (every prompt at once, one prompt a step, a memory cap leaving one slot), and
+    whether the slot count comes from ``slots`` or ``batch_size``, the tokens are the batch-1
+    reference's (float64: no near-ties)."""
+    model = tiny(arch).eval()
+    prompts = _prompts(model, seed=5, n=9, shared=17)
+    base = GenerationConfig(max_new_tokens=10, batch_size=1, share_prefix=False, continuous=False, stop_on_eos=False)
+    ref = [g.output_ids for g in generate(model, None, prompts, base)]
+    cases = [dict(slots=64), dict(batch_size=4), dict(slots=4, batch_size=2), dict(slots=2, share_prefix=True)]
+    for case in cases:
+        cfg = dataclasses.replace(base, continuous=True, **case)
+        assert [g.output_ids for g in generate(model, None, prompts, cfg)] == ref, case
+    monkeypatch.setattr(slots, "PREFILL_TOKENS", 1)  # one prompt enters per step
+    cfg = dataclasses.replace(base, continuous=True, slots=5, share_prefix=True)
+    assert [g.output_ids for g in generate(model, None, prompts, cfg)] == ref
+    monkeypatch.setattr(slots, "SLOT_CACHE_BYTES", 1)  # room for one slot only
+    assert [g.output_ids for g in generate(model, None, prompts, cfg)] == ref
+
+
+def test_generation_config_rows():
+    assert GenerationConfig(batch_size=3).rows == 3
+    assert GenerationConfig(batch_size=3, slots=40).rows == 40
+    assert GenerationConfig(batch_size=3, slots=40, continuous=False).rows == 3
+    with pytest.raises(Exception, match="slots must be >= 0"):
+        GenerationConfig(slots=-1)

@@ -48,9 +48,12 @@ def test_verdicts_read_the_targets_from_the_results(check):
         {"measurement": "optimizer", "fraction_components": 0.1, "speedup": 2.0, "memory_ratio_state": 0.2},
         {"measurement": "backward", "fraction_components": 0.016, "row_selective_ms": 1.0, "dense_ms": 2.0},
         {"measurement": "backward", "fraction_components": 0.016, "row_selective_ms": 3.0, "dense_ms": 2.0}]}
+    gen = {"speedups": {"slots_vs_generate_static": 0.9}}
     got = {v["target"].split(" ")[0] + str(i): (v["measured"], v["met"])
-           for i, v in enumerate(check.verdicts({"attribution": att, "sparse": sp}))}
-    assert list(got.values()) == [(1.2, False), (0.3, True), (12.0, True), (0.02, True), (1.0, False)]
+           for i, v in enumerate(check.verdicts({"attribution": att, "sparse": sp, "generation": gen}))}
+    assert list(got.values()) == [(1.2, False), (0.3, True), (12.0, True), (0.02, True), (1.0, False), (0.9, False)]
+    gen["speedups"]["slots_vs_generate_compiled"] = 1.5  # on CUDA the compiled generate is the peer
+    assert check.verdicts({"generation": gen})[-1]["measured"] == 1.5 and check.verdicts({"generation": gen})[-1]["met"]
     assert all(v["met"] is None and v["measured"] is None for v in check.verdicts({}))
 
 
@@ -84,7 +87,7 @@ def check_folder(out: Path, check, harness) -> None:
     assert all(r["status"] == "ok" for r in summary["results"]), summary["results"]
     assert summary["tests"]["tests"] > 0 and summary["tests"]["skipped"] == summary["tests"]["tests"]  # no GPU
     assert summary["attn_implementation"] == "sdpa"
-    assert len(summary["targets"]["verdicts"]) == 5
+    assert len(summary["targets"]["verdicts"]) == 6
     assert all(v["measured"] is not None for v in summary["targets"]["verdicts"])
     for name in ("sparse", "row_grad_tiles", "attribution"):
         harness.validate(json.loads((out / f"{name}.json").read_text()))
@@ -92,8 +95,17 @@ def check_folder(out: Path, check, harness) -> None:
     assert {r["tiles"] for r in tiles["results"]} == {t.name for t in _tile_candidates()}
     pipe = json.loads((out / "pipeline.json").read_text())
     assert pipe["schema"] == harness.SCHEMA and pipe["same"] and pipe["tokenizer"] == "chars"
+    gen = summary["generation"]  # embedded (the folder keeps its 8 files)
+    harness.validate(gen)
+    sides = {r["side"]: r for r in gen["results"]}
+    assert sides["generate (static cache, compiled, CUDA graphs)"]["status"] == "skipped (CUDA only)"
+    assert all(sides[s]["status"] == "ok" and sides[s]["new_tokens"] > 0
+               for s in ("slots", "reference (1 slot)", "generate (static cache)"))
+    # fp32 toy model: the slot decoder gives the batch-1 reference's tokens on every compared row
+    assert gen["same_tokens"]["slots_vs_reference"] == gen["same_tokens"]["compared"] > 0
     md = (out / "check.md").read_text()
     assert md.startswith("# Device check (--tiny") and "## Targets" in md and "### Pipeline" in md
+    assert "## Generation" in md
 
 
 def _tile_candidates():

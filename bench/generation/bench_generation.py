@@ -1,4 +1,4 @@
-"""Generation benchmark: today's decoder vs the slot decoder vs transformers' ``generate``.
+"""Generation benchmark: the previous decoder vs the slot decoder vs transformers' ``generate``.
 
     python bench/generation/bench_generation.py [--baseline 3f1174f] [--ref-problems 238] ...
 
@@ -6,11 +6,11 @@ On the default run's 238 base-evaluation prompts (``prompts.py``) with the embed
 and the default run's decoding settings (greedy, 160 new tokens at most, the paper's stops, 8
 rows), in one run, every side in its own process (``side.py``):
 
-* **today**: the decoder of ``--baseline`` (a ``git worktree`` of that commit under ``--base-dir``,
+* **previous**: the decoder of ``--baseline`` (an export of that commit, ``git archive``, under ``--base-dir``,
   put first on ``PYTHONPATH``), through the base-evaluation stage's own ``eval_resumable``;
 * **new**: this tree's decoder, the same call;
 * **reference**: this tree, one sequence at a time (``batch_size=1``), on the first
-  ``--ref-problems`` prompts: every greedy token of *new* and *today* is compared with it; each
+  ``--ref-problems`` prompts: every greedy token of *new* and *previous* is compared with it; each
   mismatch is listed with the reference model's logit gap between the two tokens at the first
   differing position (a teacher-forced forward);
 * **generate**: ``model.generate(cache_implementation="static")`` on the first ``--hf-problems``
@@ -18,7 +18,7 @@ rows), in one run, every side in its own process (``side.py``):
 * a **batch sweep** of the new decoder (1 / 8 / 32 / 64 slots) on the first ``--sweep-problems``
   prompts; **sampled traces** (the traces stage's settings: temperature 1.2 / 0.8 by greedy
   correctness, ``sample_batch`` samples per problem, per-row seeds) of the first
-  ``--trace-problems`` training problems: today vs new vs the batch-1 reference.
+  ``--trace-problems`` training problems: previous vs new vs the batch-1 reference.
 
 The compute floor of each workload is its FLOPs (every matrix product of the model on the positions
 actually run: the exemplars once, each prompt's own tokens, each new token; attention over the
@@ -128,7 +128,9 @@ def main() -> None:
 
     base = Path(a.base_dir)
     if not base.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), a.baseline], check=True)
+        base.mkdir(parents=True)  # a plain export of the baseline commit (no worktree registered)
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", a.baseline], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=tar, check=True)
     from cca_fast.experiments.config import RunConfig, procedure_settings
     from cca_fast.models.loading import load_model
     from cca_fast.stages.traces import TraceConfig, problem_seed
@@ -148,48 +150,113 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_gen_"))
 
     def row(workload: str, name: str, secs: float, prompts, outs, n_shared: int, **extra) -> dict[str, Any]:
+        """One result; the floor is the workload's (the exemplars computed once), whatever the
+        decoder does (``n_shared`` is kept for the record)."""
         tokens = sum(len(o) for o in outs)
-        floor = flops(cfg, body, prompts, outs, n_shared) / rate
+        floor = flops(cfg, body, prompts, outs, shared) / rate
         r = {"workload": workload, "decoder": name, "seconds": round(secs, 2), "new_tokens": tokens,
              "tokens_per_second": round(tokens / secs, 1), "floor_seconds": round(floor, 2),
              "floor_ratio": round(secs / floor, 2), **extra}
         results.append(r)
         return r
 
-    # ---- base evaluation: today vs new (the stage's own call), then the batch-1 reference
+
+    def write(done: bool = False) -> None:
+        """Write the JSON and Markdown of the parts measured so far (each part adds rows)."""
+        by = {(r["workload"], r["decoder"]): r for r in results}
+        speed = {}
+        if ("base_eval", "new") in by:
+            speed["base_eval_new_vs_previous"] = round(by[("base_eval", "previous")]["seconds"]
+                                                       / by[("base_eval", "new")]["seconds"], 2)
+            speed["base_eval_new_floor_ratio"] = by[("base_eval", "new")]["floor_ratio"]
+        hf_key = next((k for k in by if k[1] == "transformers generate (static cache)"), None)
+        if hf_key:
+            speed[f"{hf_key[0]}_new_vs_generate"] = round(by[hf_key]["seconds"] / by[(hf_key[0], "new")]["seconds"], 2)
+        checks = []
+        if "base_eval_new_vs_previous" in speed:
+            checks += [(">= 4x the previous decoder on the base evaluation", speed["base_eval_new_vs_previous"], 4, 1),
+                       ("within 2x of the compute floor", speed["base_eval_new_floor_ratio"], 2, -1)]
+        if hf_key:
+            checks.append(("ahead of transformers' generate (static cache)", speed[f"{hf_key[0]}_new_vs_generate"],
+                           1.0, 1))
+        res = report("generation", "cpu", results, model=model,
+                     config={"baseline": a.baseline, "problems": len(ids), "exemplar_tokens": shared,
+                             "gemm_gflops": round(rate / 1e9, 1), "generation": gen.to_dict(), **sizes,
+                             "complete": done},
+                     targets={"new_vs_previous": ">= 4", "floor_ratio": "<= 2", "new_vs_generate": "> 1"},
+                     speedups=speed, same_outputs=same, mismatches=mism)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "generation.json").write_text(json.dumps(res, indent=1))
+        md = ["# Generation benchmark" + ("" if done else " (partial: the run is not finished)"), "",
+              environment_line(res["env"]), "",
+              f"GEMM (fp32, 512x576x1536) measured: {rate / 1e9:.1f} GFLOP/s; exemplar prefix {shared} tokens.", "",
+              markdown_table(["workload", "decoder", "s", "new tokens", "tokens/s", "floor s", "x floor"],
+                             [[r["workload"], r["decoder"], r["seconds"], r["new_tokens"], r["tokens_per_second"],
+                               r["floor_seconds"], r["floor_ratio"]] for r in results]),
+              "", "Speed-ups: " + ", ".join(f"{k} {v}x" if "floor" not in k else f"{k} {v}" for k, v in speed.items()),
+              "", "Targets: " + "; ".join(f"{name}: {v}x ({'met' if (v >= lim if sign > 0 else v <= lim) else 'MISSED'})"
+                                          for name, v, lim, sign in checks),
+              "", "Same tokens: " + ", ".join(f"{k} {v}" for k, v in same.items()), "",
+              f"Token mismatches vs the batch-1 reference: {len(mism)}", ""]
+        if mism:
+            md.append(markdown_table(["side", "row", "position", "ref token", "token", "logit gap", "top-2 gap"],
+                                     [[m["side"], m["row"], m["position"], m["reference_token"], m["token"],
+                                       m["logit_gap"], m["top2_gap"]] for m in mism]))
+        (out / "generation.md").write_text("\n".join(md) + "\n")
+        if done:
+            print("\n".join(md))
+
+    sizes: dict[str, int] = {}
+    same: dict[str, Any] = {}
+    mism: list[dict[str, Any]] = []
+
+    # ---- base evaluation: previous vs new (the stage's own call), then the batch-1 reference
     print("base evaluation", flush=True)
     new = side({"mode": "eval", "limit": a.problems}, None, tmp, "eval_new")
-    today = side({"mode": "eval", "limit": a.problems}, base, tmp, "eval_today")
-    row("base_eval", "today", today["seconds"], ids, today["outputs"], 0)
+    previous = side({"mode": "eval", "limit": a.problems}, base, tmp, "eval_previous")
+    row("base_eval", "previous", previous["seconds"], ids, previous["outputs"], 0)
     row("base_eval", "new", new["seconds"], ids, new["outputs"], shared)
-    nr = min(a.ref_problems, len(ids))
-    ref = side({"mode": "generate", "prompts": ids[:nr], "config": {"batch_size": 1}}, None, tmp, "eval_ref")
-    row("base_eval", "reference (new, 1 slot)", ref["seconds"], ids[:nr], ref["outputs"], shared)
-    mism = mismatches(model, ids[:nr], ref["outputs"], new["outputs"][:nr], "new")
-    mism += mismatches(model, ids[:nr], ref["outputs"], today["outputs"][:nr], "today")
-    same = {"new_vs_reference": sum(x == y for x, y in zip(new["outputs"], ref["outputs"])),
-            "today_vs_reference": sum(x == y for x, y in zip(today["outputs"], ref["outputs"])),
-            "new_vs_today": sum(x == y for x, y in zip(new["outputs"], today["outputs"])), "compared": nr,
-            "accuracy_new": sum(new["correct"]) / len(ids), "accuracy_today": sum(today["correct"]) / len(ids)}
-    print(same, flush=True)
-
+    same.update({"new_vs_previous": sum(x == y for x, y in zip(new["outputs"], previous["outputs"])),
+                 "accuracy_new": sum(new["correct"]) / len(ids),
+                 "accuracy_previous": sum(previous["correct"]) / len(ids)})
+    write()
     # ---- transformers' generate (static cache) on a subset, same token counts as the new decoder
     nh = min(a.hf_problems, len(ids))
     sub = ids[:nh]
     lengths = [len(o) for o in new["outputs"][:nh]]
     hf = side({"mode": "hf", "prompts": sub, "lengths": lengths, "batch_size": gen.batch_size}, None, tmp, "hf")
     sub_new = side({"mode": "generate", "prompts": sub, "config": {}}, None, tmp, "sub_new")
-    sub_today = side({"mode": "generate", "prompts": sub, "config": {}}, base, tmp, "sub_today")
+    sub_previous = side({"mode": "generate", "prompts": sub, "config": {}}, base, tmp, "sub_previous")
     row(f"base_eval[:{nh}]", "transformers generate (static cache)", hf["seconds"], sub, hf["outputs"], 0)
     row(f"base_eval[:{nh}]", "new", sub_new["seconds"], sub, sub_new["outputs"], shared)
-    row(f"base_eval[:{nh}]", "today", sub_today["seconds"], sub, sub_today["outputs"], 0)
-    mism += mismatches(model, sub[:nr], ref["outputs"][:min(nh, nr)], hf["outputs"][:min(nh, nr)], "generate")
+    row(f"base_eval[:{nh}]", "previous", sub_previous["seconds"], sub, sub_previous["outputs"], 0)
+    sizes["hf_problems"] = nh
+    write()
 
     # ---- batch sweep of the new decoder
     ns = min(a.sweep_problems, len(ids))
     for b in [int(x) for x in a.sweep.split(",")]:
-        s = side({"mode": "generate", "prompts": ids[:ns], "config": {"batch_size": b}}, None, tmp, f"sweep{b}")
+        s = side({"mode": "generate", "prompts": ids[:ns], "config": {"slots": b}}, None, tmp, f"sweep{b}")
         row(f"sweep[:{ns}]", f"new, {b} slots", s["seconds"], ids[:ns], s["outputs"], shared, slots=b)
+        sizes["sweep_problems"] = ns
+        write()
+
+    # ---- the batch-1 reference on the base evaluation: identity of every greedy token
+    nr = min(a.ref_problems, len(ids))
+    ref = side({"mode": "generate", "prompts": ids[:nr], "config": {"batch_size": 1, "slots": 1}}, None, tmp, "eval_ref")
+    row("base_eval", "reference (new, 1 slot)", ref["seconds"], ids[:nr], ref["outputs"], shared)
+    sizes["ref_problems"] = nr
+    mism += mismatches(model, ids[:nr], ref["outputs"], new["outputs"][:nr], "new")
+    mism += mismatches(model, ids[:nr], ref["outputs"], previous["outputs"][:nr], "previous")
+    same.update({"new_vs_reference": sum(x == y for x, y in zip(new["outputs"], ref["outputs"])),
+            "previous_vs_reference": sum(x == y for x, y in zip(previous["outputs"], ref["outputs"])),
+            "new_vs_previous": sum(x == y for x, y in zip(new["outputs"], previous["outputs"])), "compared": nr,
+            "accuracy_new": sum(new["correct"]) / len(ids), "accuracy_previous": sum(previous["correct"]) / len(ids)})
+    print(same, flush=True)
+    write()
+    mism += mismatches(model, sub[:nr], ref["outputs"][:min(nh, nr)], hf["outputs"][:min(nh, nr)], "generate")
+    write()
 
     # ---- sampled traces (the traces stage's settings)
     tc = TraceConfig()
@@ -204,50 +271,24 @@ def main() -> None:
         rows = [k for k, t in enumerate(temps) if t == temp]
         job = {"mode": "generate", "prompts": [prompts[k] for k in rows], "seeds": [seeds[k] for k in rows],
                "config": {"do_sample": True, "temperature": temp, "top_p": tc.top_p}}
-        for name, code, extra in (("new", None, {}), ("today", base, {}), ("reference", None, {"batch_size": 1})):
+        for name, code, extra in (("new", None, {}), ("previous", base, {}), ("reference", None, {"batch_size": 1, "slots": 1})):
             j2 = dict(job, config={**job["config"], **extra})
             o = side(j2, code, tmp, f"traces_{name}_{temp}")
             d = tr_out.setdefault(name, {"seconds": 0.0, "outputs": [None] * len(prompts)})
             d["seconds"] += o["seconds"]
             for k, out in zip(rows, o["outputs"]):
                 d["outputs"][k] = out
-    for name in ("today", "new", "reference"):
+    for name in ("previous", "new", "reference"):
         row(f"traces[:{nt}]x{tc.sample_batch}", name, tr_out[name]["seconds"], prompts, tr_out[name]["outputs"],
-            0 if name == "today" else shared)
+            0 if name == "previous" else shared)
     same["traces_new_vs_reference"] = sum(x == y for x, y in zip(tr_out["new"]["outputs"], tr_out["reference"]["outputs"]))
-    same["traces_today_vs_reference"] = sum(x == y for x, y in zip(tr_out["today"]["outputs"],
+    same["traces_previous_vs_reference"] = sum(x == y for x, y in zip(tr_out["previous"]["outputs"],
                                                                    tr_out["reference"]["outputs"]))
     same["traces_compared"] = len(prompts)
+    sizes["trace_problems"] = nt
     mism += mismatches(model, prompts, tr_out["reference"]["outputs"], tr_out["new"]["outputs"], "traces new")
 
-    by = {(r["workload"], r["decoder"]): r for r in results}
-    speed = {"base_eval_new_vs_today": round(by[("base_eval", "today")]["seconds"] / by[("base_eval", "new")]["seconds"], 2),
-             f"base_eval[:{nh}]_new_vs_generate": round(by[(f"base_eval[:{nh}]", "transformers generate (static cache)")]["seconds"]
-                                                        / by[(f"base_eval[:{nh}]", "new")]["seconds"], 2),
-             "base_eval_new_floor_ratio": by[("base_eval", "new")]["floor_ratio"]}
-    res = report("generation", "cpu", results, model=model,
-                 config={"baseline": a.baseline, "problems": len(ids), "ref_problems": nr, "hf_problems": nh,
-                         "sweep_problems": ns, "trace_problems": nt, "exemplar_tokens": shared,
-                         "gemm_gflops": round(rate / 1e9, 1), "generation": gen.to_dict()},
-                 targets={"new_vs_today": ">= 4", "floor_ratio": "<= 2", "new_vs_generate": "> 1"},
-                 speedups=speed, same_outputs=same, mismatches=mism)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generation.json").write_text(json.dumps(res, indent=1))
-    md = ["# Generation benchmark", "", environment_line(res["env"]), "",
-          f"GEMM (fp32, 512x576x1536) measured: {rate / 1e9:.1f} GFLOP/s; exemplar prefix {shared} tokens.", "",
-          markdown_table(["workload", "decoder", "s", "new tokens", "tokens/s", "floor s", "x floor"],
-                         [[r["workload"], r["decoder"], r["seconds"], r["new_tokens"], r["tokens_per_second"],
-                           r["floor_seconds"], r["floor_ratio"]] for r in results]),
-          "", "Speed-ups: " + ", ".join(f"{k} {v}x" if "floor" not in k else f"{k} {v}" for k, v in speed.items()),
-          "", "Same tokens: " + ", ".join(f"{k} {v}" for k, v in same.items()), "",
-          f"Token mismatches vs the batch-1 reference: {len(mism)}", ""]
-    if mism:
-        md.append(markdown_table(["side", "row", "position", "ref token", "token", "logit gap", "top-2 gap"],
-                                 [[m["side"], m["row"], m["position"], m["reference_token"], m["token"],
-                                   m["logit_gap"], m["top2_gap"]] for m in mism]))
-    (out / "generation.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write(done=True)
 
 
 if __name__ == "__main__":

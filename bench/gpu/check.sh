@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared device check (issue 15): compiled-kernel tests, kernel benchmarks and the pipeline
-# benchmark on one GPU in under 8 minutes, every result in one folder (at most 8 files).
+# The prepared device check: compiled-kernel tests, kernel benchmarks, the pipeline and the
+# generation benchmarks on one GPU in under 8 minutes, every result in one folder (at most 8 files).
 #
 #   bench/gpu/check.sh                     # GPU: results in bench/gpu/results/<UTC stamp>_gpu/
 #   bench/gpu/check.sh --out "$OUT/check"  # into a given (new or empty) folder

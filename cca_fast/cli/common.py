@@ -79,9 +79,13 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 400) -> None:
-    """``--batch-size --max-new-tokens``."""
+    """``--batch-size --slots --max-new-tokens``."""
     g = parser.add_argument_group("decoding")
-    g.add_argument("--batch-size", type=cli_int, default=8, metavar="B", help="sequences decoded together")
+    g.add_argument("--batch-size", type=cli_int, default=8, metavar="B",
+                   help="sequences decoded together by the padded-batch decoder (and the attribution batch)")
+    g.add_argument("--slots", type=cli_int, default=64, metavar="S",
+                   help="sequences the slot decoder decodes together (continuous batching, the shared "
+                        "exemplars stored once)")
     g.add_argument("--max-new-tokens", type=cli_int, default=max_new_tokens, metavar="N",
                    help="new tokens per answer at most (the paper uses 1500: pass --max-new-tokens 1500 "
                         "for fidelity; the default suits CPU runs and GSM-style answers)")

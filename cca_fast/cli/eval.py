@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from cca_fast.io import check_writable_dir
 
     checks.positive("--batch-size", args.batch_size)
+    checks.positive("--slots", args.slots)
     checks.positive("--max-new-tokens", args.max_new_tokens)
     from cca_fast.models.loading import check_model_name
 
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     prompt = PromptConfig(mode=args.prompt_mode, exemplars=args.shots, n_shots=args.n_shots)
     prompt.shots()  # read and check the exemplar file before the (slow) model load
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                  stops=paper_stops())  # written into eval.json's meta as decoded
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, slots=args.slots,
+                                  seed=args.seed, stops=paper_stops())  # written into eval.json's meta as decoded
     problems = load_problems_from_args(args)
     model, tokenizer = load_model_from_args(args)
     result = evaluate(model, tokenizer, problems, prompt=prompt, generation=generation, progress=not args.quiet)

@@ -151,6 +151,7 @@ RUN_FLAGS: list[FieldFlag] = [
     FieldFlag("n_shots", "prompt.n_shots"),
     FieldFlag("prompt_mode", "prompt.mode"),
     FieldFlag("batch_size", "generation.batch_size"),
+    FieldFlag("slots", "generation.slots"),
     FieldFlag("max_new_tokens", "generation.max_new_tokens"),
     FieldFlag("k", "trace.k"),
     FieldFlag("dcm_lambda", "dcm.lambda_l1"),

@@ -77,7 +77,11 @@ class GenerationConfig:
         top_k: keep only the ``top_k`` most likely tokens; 0 = off.
         seed: sampling seed; row ``i`` of the prompt list uses a generator seeded from
             ``(seed, i)``.
-        batch_size: sequences decoded together.
+        batch_size: sequences decoded together (the padded-batch decoder's batch; the slot
+            decoder's slot count when ``slots`` is 0).
+        slots: the slot decoder's number of slots (``continuous``; 0 = ``batch_size``). A slot
+            holds only its own key/values (the shared prefix is stored once), so many slots are
+            cheap; see :attr:`rows`.
         stops: text stop rules (:mod:`~cca_fast.generation.stops`), e.g.
             :func:`cca_fast.evaluation.prompting.paper_stops`; none by default.
         stop_on_eos: stop at an EOS token.
@@ -101,6 +105,7 @@ class GenerationConfig:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 8
+    slots: int = 0
     stops: tuple[StopRule, ...] = ()
     stop_on_eos: bool = True
     eos_token_ids: tuple[int, ...] = ()
@@ -115,6 +120,8 @@ class GenerationConfig:
             raise CCAError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise CCAError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.slots < 0:
+            raise CCAError(f"slots must be >= 0 (0 = batch_size), got {self.slots}")
         if not self.temperature > 0:
             raise CCAError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -125,6 +132,12 @@ class GenerationConfig:
         bad = [s for s in self.stops if not isinstance(s, StopRule)]
         if bad:
             raise CCAError(f"stops must be stop rules (cca_fast.generation.stops), got {bad[0]!r}")
+
+    @property
+    def rows(self) -> int:
+        """Sequences decoded at once: ``slots`` (or ``batch_size`` when 0) with ``continuous``,
+        else ``batch_size``. Callers that cut work into chunks size them by it."""
+        return (self.slots or self.batch_size) if self.continuous else self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -496,7 +509,7 @@ def _generate(model, tokenizer, prompts, config, *, row_seeds, callback, stats, 
                     callback([i], [results[i]])
             return stopped
 
-        slots.run_slots(model, [s[P:] for s in seqs], slots=config.batch_size, max_new_tokens=config.max_new_tokens,
+        slots.run_slots(model, [s[P:] for s in seqs], slots=config.slots or config.batch_size, max_new_tokens=config.max_new_tokens,
                         prefix=prefix_state, choose=_chooser(config, seeds), push=push,
                         early_stop=config.early_stop, stats=stats)
         return [g for g in results if g is not None]

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from cca_fast.generation.batching import Padded, run_suffixes
 from cca_fast.generation.state import DecodeState, GenerationStats, expand, extend_state
 from cca_fast.models import runtime
 
@@ -100,6 +101,20 @@ def run_prefix(model: nn.Module, ids: Sequence[int] | torch.Tensor, *, attention
     return runtime.forward(model, input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                            cache=runtime.new_cache(model), keep=keep)
 
+
+
+def on_shared_prefix(model: nn.Module, prefix: Sequence[int] | torch.Tensor, batch: Padded, *,
+                     keep: int | None = 1) -> torch.Tensor:
+    """Logits of the last ``keep`` positions ``[B, keep, V]`` of ``prefix + row`` for every row of
+    ``batch`` (:func:`~cca_fast.generation.batching.pad` with ``offset=len(prefix)``): the prefix
+    runs once (:func:`run_prefix`, batch 1, under the caller's grad mode), its cache is expanded
+    to the batch (:func:`expand`: differentiable, the rows' gradients summed) and the rows run on
+    it with the prefix's mask (ones) prepended (:func:`~cca_fast.generation.batching.run_suffixes`)."""
+    _, cache = run_prefix(model, prefix)
+    P = prefix.shape[1] if isinstance(prefix, torch.Tensor) else len(prefix)
+    expand(cache, len(batch))
+    ones = torch.ones((1, P), dtype=torch.long, device=batch.attention_mask.device)
+    return run_suffixes(model, batch, cache=cache, prefix_mask=ones, keep=keep)[0]
 
 def crop_copy(model: nn.Module, cache: Any, length: int) -> Any:
     """A new cache holding the first ``length`` positions of ``cache`` (``None`` when its layers

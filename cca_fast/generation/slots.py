@@ -14,9 +14,11 @@ attention goes through transformers' attention interface (:data:`FAMILIES`):
   ``[H_kv, P, D]`` per layer: attention is computed over ``[shared prefix ; the slot's own
   keys]`` (:func:`slot_attention`, registered with ``transformers.AttentionInterface`` as
   ``"cca_slots"``), the prefix is never copied per row and is read once per step for all slots;
-* a prompt entering a slot is prefilled alone (batch 1, no padding), with logits at its last
-  position only; the decode step runs every slot (a fixed shape), masks what a slot does not own,
-  and keeps the outputs of the slots that decode.
+* one forward per **step**: the next token of every slot that decodes and the whole of every
+  prompt that enters a free slot, packed in one sequence ``[1, N]`` (no padding), so the linear
+  layers read the weights once for all of them; logits only at the positions that pick a token.
+  Attention (:meth:`SlotKV.attend`) runs the decoding tokens over every slot (a fixed shape,
+  masking what a slot does not own) and each new prompt over ``[prefix ; its own tokens]``.
 
 Every row computes what it would compute alone: its own tokens, the shared prefix, its own
 per-row generator (sampling); a sequence's tokens do not depend on its slot, its neighbours or the
@@ -37,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cca_fast.generation.matmul import small_batch_linears
 from cca_fast.generation.state import DecodeState, GenerationStats
 from cca_fast.models import runtime
 
@@ -46,6 +49,21 @@ from cca_fast.models import runtime
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
 ATTN_NAME = "cca_slots"
 KWARG = "cca_slots"
+#: prompt tokens a step takes in at most (beyond the first prompt): bounds a step's activations
+PREFILL_TOKENS = 4096
+#: the slots' own key/values take at most this many bytes: fewer slots are used beyond it (the
+#: tokens do not depend on the number of slots)
+SLOT_CACHE_BYTES = 2 << 30
+
+
+def slot_bytes(model: torch.nn.Module, max_len: int) -> int:
+    """Bytes of one slot's key/values for ``max_len`` own positions (every layer, K and V)."""
+    cfg = runtime.unwrap(model).config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    elem = next(runtime.unwrap(model).parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * max_len * elem
 #: held while a model runs with the ``"cca_slots"`` attention (the switch is on the model's config,
 #: shared by threads): :func:`~cca_fast.generation.decode.generate` holds it for its whole call
 LOCK = threading.RLock()
@@ -81,16 +99,22 @@ def _register() -> bool:
 class SlotKV:
     """The key/values of a slot batch: the shared prefix once, each slot's own positions.
 
+    One forward of the model is one *step*: a packed sequence ``[1, N]`` of the tokens of the
+    slots that decode (one token each, first, in slot order) followed by the prompts that enter
+    free slots (all their tokens; see :meth:`plan`). The linear layers then run every token of
+    the step in one matrix product; only attention knows which slot a token belongs to.
+
     Attributes:
         prefix_k, prefix_v: per layer ``[H_kv, P, D]`` (empty lists when there is no prefix).
         k, v: per layer ``[S, H_kv, L_max, D]``, allocated at the first forward.
-        lens: ``LongTensor [S]``, positions each slot owns (before the current step's token).
-        mode: ``"prefill"`` (one slot, ``slot``, its first tokens) or ``"decode"`` (every slot, one
-            token each, written at ``lens``; ``width`` = own positions attended, ``max(lens) + 1``).
+        lens: ``LongTensor [S]``, positions each slot owns (before the current step's tokens).
+        dec: ``LongTensor [n_dec]`` the slots that decode this step (ascending).
+        segs: ``(slot, offset, length)`` of each prompt entering a slot this step (``offset`` into
+            the packed sequence).
     """
 
-    def __init__(self, slots: int, max_len: int, prefix: Any = None):
-        self.slots, self.max_len = slots, max_len
+    def __init__(self, slots: int, max_len: int, prefix: Any = None, device: torch.device | str = "cpu"):
+        self.slots, self.max_len, self.device = slots, max_len, torch.device(device)
         self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
         if prefix is not None:
@@ -101,82 +125,125 @@ class SlotKV:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.lens = torch.zeros(slots, dtype=torch.long)
-        self.mode, self.slot, self.width = "decode", 0, 1
+        self.dec = torch.zeros(0, dtype=torch.long)
+        self.segs: list[tuple[int, int, int]] = []
+        self.width = 1
+        self._dec_lens = self.lens
+        self._all = False  # every slot decodes (no scatter of queries needed)
         self._own_mask: torch.Tensor | None = None
-        self._arange = torch.arange(slots)
 
     def _buffers(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.k:
             shape = (self.slots, key.shape[1], self.max_len, key.shape[3])
             self.k[layer] = key.new_zeros(shape)
             self.v[layer] = key.new_zeros(shape)
-            if self.lens.device != key.device:
-                self.lens, self._arange = self.lens.to(key.device), self._arange.to(key.device)
         return self.k[layer], self.v[layer]
 
-    def begin_decode(self) -> None:
-        """Set up a decode step: the own-position mask ``[S, 1, 1, width]`` shared by all layers."""
-        self.mode = "decode"
-        self.width = int(self.lens.max()) + 1
-        pos = torch.arange(self.width, device=self.lens.device)
-        self._own_mask = (pos.unsqueeze(0) <= self.lens.unsqueeze(1))[:, None, None, :]
+    def plan(self, dec: Sequence[int], segs: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Set up a step: slots ``dec`` decode one token each, prompts of ``(slot, length)``
+        ``segs`` enter their slots. Returns ``(position offsets into the slots' own positions of
+        each packed token, index of the token whose logits each decoding slot / new prompt
+        needs)``; ``lens`` is advanced by :meth:`advance` after the forward."""
+        dec = sorted(dec)
+        self.dec = torch.tensor(dec, dtype=torch.long)
+        self._dec_lens = self.lens[self.dec]
+        self._all = len(dec) == self.slots
+        pos = self._dec_lens.tolist()
+        keep = list(range(len(dec)))
+        self.segs, o = [], len(dec)
+        for s, T in segs:
+            self.segs.append((s, o, T))
+            pos += range(T)
+            o += T
+            keep.append(o - 1)
+        if dec:
+            self.width = int(self._dec_lens.max()) + 1
+            own = torch.arange(self.width).unsqueeze(0) <= self.lens.unsqueeze(1)  # [S, W]
+            self._own_mask = own[:, None, None, :].to(self.device)
+        return pos, keep
+
+    def advance(self) -> None:
+        """After the step's forward: each decoding slot owns one more position, each new prompt
+        its tokens."""
+        if len(self.dec):
+            self.lens[self.dec] += 1
+        for s, _, T in self.segs:
+            self.lens[s] = T
 
     def compact(self, keep: Sequence[int]) -> None:
         """Keep only slots ``keep`` (renumbered ``0..len(keep)-1``): one copy, for the tail of a
         run when few rows are left."""
-        idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.lens.device)
+        idx = torch.as_tensor(list(keep), dtype=torch.long)
         for layer in self.k:
-            self.k[layer] = self.k[layer].index_select(0, idx)
-            self.v[layer] = self.v[layer].index_select(0, idx)
+            i = idx.to(self.k[layer].device)
+            self.k[layer] = self.k[layer].index_select(0, i)
+            self.v[layer] = self.v[layer].index_select(0, i)
         self.lens = self.lens.index_select(0, idx)
         self.slots = len(keep)
-        self._arange = torch.arange(self.slots, device=self.lens.device)
 
     # ---- attention ---------------------------------------------------------------------------
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
-        """Store this forward's ``key``/``value`` ``[B, H_kv, T, D]`` and attend ``query``
-        ``[B, H, T, D]`` over the shared prefix and the slot's own positions; returns
-        ``[B, T, H, D]`` (what transformers' attention functions return)."""
+        """Store this step's ``key``/``value`` ``[1, H_kv, N, D]`` in the slots and attend
+        ``query`` ``[1, H, N, D]``: each token over the shared prefix and its slot's positions up
+        to its own; returns ``[1, N, H, D]`` (what transformers' attention functions return)."""
         K, V = self._buffers(layer, key)
+        q, k, v = query[0], key[0], value[0]  # [H, N, D], [H_kv, N, D]
+        H, N, D = q.shape
+        out = q.new_empty(N, H, D)
+        nd = len(self.dec)
+        if nd:
+            out[:nd] = self._decode(layer, K, V, q[:, :nd], k[:, :nd], v[:, :nd], scaling)
         pk = self.prefix_k[layer] if self.P else None
         pv = self.prefix_v[layer] if self.P else None
-        if self.mode == "prefill":
-            T = key.shape[2]
-            K[self.slot, :, :T] = key[0]
-            V[self.slot, :, :T] = value[0]
-            keys, vals = key, value
+        for s, o, T in self.segs:
+            K[s, :, :T] = k[:, o:o + T]
+            V[s, :, :T] = v[:, o:o + T]
+            keys, vals = k[None, :, o:o + T], v[None, :, o:o + T]
             if pk is not None:
-                keys = torch.cat([pk.unsqueeze(0), key], dim=2)
-                vals = torch.cat([pv.unsqueeze(0), value], dim=2)
+                keys = torch.cat([pk.unsqueeze(0), keys], dim=2)
+                vals = torch.cat([pv.unsqueeze(0), vals], dim=2)
             mask = torch.ones(T, self.P + T, dtype=torch.bool, device=key.device).tril_(self.P)
-            g = query.shape[1] // key.shape[1]
+            g = H // k.shape[0]
             if g > 1:
                 keys, vals = keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1)
-            out = F.scaled_dot_product_attention(query, keys, vals, attn_mask=mask, scale=scaling)
-            return out.transpose(1, 2)
-        # decode: every slot, one token
-        S, Hkv, _, D = key.shape
-        H = query.shape[1]
+            o_seg = F.scaled_dot_product_attention(q[None, :, o:o + T], keys, vals, attn_mask=mask, scale=scaling)
+            out[o:o + T] = o_seg[0].transpose(0, 1)
+        return out.unsqueeze(0)
+
+    def _decode(self, layer: int, K: torch.Tensor, V: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One token per decoding slot: ``q [H, n_dec, D]``, ``k``/``v [H_kv, n_dec, D]``;
+        returns ``[n_dec, H, D]``. Attention runs over every slot (a fixed shape; the slots that
+        do not decode get a zero query and their output is dropped)."""
+        dev = K.device
+        dec, lens = self.dec.to(dev), self._dec_lens.to(dev)
+        K[dec, :, lens] = k.transpose(0, 1)
+        V[dec, :, lens] = v.transpose(0, 1)
+        S, Hkv, _, D = K.shape
+        H = q.shape[0]
         g = H // Hkv
-        K[self._arange, :, self.lens] = key[:, :, 0]
-        V[self._arange, :, self.lens] = value[:, :, 0]
+        qd = q.transpose(0, 1)  # [n_dec, H, D]
+        if not self._all:
+            qd = qd.new_zeros(S, H, D).index_copy_(0, dec, qd)
         W = self.width
-        q = query.reshape(S, Hkv, g, D)
-        own = torch.matmul(q, K[:, :, :W].transpose(-1, -2))  # [S, Hkv, g, W]
+        qs = qd.reshape(S, Hkv, g, D)
+        own = torch.matmul(qs, K[:, :, :W].transpose(-1, -2))  # [S, Hkv, g, W]
         own = own.mul_(scaling).masked_fill_(~self._own_mask, float("-inf"))
-        if pk is None:
-            probs = torch.softmax(_wide(own), dim=-1).to(value.dtype)
-            out = torch.matmul(probs, V[:, :, :W])
+        if not self.P:
+            probs = torch.softmax(_wide(own), dim=-1).to(v.dtype)
+            o = torch.matmul(probs, V[:, :, :W])
         else:
-            qp = q.permute(1, 0, 2, 3).reshape(Hkv, S * g, D)
+            pk, pv = self.prefix_k[layer], self.prefix_v[layer]
+            qp = qs.permute(1, 0, 2, 3).reshape(Hkv, S * g, D)
             pre = torch.matmul(qp, pk.transpose(-1, -2)).mul_(scaling)  # [Hkv, S*g, P]
             pre = pre.reshape(Hkv, S, g, self.P).permute(1, 0, 2, 3)
-            probs = torch.softmax(_wide(torch.cat([pre, own], dim=-1)), dim=-1).to(value.dtype)
+            probs = torch.softmax(_wide(torch.cat([pre, own], dim=-1)), dim=-1).to(v.dtype)
             p_pre = probs[..., :self.P].permute(1, 0, 2, 3).reshape(Hkv, S * g, self.P)
-            out = torch.matmul(p_pre, pv).reshape(Hkv, S, g, D).permute(1, 0, 2, 3)
-            out = out + torch.matmul(probs[..., self.P:], V[:, :, :W])
-        return out.reshape(S, H, 1, D).transpose(1, 2)
+            o = torch.matmul(p_pre, pv).reshape(Hkv, S, g, D).permute(1, 0, 2, 3)
+            o = o + torch.matmul(probs[..., self.P:], V[:, :, :W])
+        o = o.reshape(S, H, D)
+        return o if self._all else o.index_select(0, dec)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -225,9 +292,13 @@ class _Row:
 
 def run_slots(model: torch.nn.Module, seqs: Sequence[Sequence[int]], *, slots: int, max_new_tokens: int,
               prefix: DecodeState | None, choose: Callable[[torch.Tensor, list[int]], list[int]],
-              push: Callable[[int, int], bool], early_stop: bool = True,
+              push: Callable[[int, int], bool], early_stop: bool = True, prefill_tokens: int | None = None,
               stats: GenerationStats | None = None) -> None:
     """Decode every sequence of ``seqs`` through ``slots`` slots (continuous batching).
+
+    Each step is one forward: a token for every slot that decodes, and the prompts that enter
+    the free slots (in input order, at most ``prefill_tokens`` prompt tokens a step, at least one
+    prompt; ``None``: :data:`PREFILL_TOKENS`), packed in one sequence.
 
     Args:
         seqs: the prompts' token ids *after* the shared prefix (each non-empty).
@@ -240,42 +311,43 @@ def run_slots(model: torch.nn.Module, seqs: Sequence[Sequence[int]], *, slots: i
     """
     device = runtime.input_device(model)
     n = len(seqs)
-    slots = max(1, min(slots, n))
+    max_len = max(len(s) for s in seqs) + max_new_tokens
+    slots = max(1, min(slots, n, SLOT_CACHE_BYTES // max(1, slot_bytes(model, max_len))))
     P = prefix.next_position[0].item() if prefix is not None else 0
-    kv = SlotKV(slots, max(len(s) for s in seqs) + max_new_tokens, prefix.cache if prefix is not None else None)
+    kv = SlotKV(slots, max_len, prefix.cache if prefix is not None else None,
+                device)
     queue = list(range(n))[::-1]  # pop() takes the next prompt in input order
     rows: list[_Row | None] = [None] * slots
-    logits: torch.Tensor | None = None  # [S, V] next-token logits of each slot
-    ready = [False] * slots  # the slot's logits are fresh (a token is to be chosen)
-    with torch.no_grad(), attention_as(model):
+    pending: list[int | None] = [None] * slots  # the token a slot feeds at the next step
+    keep_kw = runtime.accepts_logits_to_keep(model)
+    with torch.no_grad(), attention_as(model), small_batch_linears(runtime.unwrap(model)):
         while True:
+            segs: list[tuple[int, int]] = []
+            budget = PREFILL_TOKENS if prefill_tokens is None else prefill_tokens
             for s in range(kv.slots):  # fill free slots
-                if rows[s] is None and queue:
+                if rows[s] is None and queue and (not segs or len(seqs[queue[-1]]) <= budget):
                     i = queue.pop()
-                    ids = torch.tensor([list(seqs[i])], dtype=torch.long, device=device)
-                    T = ids.shape[1]
-                    kv.mode, kv.slot = "prefill", s
-                    out, _ = runtime.forward(model, input_ids=ids, position_ids=P + torch.arange(T, device=device)[None],
-                                             use_cache=False, keep=1, **{KWARG: kv})
-                    if logits is None:
-                        logits = out.new_zeros(slots, out.shape[-1])
-                    logits[s] = out[0, -1]
-                    kv.lens[s] = T
-                    rows[s], ready[s] = _Row(i), True
+                    rows[s] = _Row(i)
+                    segs.append((s, len(seqs[i])))
+                    budget -= len(seqs[i])
                     if stats is not None:
-                        stats.prefill_tokens += T
-            live = [s for s in range(kv.slots) if rows[s] is not None]
-            if not live:
+                        stats.prefill_tokens += len(seqs[i])
+            dec = [s for s in range(kv.slots) if pending[s] is not None]
+            if not dec and not segs:
                 break
-            if not queue and len(live) <= kv.slots // 2 and kv.slots > 1:  # the tail: fewer, smaller steps
-                kv.compact(live)
-                logits = logits[live]
-                rows, ready = [rows[s] for s in live], [ready[s] for s in live]
-                live = list(range(len(live)))
-            picks = [s for s in live if ready[s]]
-            toks = choose(logits[picks], [rows[s].index for s in picks])
-            step_tokens = torch.zeros(kv.slots, dtype=torch.long)
-            decoding = []
+            offsets, keep = kv.plan(dec, segs)
+            ids = [pending[s] for s in sorted(dec)] + [t for s, _ in segs for t in seqs[rows[s].index]]
+            ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+            pos = torch.tensor([offsets], dtype=torch.long, device=device) + P
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            kw = {"logits_to_keep": idx} if keep_kw else {}
+            out = runtime.unwrap(model)(input_ids=ids_t, position_ids=pos, use_cache=False, **kw, **{KWARG: kv})
+            logits = out.logits[0] if keep_kw else out.logits[0, idx]
+            kv.advance()
+            if stats is not None and dec:
+                stats.decode_steps += 1
+            picks = sorted(dec) + [s for s, _ in segs]
+            toks = choose(logits, [rows[s].index for s in picks])
             for s, t in zip(picks, toks):
                 row = rows[s]
                 row.tokens.append(t)
@@ -286,20 +358,11 @@ def run_slots(model: torch.nn.Module, seqs: Sequence[Sequence[int]], *, slots: i
                         stats.sequences += int(row.done)
                 elif stats is not None:
                     stats.discarded_tokens += 1
-                more = len(row.tokens) < max_new_tokens and (not row.done or not early_stop)
-                if more:
-                    step_tokens[s] = t
-                    decoding.append(s)
+                if len(row.tokens) < max_new_tokens and (not row.done or not early_stop):
+                    pending[s] = t
                 else:
-                    rows[s], ready[s] = None, False
-            if not decoding:
-                continue
-            kv.begin_decode()
-            pos = (P + kv.lens).unsqueeze(1).to(device)
-            out, _ = runtime.forward(model, input_ids=step_tokens.unsqueeze(1).to(device), position_ids=pos,
-                                     use_cache=False, keep=1, **{KWARG: kv})
-            idx = torch.tensor(decoding, dtype=torch.long, device=logits.device)
-            logits[idx] = out[idx, -1]
-            kv.lens[idx.to(kv.lens.device)] += 1
-            if stats is not None:
-                stats.decode_steps += 1
+                    rows[s], pending[s] = None, None
+            live = [s for s in range(kv.slots) if rows[s] is not None]
+            if not queue and kv.slots > 1 and len(live) <= kv.slots // 2:  # the tail: fewer, smaller steps
+                kv.compact(live)
+                rows, pending = [rows[s] for s in live], [pending[s] for s in live]

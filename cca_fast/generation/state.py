@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from cca_fast.errors import CCAError
+from cca_fast.generation.batching import pad, run_suffixes
 from cca_fast.models import runtime
 
 
@@ -129,26 +130,16 @@ def extend_state(model: torch.nn.Module, sequences: Sequence[Sequence[int]], bas
         logits, in ``state``, are computed then).
     """
     B = len(sequences)
-    device = runtime.input_device(model)
-    S = max(len(s) for s in sequences)
-    ids = torch.full((B, S), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((B, S), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, S - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, S - len(s):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    if base is None:
-        cache, full_mask = runtime.new_cache(model), mask
-    else:
-        if base.batch_size != B:
-            raise CCAError(f"base state has batch {base.batch_size}; need {B}")
-        cache = base.cache
-        full_mask = torch.cat([base.attention_mask, mask], dim=1)
-        pos = pos + base.next_position.unsqueeze(1)
+    if base is not None and base.batch_size != B:
+        raise CCAError(f"base state has batch {base.batch_size}; need {B}")
+    batch = pad(sequences, pad_id, offset=0 if base is None else base.next_position,
+                device=runtime.input_device(model))
+    S, pos = batch.input_ids.shape[1], batch.position_ids
+    cache = runtime.new_cache(model) if base is None else base.cache
+    prefix_mask = None if base is None else base.attention_mask
     with torch.no_grad():
-        out, cache = runtime.forward(model, input_ids=ids, attention_mask=full_mask, position_ids=pos, cache=cache,
-                                     keep=max(1, keep_logits))
+        out, cache = run_suffixes(model, batch, cache=cache, prefix_mask=prefix_mask, keep=max(1, keep_logits))
+    full_mask = batch.attention_mask if base is None else torch.cat([base.attention_mask, batch.attention_mask], dim=1)
     logits = out[:, -1, :]
     if torch.isnan(logits).any():
         attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")

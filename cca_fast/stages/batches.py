@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from cca_fast.stages.examples import PivotBatch, PivotExample, collate
-from cca_fast.generation.prefix import can_share, expand, run_prefix, shared_len
+from cca_fast.generation.batching import Padded, pad
+from cca_fast.generation.prefix import can_share, on_shared_prefix, shared_len
 from cca_fast.models import runtime
 
 
@@ -89,15 +90,9 @@ def collate_for_loss(model: nn.Module, examples: Sequence[PivotExample], pad_id:
     S = max(len(s) for s in seqs) - P
     if len(seqs) < 2 or not P or not can_share(model, P + S):
         return collate(examples, pad_id, device)
-    B = len(seqs)
-    ids = torch.full((B, S), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((B, P + S), dtype=torch.long)
-    mask[:, :P] = 1
-    for i, s in enumerate(seqs):
-        n = len(s) - P
-        ids[i, S - n :] = torch.tensor(s[P:], dtype=torch.long)
-        mask[i, P + S - n :] = 1
-    pos = P + (mask[:, P:].cumsum(-1) - 1).clamp(min=0)
+    b = pad([s[P:] for s in seqs], pad_id, offset=P)
+    ids, pos = b.input_ids, b.position_ids
+    mask = torch.cat([torch.ones((len(seqs), P), dtype=torch.long), b.attention_mask], dim=1)
     prefix = torch.tensor(seqs[0][:P], dtype=torch.long).unsqueeze(0)
     desired = torch.tensor([e.desired for e in examples], dtype=torch.long)
     undesired = torch.tensor([e.undesired for e in examples], dtype=torch.long)
@@ -119,10 +114,9 @@ def tail_logits(model: nn.Module, batch: PivotBatch | SharedPrefixBatch, n: int 
         if n > batch.input_ids.shape[1]:
             raise ValueError(f"{n} tail positions asked of a shared-prefix batch with {batch.input_ids.shape[1]} "
                              "suffix slots (collate it with a shorter max_shared)")
-        _, cache = run_prefix(model, batch.prefix_ids, attention_mask=batch.attention_mask[:1, :batch.prefix_len])
-        expand(cache, len(batch))  # [1, H, P, D] -> [B, H, P, D], differentiable
-        logits = runtime.forward(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.position_ids, cache=cache, keep=n)[0]
+        P = batch.prefix_len
+        rows = Padded(batch.input_ids, batch.attention_mask[:, P:], batch.position_ids, [])
+        logits = on_shared_prefix(model, batch.prefix_ids, rows, keep=n)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return logits

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from cca_fast.errors import CCAError
+from cca_fast.generation.batching import pad
 
 
 @dataclass(frozen=True)
@@ -99,18 +100,10 @@ def collate(examples: Sequence[PivotExample], pad_id: int, device: torch.device 
                else f"must be a token id (an integer >= 0), got {pad_id!r}")
         raise CCAError(f"collate: pad_id {why}; pass pad_id=tokenizer.eos_token_id (or any valid token id: pad "
                        "slots are masked), or use the tokenizer load_model returns, which always has a pad token")
-    T = max(len(e.prefix_ids) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.prefix_ids)
-        ids[i, T - n :] = torch.tensor(e.prefix_ids, dtype=torch.long)
-        mask[i, T - n :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    b = pad([e.prefix_ids for e in examples], pad_id)
     desired = torch.tensor([e.desired for e in examples], dtype=torch.long)
     undesired = torch.tensor([e.undesired for e in examples], dtype=torch.long)
-    return PivotBatch(ids, mask, pos, desired, undesired).to(device)
+    return PivotBatch(b.input_ids, b.attention_mask, b.position_ids, desired, undesired).to(device)
 
 
 def logit_diff(last_logits: torch.Tensor, desired: torch.Tensor, undesired: torch.Tensor) -> torch.Tensor:

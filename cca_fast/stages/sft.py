@@ -23,7 +23,8 @@ from torch import nn
 
 from cca_fast.data.problem import Problem
 from cca_fast.errors import CCAError, DataError
-from cca_fast.generation.prefix import expand, run_prefix, shared_len
+from cca_fast.generation.batching import Padded, pad, run_suffixes
+from cca_fast.generation.prefix import on_shared_prefix, shared_len
 from cca_fast.models import runtime
 from cca_fast.evaluation.prompting import _GOLD_RE, ANSWER_PREFIX, PromptConfig, build_prompt, encode_prompts
 
@@ -118,17 +119,12 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int, *, prefix_len: int 
     seqs = [list(e.prompt_ids[prefix_len:]) + list(e.target_ids) for e in examples]
     if any(len(e.prompt_ids) - prefix_len < 1 for e in examples):
         raise CCAError("the shared prefix must leave at least one prompt token in every row")
-    B, S = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((B, S), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((B, S), dtype=torch.long)
-    labels = torch.full((B, S), -100, dtype=torch.long)
-    for i, (e, s) in enumerate(zip(examples, seqs)):
-        o = 0 if padding_side == "right" else S - len(s)
-        ids[i, o:o + len(s)] = torch.tensor(s)
-        mask[i, o:o + len(s)] = 1
+    b = pad(seqs, pad_id, side=padding_side, offset=prefix_len)
+    labels = torch.full(b.input_ids.shape, -100, dtype=torch.long)
+    for i, (e, s, o) in enumerate(zip(examples, seqs, b.starts)):
         labels[i, o + len(s) - len(e.target_ids):o + len(s)] = torch.tensor(e.target_ids)
-    pos = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
-    return SFTBatch(ids.to(device), mask.to(device), pos.to(device), labels.to(device), prefix_len)
+    return SFTBatch(b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device), labels.to(device),
+                    prefix_len)
 
 
 def shared_prefix_len(examples: Sequence[SFTExample]) -> int:
@@ -149,18 +145,15 @@ def sft_nll(model: nn.Module, examples: Sequence[SFTExample], *, pad_id: int = 0
     device = runtime.input_device(model)
     P = len(prefix)
     batch = collate_sft(examples, pad_id, prefix_len=P, padding_side=padding_side, device=device)
-    B, S = batch.input_ids.shape
-    inputs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids,
-                              "attention_mask": batch.attention_mask}
-    cache = None
-    if P:
-        _, cache = run_prefix(model, prefix)
-        expand(cache, B)
-        inputs["attention_mask"] = torch.cat([torch.ones((B, P), dtype=torch.long, device=device),
-                                              batch.attention_mask], dim=1)
+    S = batch.input_ids.shape[1]
+    rows = Padded(batch.input_ids, batch.attention_mask, batch.position_ids, [])
     valid = batch.labels[:, 1:] != -100  # [B, S-1]: logits at t predict the label at t + 1
     lo = int(valid.any(0).nonzero()[0])
-    logits = runtime.forward(model, **inputs, cache=cache, keep=S - lo)[0][:, :-1]  # positions lo .. S-2
+    if P:
+        logits = on_shared_prefix(model, prefix, rows, keep=S - lo)
+    else:
+        logits = run_suffixes(model, rows, keep=S - lo)[0]
+    logits = logits[:, :-1]  # positions lo .. S-2
     if logits.dtype != torch.float64:
         logits = logits.float()
     nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels[:, lo + 1:].flatten(),

@@ -110,7 +110,7 @@ def _sample_rounds(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
         n = min(config.sample_batch, config.k - drawn)
         prompts = [pairs[p.id].prompt_ids for p in active for _ in range(n)]
         seeds = [problem_seed(config.seed, p.id) + drawn + j for p in active for j in range(n)]
-        outs = generate(model, tokenizer, prompts, replace(cfg, batch_size=max(gen.batch_size, 1)), row_seeds=seeds,
+        outs = generate(model, tokenizer, prompts, cfg, row_seeds=seeds,
                         prefix_cache=prefix_cache)
         for i, p in enumerate(active):
             pair = pairs[p.id]
@@ -141,7 +141,7 @@ def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
     ``prefix_cache``: see :func:`~cca_fast.generation.decode.generate` (the exemplars; emptied
     before every group: :func:`~cca_fast.generation.prefix.start_unit`).
 
-    Problems are processed in groups of ``max(1, gen.batch_size // config.sample_batch)`` of the
+    Problems are processed in groups of ``max(1, gen.rows // config.sample_batch)`` of the
     same temperature, so a generation batch holds samples of several problems. ``dist``: the
     groups are shared out across its ranks (:func:`cca_fast.distributed.sharded`); every rank
     returns every pair and only rank 0 writes ``path``, in the order one process writes it."""
@@ -156,7 +156,7 @@ def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
         raise KeyError(f"no greedy trace for problems {missing[:5]}...")
     from tqdm.auto import tqdm
 
-    size = max(1, gen.batch_size // max(1, config.sample_batch))
+    size = max(1, gen.rows // max(1, config.sample_batch))
     groups: list[tuple[float, list[Problem]]] = []
     for correct in (True, False):
         temp = config.temperature_if_correct if correct else config.temperature_if_wrong

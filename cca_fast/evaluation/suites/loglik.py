@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from cca_fast.errors import CCAError
+from cca_fast.generation.batching import pad, run_suffixes
 from cca_fast.generation.prefix import can_share, common_prefix_len, shared_len
 from cca_fast.generation.state import DecodeState, prefill
 from cca_fast.models import runtime
@@ -294,23 +295,12 @@ def _run_batch(model: torch.nn.Module, seqs: list[list[int]], keep: int, device:
                prefix: DecodeState | None) -> torch.Tensor:
     """Left-pad ``seqs`` (after ``prefix`` when given) and return the last ``keep`` positions'
     logits ``[B, keep, V]``."""
-    B, S = len(seqs), max(len(s) for s in seqs)
-    ids = torch.zeros((B, S), dtype=torch.long)
-    mask = torch.zeros((B, S), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, S - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, S - len(s):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    if prefix is None:
-        cache, full_mask = None, mask
+    batch = pad(seqs, 0, offset=0 if prefix is None else prefix.next_position, device=device)
+    if prefix is None and len(seqs) == 1:  # nothing to mask: let the attention take its causal fast path
+        logits = runtime.forward(model, input_ids=batch.input_ids, position_ids=batch.position_ids, keep=keep)[0]
     else:
-        cache = prefix.cache
-        full_mask = torch.cat([prefix.attention_mask, mask], dim=1)
-        pos = pos + prefix.next_position.unsqueeze(1)
-    if cache is None and B == 1:
-        full_mask = None  # nothing to mask: let the attention take its causal fast path
-    logits = runtime.forward(model, input_ids=ids, attention_mask=full_mask, position_ids=pos, cache=cache, keep=keep)[0]
+        logits = run_suffixes(model, batch, cache=None if prefix is None else prefix.cache,
+                              prefix_mask=None if prefix is None else prefix.attention_mask, keep=keep)[0]
     if torch.isnan(logits).any():
         attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
         raise CCAError(f"the model produced NaN logits (dtype {logits.dtype}, attention {attn!r}); with padding this is "

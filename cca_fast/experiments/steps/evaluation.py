@@ -27,7 +27,7 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     :func:`~cca_fast.generation.decode.generate` (emptied before every chunk:
     :func:`~cca_fast.generation.prefix.start_unit`).
 
-    ``dist``: the chunks (``2 * batch_size`` problems each) are shared out across its ranks
+    ``dist``: the chunks (``2 * gen.rows`` problems each: twice the sequences decoded at once) are shared out across its ranks
     (:func:`cca_fast.distributed.sharded`); every rank returns every record and only rank 0
     writes ``path``, in the order one process writes it."""
     from tqdm.auto import tqdm
@@ -43,7 +43,7 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     if prefix_cache is not None and gen.share_prefix:  # the exemplars: once per weights, the same for every chunk
         every = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in problems], tokenizer, prompt)
         prefix_cache.pin(every[0][:shared_len(every, gen.min_shared_prefix)])
-    size = max(1, gen.batch_size) * 2
+    size = max(1, gen.rows) * 2
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
 
     def evaluate(part: list[Problem]) -> list[dict[str, Any]]:
