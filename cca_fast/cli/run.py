@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cca_fast.checks import cli_int, finite_float
+from cca_fast.checks import cli_int, finite_float, kind_budget_arg
 from cca_fast.cli.common import (FieldFlag, add_generation_args, add_model_args, add_prompt_args, bind_flags,
                                  none_is_zero, overrides_from_args, zero_is_none)
 from cca_fast.experiments.config import BRANCHINGS, PIVOT_FILTERS, PIVOT_METHODS, PIVOT_SOURCES, PROCEDURES
@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s2.add_argument("--select-fraction", type=finite_float, metavar="F",
                     help="fraction of components for atp-fraction or random")
     s2.add_argument("--select-count", type=cli_int, metavar="N", help="components for random")
+    s2.add_argument("--select-per-kind", type=kind_budget_arg, metavar="BUDGET",
+                    help="a budget per kind, fractions of each kind's heads / neurons: q=0.05,k=0.05,v=0.05,mlp=0.01, "
+                         "or one fraction for every kind (atp-fraction, random, fisher, grad-weight, movement)")
+    s2.add_argument("--anti", dest="select_anti", action="store_true", default=None,
+                    help="the anti-selection control: the lowest-ranked components at the same per-kind counts")
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="DIR", help="run directory (resumable)")
     o.add_argument("--until", default=None, choices=STEP_NAMES, metavar="STEP",
@@ -173,7 +178,8 @@ RUN_FLAGS: list[FieldFlag] = [
 ]
 #: the flags only ``cca run`` has (a study sets the selection per condition)
 RUN_ONLY_FLAGS: list[FieldFlag] = [FieldFlag(name, name) for name in
-                                   ("selector", "select_k", "select_fraction", "select_count", "output")]
+                                   ("selector", "select_k", "select_fraction", "select_count", "select_per_kind",
+                                    "select_anti", "output")]
 
 
 def config_from_args(args: argparse.Namespace):

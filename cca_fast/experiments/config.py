@@ -34,7 +34,10 @@ from cca_fast.stages.pivots.fork import ForkConfig
 from cca_fast.stages.traces import TraceConfig
 from cca_fast.stages.update import UpdateConfig
 
-SELECTORS = ("dcm", "atp-topk", "atp-fraction", "random", "none")
+SELECTORS = ("dcm", "atp-topk", "atp-fraction", "random", "none", "fisher", "grad-weight", "movement")
+#: selectors scored on the gold-solution loss (:mod:`cca_fast.stages.localize.objective_scores`),
+#: always ranked within each kind
+OBJECTIVE_SELECTORS = ("fisher", "grad-weight", "movement")
 PROCEDURES = ("fast", "reference")
 PIVOT_METHODS = ("branching", "prefix")
 BRANCHINGS = ("fast", "reference")
@@ -131,8 +134,21 @@ class RunConfig:
         diagnostics: write ``diagnostics.json`` before stage 3 (pivot table, gradient alignment,
             leave-fold-out transfer, gold-loss alignment; :mod:`cca_fast.experiments.diagnostics`).
         selector: one of :data:`SELECTORS`; ``select_k`` (atp-topk), ``select_fraction``
-            (atp-fraction, random), ``select_count`` (random), ``select_kinds`` (random: a count per
+            (atp-fraction, random; for fisher / grad-weight / movement the same fraction of every
+            kind), ``select_count`` (random), ``select_kinds`` (random: a count per
             kind, ``{"q": 4, "k": 3, "v": 0, "mlp": 924}``, which matches parameters too).
+            ``fisher``, ``grad-weight``, ``movement`` score the training problems' gold-solution
+            loss (:mod:`cca_fast.stages.localize.objective_scores`; movement's dense fine-tune
+            takes ``update``'s optimizer and lr, at most 3 steps).
+        select_per_kind: a budget per kind, ``{"q": 0.05, "k": 0.05, "v": 0.05, "mlp": 0.01}``
+            (fractions of each kind's heads / neurons; ``--select-per-kind``): atp-fraction and the
+            objective selectors rank within each kind; random draws those counts.
+        select_anti: the anti-selection control: the lowest-ranked components at the same
+            per-kind counts (atp-fraction with ``select_per_kind``, and the objective selectors).
+        select_layer_kinds: random: a count per kind *per layer*, ``{"q": [count in layer 0, ...],
+            ...}`` (the layer-and-kind matched control of a study).
+        select_seed: the random draw's own seed (``None``: ``seed``), so that a study draws many
+            random controls on the same splits, traces and pivots.
         procedure: ``"fast"`` or ``"reference"`` (see :class:`ProcedureSettings`).
     """
 
@@ -162,6 +178,10 @@ class RunConfig:
     select_fraction: float | None = None
     select_count: int | None = None
     select_kinds: dict[str, int] | None = None
+    select_per_kind: dict[str, float] | None = None
+    select_anti: bool = False
+    select_layer_kinds: dict[str, list[int]] | None = None
+    select_seed: int | None = None
     dcm: DCMConfig = field(default_factory=_default_dcm)
     update: UpdateConfig = field(default_factory=_default_update)
     procedure: str = "fast"
@@ -240,7 +260,26 @@ class RunConfig:
                     or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.select_kinds.values())):
                 raise CCAError(f"RunConfig.select_kinds must map {', '.join(KINDS)} to integers >= 0, got "
                                f"{self.select_kinds!r}")
-        if self.selector == "random" and not (self.select_count or self.select_fraction or self.select_kinds):
+        if self.select_seed is not None:
+            checks.seed("RunConfig.select_seed", self.select_seed, flag=None)
+        if self.select_layer_kinds is not None and self.selector != "random":
+            raise CCAError("RunConfig.select_layer_kinds (per-layer counts) is the random control's: selector random")
+        if self.select_per_kind is not None:
+            from cca_fast.models.adapters import KINDS
+
+            checks.kind_budget("RunConfig.select_per_kind", self.select_per_kind, KINDS)
+            if self.selector not in ("atp-fraction", "random", *OBJECTIVE_SELECTORS):
+                raise CCAError(f"RunConfig.select_per_kind (--select-per-kind) is a budget for atp-fraction, random, "
+                               f"{', '.join(OBJECTIVE_SELECTORS)}; selector {self.selector!r} does not take it")
+        if self.selector in OBJECTIVE_SELECTORS and not (self.select_per_kind or self.select_fraction):
+            raise CCAError(f"selector {self.selector} needs a budget: RunConfig.select_per_kind (--select-per-kind "
+                           "q=0.05,k=0.05,v=0.05,mlp=0.01) or select_fraction (--select-fraction F: F of every kind)")
+        if self.select_anti and not (self.selector in OBJECTIVE_SELECTORS
+                                     or (self.selector == "atp-fraction" and self.select_per_kind)):
+            raise CCAError("RunConfig.select_anti (--anti) takes the lowest-ranked components per kind: it needs "
+                           f"selector {', '.join(OBJECTIVE_SELECTORS)} or atp-fraction with --select-per-kind")
+        if self.selector == "random" and not (self.select_count or self.select_fraction or self.select_kinds
+                                              or self.select_per_kind or self.select_layer_kinds):
             raise CCAError("selector random needs RunConfig.select_count (--select-count N) or select_fraction "
                            "(--select-fraction F): use the count of the selection it controls for")
         _positive("n_per_template", self.n_per_template)

@@ -62,7 +62,7 @@ def recipe_config(name: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None =
 
 
 #: ``NAME:KIND`` suffixes of :func:`study_variants`: a control of recipe ``NAME``'s settings
-VARIANT_KINDS = ("random", "random-kinds", "none")
+VARIANT_KINDS = ("random", "random-kinds", "random-layers", "none")
 
 
 def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
@@ -71,7 +71,9 @@ def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
     ``NAME`` is recipe ``NAME``; ``NAME:random`` its random control (the same settings on as many
     random components as ``NAME`` selected; condition ``NAME-random``); ``NAME:random-kinds`` the
     same with as many components *of each kind* (q, k, v, MLP), hence as many parameters
-    (condition ``NAME-random-kinds``); ``NAME:none`` the same
+    (condition ``NAME-random-kinds``); ``NAME:random-layers`` as many of each kind in every layer
+    (condition ``NAME-random-layers``); each random control is ``StudyConfig.random_seeds`` draws
+    (conditions ``NAME-random-kinds``, ``NAME-random-kinds-s1``, ...); ``NAME:none`` the same
     update on every weight (condition ``NAME-none``: with ``circuit-sft``, full fine-tuning on the
     gold solutions, the paper's third baseline).
     """
@@ -86,6 +88,9 @@ def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
         elif kind == "random-kinds":
             out[f"{name}-random-kinds"] = {**settings, "random_like": name, "match_kinds": True,
                                            "label": f"random control, kinds matched ({name})"}
+        elif kind == "random-layers":
+            out[f"{name}-random-layers"] = {**settings, "random_like": name, "match_layers": True,
+                                            "label": f"random control, layers and kinds matched ({name})"}
         elif kind == "none":
             out[f"{name}-none"] = {**settings, "selector": "none", "label": f"every weight ({name})"}
         else:

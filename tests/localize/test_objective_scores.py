@@ -166,5 +166,8 @@ def test_random_matched_per_layer_and_kind_reproducible(space):
     assert len({tuple(d.indices) for d in draws}) > 1  # seeds differ
     kinds_only = select_random(space, like, seed=0)
     assert kinds_only.counts == like.counts
+    assert select_random(space, want, seed=2, match_layers=True).indices == draws[2].indices  # from the counts
     with pytest.raises(CCAError, match="match_layers needs"):
         select_random(space, 5, match_layers=True)
+    with pytest.raises(CCAError, match="match_layers needs"):
+        select_random(space, {"q": [7, 0]}, match_layers=True)  # 7 > 6 q heads per layer

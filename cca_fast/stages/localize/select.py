@@ -246,7 +246,23 @@ def select_per_kind(scores: Attribution | torch.Tensor, space: ComponentSpace, b
     return Selection.build(space, chosen, method + ("-anti" if anti else ""), p)
 
 
-def select_random(space: ComponentSpace, like: Selection | int | dict[str, int], seed: int = 0,
+def _layer_kind_counts(space: ComponentSpace, like: Any) -> dict[str, list[int]]:
+    """``{kind: [count per layer]}`` of a :class:`Selection`, or such a dict checked."""
+    if isinstance(like, Selection):
+        like.check_space(space)
+        return space.layer_kind_counts(like.indices)
+    ok = isinstance(like, dict) and not set(like) - set(KINDS) and all(
+        isinstance(v, (list, tuple)) and len(v) == space.n_layers
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= space.counts[k] for n in v)
+        for k, v in like.items())
+    if not ok:
+        raise CCAError(f"match_layers needs the Selection whose per-(layer, kind) counts it copies, or "
+                       f"{{kind: [count per layer]}} with {space.n_layers} counts per kind within each layer's "
+                       f"{space.counts}, got {like!r}")
+    return {k: [int(n) for n in like.get(k, [0] * space.n_layers)] for k in KINDS}
+
+
+def select_random(space: ComponentSpace, like: Selection | int | dict[str, int] | dict[str, list[int]], seed: int = 0,
                   match_kinds: bool = True, match_layers: bool = False) -> Selection:
     """Random control: as many components as ``like`` (a :class:`Selection`, a count, or a count
     per kind ``{"q": 107, "k": 24, "v": 14, "mlp": 786}``).
@@ -255,22 +271,21 @@ def select_random(space: ComponentSpace, like: Selection | int | dict[str, int],
     matched too, and so the number of parameters (every component of a kind owns as many);
     components are drawn uniformly over layers within a kind. With ``match_layers`` (and a
     :class:`Selection`) the count of each kind *in each layer* is matched as well: the draw is
-    uniform within every ``(layer, kind)``. Deterministic in ``seed``.
+    uniform within every ``(layer, kind)`` (``like`` may then be ``{kind: [count per layer]}``,
+    :meth:`ComponentSpace.layer_kind_counts`). Deterministic in ``seed``.
     """
     if match_layers:
-        if not isinstance(like, Selection):
-            raise CCAError("match_layers needs the Selection whose per-(layer, kind) counts it copies")
-        like.check_space(space)
+        per = _layer_kind_counts(space, like)
         g = torch.Generator().manual_seed(int(seed))
-        per = space.layer_kind_counts(like.indices)
         drawn: list[int] = []
         for kind in KINDS:
             for layer, want in enumerate(per[kind]):
                 if want:
                     pool = space.offset(layer, kind) + torch.randperm(space.counts[kind], generator=g)[:want]
                     drawn += pool.tolist()
-        return Selection.build(space, drawn, "random", {"seed": int(seed), "count": len(like), "match_kinds": True,
-                                                        "match_layers": True, "like": like.method})
+        return Selection.build(space, drawn, "random", {"seed": int(seed), "count": len(drawn), "match_kinds": True,
+                                                        "match_layers": True,
+                                                        "like": like.method if isinstance(like, Selection) else per})
     g = torch.Generator().manual_seed(int(seed))
     if isinstance(like, dict):
         unknown = set(like) - set(KINDS)
