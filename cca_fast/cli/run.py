@@ -90,6 +90,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "'extra:...', their own template group), e.g. GSM8K's train.jsonl")
     g.add_argument("--extra-train-max", type=cli_int, metavar="N",
                    help="at most N extra training problems, a seeded draw (0 = all); each is base-evaluated")
+    g.add_argument("--extra-test-data", metavar="D",
+                   help="a further source (as --data) whose problems all join the test split (ids 'extra:...', "
+                        "their own template group), e.g. GSM8K's test.jsonl for a test split of over 1,300 problems")
+    g.add_argument("--extra-test-max", type=cli_int, metavar="N",
+                   help="at most N extra test problems, a seeded draw (0 = all)")
     g.add_argument("--max-train-problems", type=cli_int, metavar="N",
                    help="at most N training problems go to stage 1 (0 = all)")
     g.add_argument("--max-val-problems", type=cli_int, metavar="N",
@@ -145,11 +150,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 #: the pipeline flags of :func:`add_run_args` -> :class:`RunConfig` fields (``cca run`` and ``cca study``)
 RUN_FLAGS: list[FieldFlag] = [
     *(FieldFlag(name, name) for name in ("model", "dtype", "device", "attn_implementation", "data",
-                                         "extra_train_data", "n_per_template", "seed", "weak_threshold", "procedure",
+                                         "extra_train_data", "extra_test_data", "n_per_template", "seed", "weak_threshold", "procedure",
                                          "pivot_method", "branching", "pivot_source", "pivot_filter",
                                          "val_from_train")),
     *(FieldFlag(name, name, zero_is_none, none_is_zero)
-      for name in ("max_train_problems", "max_val_problems", "max_test_problems", "extra_train_max")),
+      for name in ("max_train_problems", "max_val_problems", "max_test_problems", "extra_train_max",
+                   "extra_test_max")),
     FieldFlag("skip_bad_templates", "skip_bad_templates"),
     FieldFlag("non_integer_answers", "integer_answers", to_field=lambda v: not v, to_flag=lambda v: not v),
     FieldFlag("shots", "prompt.exemplars"),

@@ -118,25 +118,32 @@ class BudgetCurveConfig:
 
     # ---- conditions ---------------------------------------------------------------------
     def conditions(self) -> list[dict[str, Any]]:
-        """Every condition, in run order: per budget (in the order given) the selectors and the
-        random draws; then ``movement`` (the costliest score) at every budget; the layer-matched
-        draws last."""
-        out: list[dict[str, Any]] = []
-        late = [s for s in self.selectors if s == "movement" and len(self.selectors) > 1]  # the costliest score last
-        for group in ([s for s in self.selectors if s not in late], late):
-            for b in self.budgets:
-                for s in group:
-                    out.append({"name": f"{s}@{b:g}", "selector": s, "budget": b, "anti": False})
-                    if self.anti:
-                        out.append({"name": f"{s}-anti@{b:g}", "selector": s, "budget": b, "anti": True})
-                if group is not late:
-                    for seed in range(self.random_seeds):
-                        out.append({"name": f"random-s{seed}@{b:g}", "selector": "random", "budget": b,
-                                    "seed": seed})
-        for b in (self.layer_budgets if self.layer_budgets is not None else [min(self.budgets)]):
-            for seed in range(self.layer_seeds):
-                out.append({"name": f"random-layers-s{seed}@{b:g}", "selector": "random-layers", "budget": b,
-                            "seed": seed, "like": f"{self.selectors[0]}@{b:g}"})
+        """Every condition, in run order (so that a partial run is informative): at the first two
+        budgets the selectors (and anti-selections) and the random draws; ``movement`` (the
+        costliest score) at the first budget; the layer-matched draws; the other budgets; movement
+        at them."""
+        late = [s for s in self.selectors if s == "movement" and len(self.selectors) > 1]  # the costliest score
+
+        def main(b: float) -> list[dict[str, Any]]:
+            out = [c for s in self.selectors if s not in late for c in self._pair(s, b)]
+            return out + [{"name": f"random-s{seed}@{b:g}", "selector": "random", "budget": b, "seed": seed}
+                          for seed in range(self.random_seeds)]
+
+        layer_budgets = self.layer_budgets if self.layer_budgets is not None else [min(self.budgets)]
+        first, rest = self.budgets[:2], self.budgets[2:]
+        out = [c for b in first for c in main(b)]
+        out += [c for s in late for c in self._pair(s, first[0])]
+        out += [{"name": f"random-layers-s{seed}@{b:g}", "selector": "random-layers", "budget": b,
+                 "seed": seed, "like": f"{self.selectors[0]}@{b:g}"} for b in layer_budgets
+                for seed in range(self.layer_seeds)]
+        out += [c for b in rest for c in main(b)]
+        out += [c for s in late for b in self.budgets[1:] for c in self._pair(s, b)]
+        return out
+
+    def _pair(self, selector: str, b: float) -> list[dict[str, Any]]:
+        out = [{"name": f"{selector}@{b:g}", "selector": selector, "budget": b, "anti": False}]
+        if self.anti:
+            out.append({"name": f"{selector}-anti@{b:g}", "selector": selector, "budget": b, "anti": True})
         return out
 
 
@@ -246,7 +253,12 @@ class _Session:
         base_val = self.base()["val"]
         sel = self.selection(cond)
 
+        calls = []
+
         def validate(model) -> float:  # the step: highest validation gold log-likelihood (0 = base)
+            calls.append(1)
+            if len(calls) == 1:  # step 0: the base weights, whose score base.json holds
+                return summarize_loglik([_rec(r) for r in base_val])["mean_logprob"]
             return summarize_loglik(self.loglik(self.val_ex, self.val))["mean_logprob"]
 
         result = run_update(self.model, self.space, sel, [], self.config.update, validate=validate, gold=self.gold)
