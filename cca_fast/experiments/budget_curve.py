@@ -118,26 +118,32 @@ class BudgetCurveConfig:
 
     # ---- conditions ---------------------------------------------------------------------
     def conditions(self) -> list[dict[str, Any]]:
-        """Every condition, in run order (so that a partial run is informative): at the first two
-        budgets the selectors (and anti-selections) and the random draws; ``movement`` (the
-        costliest score) at the first budget; the layer-matched draws; the other budgets; movement
-        at them."""
+        """Every condition, in run order (so that a partial run is informative): at the first
+        budget the selectors, their anti-selections and the random draws; at each other budget
+        the first selector, the random draws and the other selectors; the layer-matched draws;
+        ``movement`` (the costliest score) and its anti-selection at every budget; the other
+        anti-selections."""
         late = [s for s in self.selectors if s == "movement" and len(self.selectors) > 1]  # the costliest score
+        early = [s for s in self.selectors if s not in late]
 
-        def main(b: float) -> list[dict[str, Any]]:
-            out = [c for s in self.selectors if s not in late for c in self._pair(s, b)]
-            return out + [{"name": f"random-s{seed}@{b:g}", "selector": "random", "budget": b, "seed": seed}
-                          for seed in range(self.random_seeds)]
+        def one(s: str, b: float, anti: bool) -> dict[str, Any]:
+            return {"name": f"{s}{'-anti' if anti else ''}@{b:g}", "selector": s, "budget": b, "anti": anti}
 
-        layer_budgets = self.layer_budgets if self.layer_budgets is not None else [min(self.budgets)]
-        first, rest = self.budgets[:2], self.budgets[2:]
-        out = [c for b in first for c in main(b)]
-        out += [c for s in late for c in self._pair(s, first[0])]
+        def draws(b: float) -> list[dict[str, Any]]:
+            return [{"name": f"random-s{seed}@{b:g}", "selector": "random", "budget": b, "seed": seed}
+                    for seed in range(self.random_seeds)]
+
+        first, rest = self.budgets[0], self.budgets[1:]
+        out = [c for s in early for c in self._pair(s, first)] + draws(first)
+        for b in rest:
+            out += [one(early[0], b, False), *draws(b), *(one(s, b, False) for s in early[1:])]
+        layer_budgets = self.layer_budgets if self.layer_budgets is not None else [first]
         out += [{"name": f"random-layers-s{seed}@{b:g}", "selector": "random-layers", "budget": b,
                  "seed": seed, "like": f"{self.selectors[0]}@{b:g}"} for b in layer_budgets
                 for seed in range(self.layer_seeds)]
-        out += [c for b in rest for c in main(b)]
-        out += [c for s in late for b in self.budgets[1:] for c in self._pair(s, b)]
+        out += [c for s in late for b in self.budgets for c in self._pair(s, b)]
+        if self.anti:
+            out += [one(s, b, True) for b in rest for s in early]
         return out
 
     def _pair(self, selector: str, b: float) -> list[dict[str, Any]]:

@@ -255,8 +255,8 @@ class RunConfig:
 
         checks.integer("RunConfig.val_from_train", self.val_from_train, flag="--val-from-train", lo=0)
         checks.seed("RunConfig.seed", self.seed)
-        self._check_extra_train()
-        self._check_extra_test()
+        self._check_extra("train", "training")
+        self._check_extra("test", "test")
         if self.procedure not in PROCEDURES:
             raise CCAError(f"unknown procedure {self.procedure!r} (RunConfig.procedure, --procedure); use 'fast' "
                            "(the default fast paths) or 'reference' (the authors' procedure, for comparisons)")
@@ -303,30 +303,19 @@ class RunConfig:
                 _positive(name, getattr(self, name), extra="or None for all (0 on the command line)")
         self.update.check()
 
-    def _check_extra_test(self) -> None:
-        """``extra_test_data`` / ``extra_test_max``, checked like the extra training data."""
-        if self.extra_test_data is not None and (not isinstance(self.extra_test_data, str)
-                                                 or not self.extra_test_data.strip()):
-            raise CCAError(f"RunConfig.extra_test_data (--extra-test-data) must be a data source (a file, a template "
-                           f"folder or a hub name), got {self.extra_test_data!r}; None for none")
-        if self.extra_test_max is not None:
-            _positive("extra_test_max", self.extra_test_max, extra="or None for all (0 on the command line)")
-            if self.extra_test_data is None:
-                raise CCAError("RunConfig.extra_test_max (--extra-test-max) caps the extra test problems: it needs "
-                               "extra_test_data (--extra-test-data D)")
-
-    def _check_extra_train(self) -> None:
-        """``extra_train_data`` is ``None`` or a non-empty source; ``extra_train_max`` is ``None``
-        or a positive integer, and only with ``extra_train_data``."""
-        if self.extra_train_data is not None and (not isinstance(self.extra_train_data, str)
-                                                  or not self.extra_train_data.strip()):
-            raise CCAError(f"RunConfig.extra_train_data (--extra-train-data) must be a data source (a file, a "
-                           f"template folder or a hub name), got {self.extra_train_data!r}; None for none")
-        if self.extra_train_max is not None:
-            _positive("extra_train_max", self.extra_train_max, extra="or None for all (0 on the command line)")
-            if self.extra_train_data is None:
-                raise CCAError("RunConfig.extra_train_max (--extra-train-max) caps the extra training problems: "
-                               "it needs extra_train_data (--extra-train-data D)")
+    def _check_extra(self, split: str, what: str) -> None:
+        """``extra_<split>_data`` is ``None`` or a non-empty source; ``extra_<split>_max`` is
+        ``None`` or a positive integer, and only with ``extra_<split>_data``."""
+        data, cap = getattr(self, f"extra_{split}_data"), getattr(self, f"extra_{split}_max")
+        flag = f"--extra-{split}-data"
+        if data is not None and (not isinstance(data, str) or not data.strip()):
+            raise CCAError(f"RunConfig.extra_{split}_data ({flag}) must be a data source (a file, a "
+                           f"template folder or a hub name), got {data!r}; None for none")
+        if cap is not None:
+            _positive(f"extra_{split}_max", cap, extra="or None for all (0 on the command line)")
+            if data is None:
+                raise CCAError(f"RunConfig.extra_{split}_max (--extra-{split}-max) caps the extra {what} problems: "
+                               f"it needs extra_{split}_data ({flag} D)")
 
     def _check_values(self) -> None:
         """Ranges of the scalar fields (NaN and infinities refused: see :mod:`cca_fast.checks`)."""

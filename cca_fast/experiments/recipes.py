@@ -12,6 +12,10 @@ side on the same shared stages.
 ``circuit-sft``   **the default of** ``cca run``: the paper's pivots and AtP top-2% components,
                   the rows trained on the training problems' gold solutions (sparse SFT on the
                   circuit), AdamW lr 1e-4, 10 steps, validation at steps 0 / 5 / 10
+``fisher-sft``    the budget curve's selector: the rows with the largest Fisher score of the
+                  training problems' gold-solution loss, 0.8% of each kind's heads and
+                  neurons (0.27% of the parameters), trained on those gold solutions, AdamW
+                  lr 1e-3 (results/budget_curve)
 ``fork-hinge``    paper + greedy-path forking pivots, only those whose desired token is not
                   already the argmax, a capped margin (hinge 3.0) and a retain term (KL to the
                   base on the other trace tokens), AtP top-2%
@@ -33,6 +37,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "circuit-sft": {
         "selector": "atp-fraction", "select_fraction": 0.02,
         "update": {"objective": "gold_nll", "optimizer": "adamw", "lr": 1e-4, "max_steps": 10,
+                   "eval_every_early": 5},
+    },
+    "fisher-sft": {
+        "selector": "fisher", "select_per_kind": {"q": 0.008, "k": 0.008, "v": 0.008, "mlp": 0.008},
+        "update": {"objective": "gold_nll", "optimizer": "adamw", "lr": 1e-3, "max_steps": 10,
                    "eval_every_early": 5},
     },
     "fork-hinge": {
