@@ -119,8 +119,9 @@ class BudgetCurveConfig:
     # ---- conditions ---------------------------------------------------------------------
     def conditions(self) -> list[dict[str, Any]]:
         """Every condition, in run order (so that a partial run is informative): at the first
-        budget the selectors, their anti-selections and the random draws; at each other budget
-        the first selector, the random draws and the other selectors; the layer-matched draws;
+        budget the selectors, their anti-selections and the random draws; at the other budgets
+        (breadth first) the first selector, the random draws seed by seed, the other selectors;
+        the layer-matched draws;
         ``movement`` (the costliest score) and its anti-selection at every budget; the other
         anti-selections."""
         late = [s for s in self.selectors if s == "movement" and len(self.selectors) > 1]  # the costliest score
@@ -135,8 +136,9 @@ class BudgetCurveConfig:
 
         first, rest = self.budgets[0], self.budgets[1:]
         out = [c for s in early for c in self._pair(s, first)] + draws(first)
-        for b in rest:
-            out += [one(early[0], b, False), *draws(b), *(one(s, b, False) for s in early[1:])]
+        out += [one(early[0], b, False) for b in rest]  # breadth first: every budget gets its first points
+        out += [d for ds in zip(*(draws(b) for b in rest)) for d in ds]
+        out += [one(s, b, False) for s in early[1:] for b in rest]
         layer_budgets = self.layer_budgets if self.layer_budgets is not None else [first]
         out += [{"name": f"random-layers-s{seed}@{b:g}", "selector": "random-layers", "budget": b,
                  "seed": seed, "like": f"{self.selectors[0]}@{b:g}"} for b in layer_budgets
