@@ -302,7 +302,9 @@ def run_budget_curve(config: BudgetCurveConfig, *, limit: int | None = None, pro
     pending. Writes the report when none is left."""
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    check_or_write_config(out / "config.json", config.to_dict(), BudgetCurveConfig().to_dict(), "budget curve")
+    from cca_fast.experiments.rundir import RunDir
+
+    check_or_write_config(out / RunDir.CONFIG, config.to_dict(), BudgetCurveConfig().to_dict(), "budget curve")
     todo = [c for c in config.conditions() if c["name"] in set(pending(config))]
     if todo:
         s = _Session(config)
@@ -373,11 +375,13 @@ def build_study(config: BudgetCurveConfig, *, n_resamples: int = 10_000, level: 
 
 def write_report(config: BudgetCurveConfig, *, study: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``study.json``, ``study.md`` and ``study.png`` (whatever conditions are done)."""
-    out = Path(config.output)
+    from cca_fast.experiments.rundir import StudyDir
+
+    sd = StudyDir(config.output)  # the study table's names
     study = study or build_study(config)
-    atomic_write_json(out / "study.json", study)
-    (out / "study.md").write_text(render_markdown(study), encoding="utf-8")
-    plot(study, out / "study.png")
+    atomic_write_json(sd.study_json, study)
+    sd.study_md.write_text(render_markdown(study), encoding="utf-8")
+    plot(study, sd.study_png)
     return study
 
 
