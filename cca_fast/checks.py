@@ -107,6 +107,23 @@ def token_contrast(desired: int, undesired: int, where: str, vocab_size: int | N
                        "difference is 0 and every score would be 0; give two different tokens")
 
 
+def kind_budget(field: str, value: Any, kinds: tuple[str, ...], *, flag: str | None = "--select-per-kind",
+                error: type[Exception] = CCAError) -> None:
+    """``value`` is a per-kind budget: a non-empty dict mapping some of ``kinds`` to a fraction of
+    that kind's components in ``[0, 1]`` (not all 0), e.g. ``{"q": 0.05, "k": 0.05, "v": 0.05,
+    "mlp": 0.01}``."""
+    example = "e.g. q=0.05,k=0.05,v=0.05,mlp=0.01 (a fraction of each kind's heads / neurons)"
+    if not isinstance(value, dict) or not value:
+        raise error(f"{_where(field, flag)} must map kinds ({', '.join(kinds)}) to fractions, got {value!r}; {example}")
+    unknown = [k for k in value if k not in kinds]
+    if unknown:
+        raise error(f"{_where(field, flag)}: unknown kind {unknown[0]!r}; kinds are {', '.join(kinds)}; {example}")
+    for k, v in value.items():
+        number(f"{field}[{k!r}]", v, flag=flag, lo=0, hi=1, error=error, hint=example)
+    if not any(float(v) > 0 for v in value.values()):
+        raise error(f"{_where(field, flag)} selects nothing (every fraction is 0), got {value!r}; {example}")
+
+
 # ---- argparse types ------------------------------------------------------------------------------
 def finite_float(text: str) -> float:
     """``argparse`` type of every float flag: a finite number (``nan``, ``inf`` refused while the
@@ -132,3 +149,27 @@ def cli_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text} is beyond what the code can use: integers must lie within "
                                          f"+-{INT_MAX} (2**63 - 1)")
     return value
+
+
+def kind_budget_arg(text: str) -> dict[str, float]:
+    """``argparse`` type of ``--select-per-kind``: ``q=0.05,k=0.05,v=0.05,mlp=0.01`` (kinds left
+    out get 0), or one number for every kind (``0.01``). Ranges are checked by
+    :func:`kind_budget` when the configuration is built."""
+    from cca_fast.models.adapters import KINDS
+
+    text = text.strip()
+    try:
+        return {k: finite_float(text) for k in KINDS}
+    except argparse.ArgumentTypeError:
+        pass
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, val = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r} is not KIND=FRACTION; write e.g. q=0.05,k=0.05,v=0.05,mlp=0.01")
+        if kind.strip() in out:
+            raise argparse.ArgumentTypeError(f"kind {kind.strip()!r} given twice in {text!r}")
+        out[kind.strip()] = finite_float(val)
+    if not out:
+        raise argparse.ArgumentTypeError("empty budget; write e.g. q=0.05,k=0.05,v=0.05,mlp=0.01 or one fraction (0.01)")
+    return out

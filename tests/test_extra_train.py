@@ -160,3 +160,24 @@ def test_run_until_pivots_with_extra_training_problems(workdir, tmp_path):
     assert main(argv) == 0  # resumes: the same configuration, nothing recomputed
     other = run_argv(workdir, out, "--extra-train-data", str(extra), "--extra-train-max", "5", "--until", "pivots")
     assert main(other) == 2  # another extra draw is another configuration
+
+
+def test_extra_test_problems_join_the_test_split_only(workdir, tmp_path):
+    extra = write_extra(tmp_path, repeat_main=True)
+    plain = make_splits(run_config(workdir, tmp_path / "a"))
+    splits = make_splits(run_config(workdir, tmp_path / "b", extra_test_data=str(extra)))
+    assert splits.train == plain.train and splits.val == plain.val
+    assert splits.test[:len(plain.test)] == plain.test
+    added = splits.test[len(plain.test):]
+    assert [p.id for p in added] == [f"extra:extra-{i}" for i in range(N_EXTRA)]  # the repeat left out
+    capped = make_splits(run_config(workdir, tmp_path / "c", extra_test_data=str(extra), extra_test_max=5))
+    assert len(capped.test) == len(plain.test) + 5
+    assert capped.test == make_splits(run_config(workdir, tmp_path / "d", extra_test_data=str(extra),
+                                                 extra_test_max=5)).test  # seeded
+    with pytest.raises(CCAError, match="--extra-test-max"):
+        RunConfig(extra_test_max=3)
+    with pytest.raises(CCAError, match="extra-test-data"):
+        make_splits(run_config(workdir, tmp_path / "e", extra_test_data=str(tmp_path / "missing.jsonl")))
+    args = build_parser().parse_args(["run", "--extra-test-data", str(extra), "--extra-test-max", "0"])
+    cfg = config_from_args(args)
+    assert cfg.extra_test_data == str(extra) and cfg.extra_test_max is None  # 0 = all

@@ -68,6 +68,23 @@ def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch)
     assert {"base_eval", "traces", "pivots", "localize", "update", "cca_eval"} <= set(report["seconds"])
     assert (out / "report.md").read_text().startswith("# CCA run report")
     assert (out / "components.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # validation size and the held-out gold log-likelihood beside accuracy
+    assert report["n_val"] > 0 and f"one problem is {100 / report['n_val']:.1f} points" in (out / "report.md").read_text()
+    ll = json.loads((out / "loglik_test.json").read_text())
+    assert [r["id"] for r in ll["base"]] == [r["id"] for r in ll["cca"]] and len(ll["cca"]) == 16
+    from cca_fast.evaluation.gold_loglik import gold_loglik
+    from cca_fast.data.loaders import read_problems_jsonl
+
+    base_model, tok = load_model(cfg.model, dtype="float32")
+    fresh = gold_loglik(base_model, tok, read_problems_jsonl(out / "data" / "test.jsonl"), cfg.prompt, batch_size=3)
+    by_id = {r.id: r.logprob for r in fresh}
+    for r in ll["base"]:  # the base log-likelihoods are the base model's (float32; another batching)
+        assert r["logprob"] == pytest.approx(by_id[r["id"]], rel=1e-4, abs=1e-3)
+    assert report["test_loglik"]["difference"]["n"] == 16
+    owned = space.owned_rows(json.loads((out / "selection.json").read_text())["indices"])
+    shapes = {n: p.shape for n, p in base_model.named_parameters()}
+    assert report["parameters"] == sum(s.index.numel() * torch.Size(shapes[n]).numel() // shapes[n][s.dim]
+                                       for n, s in owned.items())
 
     # 3) the delta changes only rows owned by the selected components; revert is bit-exact
     model, _ = load_model(cfg.model, dtype="float32")

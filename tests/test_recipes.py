@@ -93,10 +93,18 @@ def test_study_runs_variants_with_their_random_control_and_diagnostics(workdir, 
         variants[name]["select_fraction"] = 0.05
     variants["fork-hinge"].update({"select_fraction": 0.05, "pivot_filter": "all", "fork": {"p_min": 0.05}})
     cfg = StudyConfig(output=str(out), run=run, selectors=[], controls=[], variants=variants, side_effects=False,
-                      bootstrap=200)
+                      bootstrap=200, random_seeds=2)
     study = run_study(cfg, progress=False)
     rows = {r["condition"]: r for r in study["rows"]}
-    assert set(rows) == {"base", "circuit-sft", "circuit-sft-random", "circuit-sft-random-kinds", "fork-hinge"}
+    assert set(rows) == {"base", "circuit-sft", "circuit-sft-random", "circuit-sft-random-s1", "circuit-sft-random-kinds",
+                         "circuit-sft-random-kinds-s1", "fork-hinge"}  # each random control: 2 seeded draws
+    # the second draw: same per-kind counts, another draw, on the same pivots; the comparison pools both
+    k0, k1 = (read_json(out / n / "selection.json") for n in ("circuit-sft-random-kinds", "circuit-sft-random-kinds-s1"))
+    assert k0["counts"] == k1["counts"] and k0["indices"] != k1["indices"]
+    assert (out / "circuit-sft-random-kinds" / "training_examples.json").read_bytes() == \
+        (out / "circuit-sft-random-kinds-s1" / "training_examples.json").read_bytes()
+    assert {c: v["draws"] for c, v in rows["circuit-sft"]["vs_randoms"].items()} == \
+        {"circuit-sft-random": 2, "circuit-sft-random-kinds": 2}
     sft = read_json(out / "circuit-sft" / "report.json")
     rnd = read_json(out / "circuit-sft-random" / "report.json")
     assert rnd["components_selected"] == sft["components_selected"] and rnd["selector"] == "random"

@@ -79,3 +79,30 @@ def test_aligned_correct():
     assert aligned_correct(recs, ["a", "b"]) == [0.0, 1.0]
     with pytest.raises(CCAError, match="no evaluation record"):
         aligned_correct(recs, ["a", "c"])
+
+
+def test_pooled_difference_of_one_member_or_identical_members_is_the_paired_difference():
+    rng = np.random.default_rng(5)
+    groups = [f"t{i % 7}" for i in range(53)]  # odd, unequal template sizes
+    a, b = rng.normal(size=53), rng.normal(size=53)
+    bs = StratifiedBootstrap(groups, n_resamples=2000, seed=1)
+    ref = bs.difference(a, b)
+    assert bs.pooled_difference(a, [b]) == ref
+    same = bs.pooled_difference(a, [b, b, b])  # no spread between draws: only the problems' spread
+    assert same.value == pytest.approx(ref.value, abs=1e-12)
+    assert same.low == pytest.approx(ref.low, abs=1e-12) and same.high == pytest.approx(ref.high, abs=1e-12)
+
+
+def test_pooled_difference_counts_the_spread_between_draws():
+    rng = np.random.default_rng(6)
+    groups = [f"t{i % 5}" for i in range(40)]
+    a = rng.normal(size=40)
+    base = rng.normal(size=40)
+    pool = [base + shift for shift in (-1.0, 0.0, 1.0, 2.0, -2.0)]  # draws differ by a constant each
+    bs = StratifiedBootstrap(groups, n_resamples=4000, seed=2)
+    pooled = bs.pooled_difference(a, pool)
+    mean_only = bs.difference(a, np.mean(pool, axis=0))
+    assert pooled.value == pytest.approx(mean_only.value, abs=1e-12)  # same estimate
+    assert pooled.high - pooled.low > (mean_only.high - mean_only.low) + 1.0  # wider by the draws' spread
+    with pytest.raises(CCAError, match="empty"):
+        bs.pooled_difference(a, [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cca_fast.checks import cli_int, finite_float
+from cca_fast.checks import cli_int, finite_float, kind_budget_arg
 from cca_fast.cli.common import (FieldFlag, add_generation_args, add_model_args, add_prompt_args, bind_flags,
                                  none_is_zero, overrides_from_args, zero_is_none)
 from cca_fast.experiments.config import BRANCHINGS, PIVOT_FILTERS, PIVOT_METHODS, PIVOT_SOURCES, PROCEDURES
@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s2.add_argument("--select-fraction", type=finite_float, metavar="F",
                     help="fraction of components for atp-fraction or random")
     s2.add_argument("--select-count", type=cli_int, metavar="N", help="components for random")
+    s2.add_argument("--select-per-kind", type=kind_budget_arg, metavar="BUDGET",
+                    help="a budget per kind, fractions of each kind's heads / neurons: q=0.05,k=0.05,v=0.05,mlp=0.01, "
+                         "or one fraction for every kind (atp-fraction, random, fisher, grad-weight, movement)")
+    s2.add_argument("--anti", dest="select_anti", action="store_true", default=None,
+                    help="the anti-selection control: the lowest-ranked components at the same per-kind counts")
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="DIR", help="run directory (resumable)")
     o.add_argument("--until", default=None, choices=STEP_NAMES, metavar="STEP",
@@ -85,6 +90,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "'extra:...', their own template group), e.g. GSM8K's train.jsonl")
     g.add_argument("--extra-train-max", type=cli_int, metavar="N",
                    help="at most N extra training problems, a seeded draw (0 = all); each is base-evaluated")
+    g.add_argument("--extra-test-data", metavar="D",
+                   help="a further source (as --data) whose problems all join the test split (ids 'extra:...', "
+                        "their own template group), e.g. GSM8K's test.jsonl for a test split of over 1,300 problems")
+    g.add_argument("--extra-test-max", type=cli_int, metavar="N",
+                   help="at most N extra test problems, a seeded draw (0 = all)")
     g.add_argument("--max-train-problems", type=cli_int, metavar="N",
                    help="at most N training problems go to stage 1 (0 = all)")
     g.add_argument("--max-val-problems", type=cli_int, metavar="N",
@@ -140,11 +150,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 #: the pipeline flags of :func:`add_run_args` -> :class:`RunConfig` fields (``cca run`` and ``cca study``)
 RUN_FLAGS: list[FieldFlag] = [
     *(FieldFlag(name, name) for name in ("model", "dtype", "device", "attn_implementation", "data",
-                                         "extra_train_data", "n_per_template", "seed", "weak_threshold", "procedure",
+                                         "extra_train_data", "extra_test_data", "n_per_template", "seed", "weak_threshold", "procedure",
                                          "pivot_method", "branching", "pivot_source", "pivot_filter",
                                          "val_from_train")),
     *(FieldFlag(name, name, zero_is_none, none_is_zero)
-      for name in ("max_train_problems", "max_val_problems", "max_test_problems", "extra_train_max")),
+      for name in ("max_train_problems", "max_val_problems", "max_test_problems", "extra_train_max",
+                   "extra_test_max")),
     FieldFlag("skip_bad_templates", "skip_bad_templates"),
     FieldFlag("non_integer_answers", "integer_answers", to_field=lambda v: not v, to_flag=lambda v: not v),
     FieldFlag("shots", "prompt.exemplars"),
@@ -174,7 +185,8 @@ RUN_FLAGS: list[FieldFlag] = [
 ]
 #: the flags only ``cca run`` has (a study sets the selection per condition)
 RUN_ONLY_FLAGS: list[FieldFlag] = [FieldFlag(name, name) for name in
-                                   ("selector", "select_k", "select_fraction", "select_count", "output")]
+                                   ("selector", "select_k", "select_fraction", "select_count", "select_per_kind",
+                                    "select_anti", "output")]
 
 
 def config_from_args(args: argparse.Namespace):

@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--variants", metavar="LIST",
                    help="comma-separated recipes (cca_fast.experiments.recipes) run as further conditions; "
                         "NAME:random adds its random control, NAME:none its update on every weight")
+    g.add_argument("--random-seeds", type=cli_int, metavar="N",
+                   help="draws of each random variant (a distribution: the selector is compared with their pool)")
     lg = p.add_argument_group("LoRA baseline")
     lg.add_argument("--lora-r", type=cli_int, help="LoRA rank (paper 16)")
     lg.add_argument("--lora-alpha", type=finite_float, help="LoRA alpha (paper 32)")
@@ -104,7 +106,8 @@ STUDY_FLAGS: list[FieldFlag] = [
     FieldFlag("selectors", "selectors", _list),
     FieldFlag("controls", "controls", _list),
     FieldFlag("variants", "variants", lambda text: study_variants(_list(text)), lambda v: ",".join(v) or None),
-    *(FieldFlag(name, name) for name in ("select_fraction", "select_k", "random_like", "bootstrap", "output")),
+    *(FieldFlag(name, name) for name in ("select_fraction", "select_k", "random_like", "bootstrap", "output",
+                                                 "random_seeds")),
     FieldFlag("lora_r", "lora.r"),
     FieldFlag("lora_alpha", "lora.alpha"),
     FieldFlag("lora_lr", "lora.lr"),

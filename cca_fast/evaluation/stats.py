@@ -86,6 +86,34 @@ class StratifiedBootstrap:
         d = xa - xb
         return self._interval(float(self._stat(d, self._groups)), self._stat(d, self._draws), level)
 
+    def pooled_difference(self, a: Sequence[float], pool: Sequence[Sequence[float]], level: float = 0.95,
+                          seed: int = 0) -> Interval:
+        """Paired difference of ``a`` [n] to a *distribution* of conditions ``pool`` [S, n] (S
+        random draws, e.g. seeds of a random control), with an interval that includes both the
+        problem-to-problem and the draw-to-draw spread (a two-level bootstrap).
+
+        Estimate: ``stat(a - mean_s pool[s])``. Resample ``b`` draws the S members of the pool
+        with replacement (seeded by ``seed``) *and* the problems within their templates (the
+        resamples shared with :meth:`difference`), and takes ``stat(a - mean of the drawn
+        members)`` on the drawn problems. With S = 1 it is :meth:`difference`.
+        """
+        xa = self._check(a)
+        xp = np.stack([self._check(p) for p in pool]) if len(pool) else np.empty((0, self.n))
+        if xp.shape[0] == 0:
+            raise CCAError("the pool of conditions to compare with is empty")
+        S = xp.shape[0]
+        value = float(self._stat(xa - xp.mean(0), self._groups))
+        if S == 1:
+            return self._interval(value, self._stat(xa - xp[0], self._draws), level)
+        rng = np.random.default_rng(seed)
+        members = rng.integers(0, S, size=(self.n_resamples, S))  # [B, S]
+        weights = np.stack([np.bincount(m, minlength=S) for m in members]) / S  # [B, S]
+        pooled = weights @ xp  # [B, n]: each resample's mean of its drawn members
+        d = xa[None, :] - pooled  # [B, n]
+        rows = np.arange(self.n_resamples)[:, None]
+        samples = np.mean([d[rows, idx].mean(axis=-1) for idx in self._draws], axis=0)
+        return self._interval(value, samples, level)
+
     def _check(self, x: Sequence[float]) -> np.ndarray:
         arr = np.asarray(x, dtype=np.float64)
         if arr.shape != (self.n,):

@@ -34,7 +34,10 @@ from cca_fast.stages.pivots.fork import ForkConfig
 from cca_fast.stages.traces import TraceConfig
 from cca_fast.stages.update import UpdateConfig
 
-SELECTORS = ("dcm", "atp-topk", "atp-fraction", "random", "none")
+SELECTORS = ("dcm", "atp-topk", "atp-fraction", "random", "none", "fisher", "grad-weight", "movement")
+#: selectors scored on the gold-solution loss (:mod:`cca_fast.stages.localize.objective_scores`),
+#: always ranked within each kind
+OBJECTIVE_SELECTORS = ("fisher", "grad-weight", "movement")
 PROCEDURES = ("fast", "reference")
 PIVOT_METHODS = ("branching", "prefix")
 BRANCHINGS = ("fast", "reference")
@@ -124,8 +127,17 @@ class RunConfig:
             solutions too.
         extra_train_max: at most this many extra problems (a draw seeded by ``seed``; ``None``:
             all). Every one is base-evaluated, so this bounds the added cost.
+        extra_test_data, extra_test_max: the same for the test split: every problem of this
+            source (at most ``extra_test_max``, a seeded draw) joins the test split only (ids
+            ``extra:``, their own template groups), e.g. GSM8K's ``test.jsonl`` beside the built-in
+            templates for a test split of over 1,300 problems. ``max_test_problems`` caps the
+            whole test split after.
         weak_threshold: templates with base training accuracy below it give training examples.
-        max_train_problems, max_val_problems, max_test_problems: caps (``None``: all).
+        max_train_problems, max_val_problems, max_test_problems: caps (``None``: all). The
+            default 34 validation problems (the whole validation split of the built-in templates
+            at 8 instances each: one per template) make one problem 2.9 points of validation
+            accuracy (12 made it 8.3); equal accuracies are decided by the validation problems'
+            gold-solution log-likelihood (:class:`~cca_fast.experiments.steps.update.UpdateStep`).
         prompt, generation, trace, dcm, update: the nested configurations (module docstring).
             The default ``dcm`` differs from ``DCMConfig()`` in ``reuse_prefix_cache=True`` and
             the default ``update`` from ``UpdateConfig()`` in ``max_steps=8``.
@@ -141,8 +153,21 @@ class RunConfig:
         diagnostics: write ``diagnostics.json`` before stage 3 (pivot table, gradient alignment,
             leave-fold-out transfer, gold-loss alignment; :mod:`cca_fast.experiments.diagnostics`).
         selector: one of :data:`SELECTORS`; ``select_k`` (atp-topk), ``select_fraction``
-            (atp-fraction, random), ``select_count`` (random), ``select_kinds`` (random: a count per
+            (atp-fraction, random; for fisher / grad-weight / movement the same fraction of every
+            kind), ``select_count`` (random), ``select_kinds`` (random: a count per
             kind, ``{"q": 4, "k": 3, "v": 0, "mlp": 924}``, which matches parameters too).
+            ``fisher``, ``grad-weight``, ``movement`` score the training problems' gold-solution
+            loss (:mod:`cca_fast.stages.localize.objective_scores`; movement's dense fine-tune
+            takes ``update``'s optimizer and lr, at most 3 steps).
+        select_per_kind: a budget per kind, ``{"q": 0.05, "k": 0.05, "v": 0.05, "mlp": 0.01}``
+            (fractions of each kind's heads / neurons; ``--select-per-kind``): atp-fraction and the
+            objective selectors rank within each kind; random draws those counts.
+        select_anti: the anti-selection control: the lowest-ranked components at the same
+            per-kind counts (atp-fraction with ``select_per_kind``, and the objective selectors).
+        select_layer_kinds: random: a count per kind *per layer*, ``{"q": [count in layer 0, ...],
+            ...}`` (the layer-and-kind matched control of a study).
+        select_seed: the random draw's own seed (``None``: ``seed``), so that a study draws many
+            random controls on the same splits, traces and pivots.
         procedure: ``"fast"`` or ``"reference"`` (see :class:`ProcedureSettings`).
     """
 
@@ -159,8 +184,10 @@ class RunConfig:
     weak_threshold: float = 0.8
     extra_train_data: str | None = None
     extra_train_max: int | None = None
+    extra_test_data: str | None = None
+    extra_test_max: int | None = None
     max_train_problems: int | None = 12
-    max_val_problems: int | None = 12
+    max_val_problems: int | None = 34
     max_test_problems: int | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -172,6 +199,10 @@ class RunConfig:
     select_fraction: float | None = None
     select_count: int | None = None
     select_kinds: dict[str, int] | None = None
+    select_per_kind: dict[str, float] | None = None
+    select_anti: bool = False
+    select_layer_kinds: dict[str, list[int]] | None = None
+    select_seed: int | None = None
     dcm: DCMConfig = field(default_factory=_default_dcm)
     update: UpdateConfig = field(default_factory=_default_update)
     procedure: str = "fast"
@@ -234,7 +265,8 @@ class RunConfig:
 
         checks.integer("RunConfig.val_from_train", self.val_from_train, flag="--val-from-train", lo=0)
         checks.seed("RunConfig.seed", self.seed)
-        self._check_extra_train()
+        self._check_extra("train", "training")
+        self._check_extra("test", "test")
         if self.procedure not in PROCEDURES:
             raise CCAError(f"unknown procedure {self.procedure!r} (RunConfig.procedure, --procedure); use 'fast' "
                            "(the default fast paths) or 'reference' (the authors' procedure, for comparisons)")
@@ -250,7 +282,26 @@ class RunConfig:
                     or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.select_kinds.values())):
                 raise CCAError(f"RunConfig.select_kinds must map {', '.join(KINDS)} to integers >= 0, got "
                                f"{self.select_kinds!r}")
-        if self.selector == "random" and not (self.select_count or self.select_fraction or self.select_kinds):
+        if self.select_seed is not None:
+            checks.seed("RunConfig.select_seed", self.select_seed, flag=None)
+        if self.select_layer_kinds is not None and self.selector != "random":
+            raise CCAError("RunConfig.select_layer_kinds (per-layer counts) is the random control's: selector random")
+        if self.select_per_kind is not None:
+            from cca_fast.models.adapters import KINDS
+
+            checks.kind_budget("RunConfig.select_per_kind", self.select_per_kind, KINDS)
+            if self.selector not in ("atp-fraction", "random", *OBJECTIVE_SELECTORS):
+                raise CCAError(f"RunConfig.select_per_kind (--select-per-kind) is a budget for atp-fraction, random, "
+                               f"{', '.join(OBJECTIVE_SELECTORS)}; selector {self.selector!r} does not take it")
+        if self.selector in OBJECTIVE_SELECTORS and not (self.select_per_kind or self.select_fraction):
+            raise CCAError(f"selector {self.selector} needs a budget: RunConfig.select_per_kind (--select-per-kind "
+                           "q=0.05,k=0.05,v=0.05,mlp=0.01) or select_fraction (--select-fraction F: F of every kind)")
+        if self.select_anti and not (self.selector in OBJECTIVE_SELECTORS
+                                     or (self.selector == "atp-fraction" and self.select_per_kind)):
+            raise CCAError("RunConfig.select_anti (--anti) takes the lowest-ranked components per kind: it needs "
+                           f"selector {', '.join(OBJECTIVE_SELECTORS)} or atp-fraction with --select-per-kind")
+        if self.selector == "random" and not (self.select_count or self.select_fraction or self.select_kinds
+                                              or self.select_per_kind or self.select_layer_kinds):
             raise CCAError("selector random needs RunConfig.select_count (--select-count N) or select_fraction "
                            "(--select-fraction F): use the count of the selection it controls for")
         _positive("n_per_template", self.n_per_template)
@@ -262,18 +313,19 @@ class RunConfig:
                 _positive(name, getattr(self, name), extra="or None for all (0 on the command line)")
         self.update.check()
 
-    def _check_extra_train(self) -> None:
-        """``extra_train_data`` is ``None`` or a non-empty source; ``extra_train_max`` is ``None``
-        or a positive integer, and only with ``extra_train_data``."""
-        if self.extra_train_data is not None and (not isinstance(self.extra_train_data, str)
-                                                  or not self.extra_train_data.strip()):
-            raise CCAError(f"RunConfig.extra_train_data (--extra-train-data) must be a data source (a file, a "
-                           f"template folder or a hub name), got {self.extra_train_data!r}; None for none")
-        if self.extra_train_max is not None:
-            _positive("extra_train_max", self.extra_train_max, extra="or None for all (0 on the command line)")
-            if self.extra_train_data is None:
-                raise CCAError("RunConfig.extra_train_max (--extra-train-max) caps the extra training problems: "
-                               "it needs extra_train_data (--extra-train-data D)")
+    def _check_extra(self, split: str, what: str) -> None:
+        """``extra_<split>_data`` is ``None`` or a non-empty source; ``extra_<split>_max`` is
+        ``None`` or a positive integer, and only with ``extra_<split>_data``."""
+        data, cap = getattr(self, f"extra_{split}_data"), getattr(self, f"extra_{split}_max")
+        flag = f"--extra-{split}-data"
+        if data is not None and (not isinstance(data, str) or not data.strip()):
+            raise CCAError(f"RunConfig.extra_{split}_data ({flag}) must be a data source (a file, a "
+                           f"template folder or a hub name), got {data!r}; None for none")
+        if cap is not None:
+            _positive(f"extra_{split}_max", cap, extra="or None for all (0 on the command line)")
+            if data is None:
+                raise CCAError(f"RunConfig.extra_{split}_max (--extra-{split}-max) caps the extra {what} problems: "
+                               f"it needs extra_{split}_data ({flag} D)")
 
     def _check_values(self) -> None:
         """Ranges of the scalar fields (NaN and infinities refused: see :mod:`cca_fast.checks`)."""

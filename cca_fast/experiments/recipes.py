@@ -12,6 +12,10 @@ side on the same shared stages.
 ``circuit-sft``   **the default of** ``cca run``: the paper's pivots and AtP top-2% components,
                   the rows trained on the training problems' gold solutions (sparse SFT on the
                   circuit), AdamW lr 1e-4, 10 steps, validation at steps 0 / 5 / 10
+``fisher-sft``    the budget curve's selector: the rows with the largest Fisher score of the
+                  training problems' gold-solution loss, 0.8% of each kind's heads and
+                  neurons (0.27% of the parameters), trained on those gold solutions, AdamW
+                  lr 1e-3 (results/budget_curve)
 ``fork-hinge``    paper + greedy-path forking pivots, only those whose desired token is not
                   already the argmax, a capped margin (hinge 3.0) and a retain term (KL to the
                   base on the other trace tokens), AtP top-2%
@@ -33,6 +37,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "circuit-sft": {
         "selector": "atp-fraction", "select_fraction": 0.02,
         "update": {"objective": "gold_nll", "optimizer": "adamw", "lr": 1e-4, "max_steps": 10,
+                   "eval_every_early": 5},
+    },
+    "fisher-sft": {
+        "selector": "fisher", "select_per_kind": {"q": 0.008, "k": 0.008, "v": 0.008, "mlp": 0.008},
+        "update": {"objective": "gold_nll", "optimizer": "adamw", "lr": 1e-3, "max_steps": 10,
                    "eval_every_early": 5},
     },
     "fork-hinge": {
@@ -62,7 +71,7 @@ def recipe_config(name: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None =
 
 
 #: ``NAME:KIND`` suffixes of :func:`study_variants`: a control of recipe ``NAME``'s settings
-VARIANT_KINDS = ("random", "random-kinds", "none")
+VARIANT_KINDS = ("random", "random-kinds", "random-layers", "none")
 
 
 def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
@@ -71,7 +80,9 @@ def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
     ``NAME`` is recipe ``NAME``; ``NAME:random`` its random control (the same settings on as many
     random components as ``NAME`` selected; condition ``NAME-random``); ``NAME:random-kinds`` the
     same with as many components *of each kind* (q, k, v, MLP), hence as many parameters
-    (condition ``NAME-random-kinds``); ``NAME:none`` the same
+    (condition ``NAME-random-kinds``); ``NAME:random-layers`` as many of each kind in every layer
+    (condition ``NAME-random-layers``); each random control is ``StudyConfig.random_seeds`` draws
+    (conditions ``NAME-random-kinds``, ``NAME-random-kinds-s1``, ...); ``NAME:none`` the same
     update on every weight (condition ``NAME-none``: with ``circuit-sft``, full fine-tuning on the
     gold solutions, the paper's third baseline).
     """
@@ -86,6 +97,9 @@ def study_variants(spec: list[str]) -> dict[str, dict[str, Any]]:
         elif kind == "random-kinds":
             out[f"{name}-random-kinds"] = {**settings, "random_like": name, "match_kinds": True,
                                            "label": f"random control, kinds matched ({name})"}
+        elif kind == "random-layers":
+            out[f"{name}-random-layers"] = {**settings, "random_like": name, "match_layers": True,
+                                            "label": f"random control, layers and kinds matched ({name})"}
         elif kind == "none":
             out[f"{name}-none"] = {**settings, "selector": "none", "label": f"every weight ({name})"}
         else:

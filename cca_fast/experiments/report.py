@@ -33,6 +33,13 @@ class RunReport:
             gradient alignment, leave-fold-out transfer, gold alignment, changed test traces).
         attn_implementation: the attention backend the model ran (``auto`` resolved:
             ``sdpa``, ``flash_attention_2``...; ``""`` in reports written before it was recorded).
+        n_val: validation problems (one problem = ``100 / n_val`` points of validation accuracy);
+            ``best_val_loglik``: the kept step's validation gold log-likelihood (the tie-break).
+        test_loglik: the test problems' gold-solution log-likelihood, base and updated (mean
+            nats per problem, template-averaged) and their paired difference with its 95%
+            bootstrap interval (``None`` without gold solutions).
+        parameters, parameter_share, kind_share: parameters the update may change, their share
+            of the model, and the share of each kind's heads / neurons selected.
     """
 
     model: str
@@ -65,6 +72,12 @@ class RunReport:
     training_examples: dict[str, Any] | None = None
     diagnostics: dict[str, Any] | None = None
     attn_implementation: str = ""
+    n_val: int | None = None
+    best_val_loglik: float | None = None
+    test_loglik: dict[str, Any] | None = None
+    parameters: int | None = None
+    parameter_share: float | None = None
+    kind_share: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -153,6 +166,29 @@ def diagnostics_lines(d: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def _validation_lines(report: dict[str, Any]) -> list[str]:
+    """How coarse validation accuracy is, and the test gold log-likelihood beside accuracy."""
+    out = []
+    n = report.get("n_val")
+    if n:
+        out += ["", f"Validation: {n} problems, so one problem is {100 / n:.1f} points of validation accuracy; "
+                    "among steps of equal validation accuracy the one with the highest validation gold-solution "
+                    "log-likelihood is kept"
+                    + (f" ({report['best_val_loglik']:.2f} nats per problem at the kept step)."
+                       if report.get("best_val_loglik") is not None else ".")]
+    ll = report.get("test_loglik")
+    if ll:
+        if ll.get("difference"):
+            d = ll["difference"]
+            out += ["", f"Test gold-solution log-likelihood (teacher-forced, paired per problem): base "
+                        f"{ll['base']:.2f}, CCA {ll['cca']:.2f} nats per problem: {d['value']:+.2f} "
+                        f"[{d['low']:+.2f}, {d['high']:+.2f}] (95% stratified bootstrap)."]
+        else:
+            out += ["", f"Test gold-solution log-likelihood (teacher-forced): CCA {ll['cca']:.2f} nats per problem "
+                        "(the base's was not kept in memory: no-mask update)."]
+    return out
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable summary of ``report`` (the dict written to ``report.json``)."""
     lines = [
@@ -176,10 +212,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_pct(report.get('best_val_accuracy'))} vs {_pct(report.get('base_val_accuracy'))} at step 0).",
         *(["", "No update step beat the base on validation: **the base weights are kept** and the delta is empty "
             "(applying it changes nothing)."] if report.get("best_step") == 0 else []),
+        *_validation_lines(report),
         "",
         f"Components selected: {report.get('components_selected', 0)} of {report.get('components_total', 0)} "
         f"({100 * report.get('fraction', 0.0):.3f}%): "
-        + ", ".join(f"{k} {v}" for k, v in report.get("per_kind", {}).items()),
+        + ", ".join(f"{k} {v}" for k, v in report.get("per_kind", {}).items())
+        + (f"; {report['parameters']:,} parameters ({100 * report['parameter_share']:.2f}% of the model); share of "
+           "each kind: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["kind_share"].items())
+           if report.get("parameters") is not None and report.get("kind_share") else ""),
         "",
         *(["**Every component was selected**: the selector kept the whole model (with few pivot examples, "
             "DCM's paper settings cannot move a mask below 0.5: raise --dcm-epochs or --max-train-problems, or "

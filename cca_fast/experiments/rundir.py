@@ -81,6 +81,7 @@ class RunDir(_Folder):
     UPDATE = "update.json"
     DELTA = "delta"
     CCA_TEST = "eval_cca_test.jsonl"
+    LOGLIK_TEST = "loglik_test.json"
     REPORT_JSON = "report.json"
     REPORT_MD = "report.md"
     COMPONENTS_PNG = "components.png"
@@ -147,6 +148,11 @@ class RunDir(_Folder):
     @property
     def cca_test(self) -> Path:
         return self.path / self.CCA_TEST
+
+    @property
+    def loglik_test(self) -> Path:
+        """The test problems' gold-solution log-likelihoods, base and updated (``cca_eval``)."""
+        return self.path / self.LOGLIK_TEST
 
     @property
     def stages(self) -> Path:

@@ -45,7 +45,7 @@ SHARED_FILES = outputs_through(SHARED_UNTIL)
 SHARED_STEPS = ("load_model", "data", "base_eval", "traces", "pivots")
 CONTROLS = ("random", "none", "lora")
 #: keys of a study variant that are not RunConfig overrides
-VARIANT_KEYS = ("random_like", "match_kinds", "label")
+VARIANT_KEYS = ("random_like", "match_kinds", "match_layers", "seeds", "label")
 
 
 def study_run_defaults() -> RunConfig:
@@ -90,8 +90,14 @@ class StudyConfig:
             named ones). Three extra keys: ``"random_like": NAME`` makes the variant a random
             control drawing as many components as condition ``NAME`` selected (with the variant's
             other settings), ``"match_kinds": True`` as many of each kind (hence as many
-            parameters), and ``"label"`` is its name in the table. They run after the selectors and
-            controls, in order.
+            parameters), ``"match_layers": True`` as many of each kind in every layer, and
+            ``"label"`` is its name in the table. They run after the selectors and
+            controls, in order. A random variant is a *distribution*: ``"seeds": N`` (default
+            ``random_seeds``) draws, conditions ``NAME`` (draw 0), ``NAME-s1`` ... ``NAME-s{N-1}``
+            (``RunConfig.select_seed``; the same splits, traces and pivots); the table compares
+            the selector with their pool (:meth:`~cca_fast.evaluation.stats.StratifiedBootstrap.pooled_difference`).
+        random_seeds: draws of each random variant without ``"seeds"`` (at least 5 by default:
+            one draw is not a control distribution).
     """
 
     output: str = "runs/study"
@@ -107,6 +113,7 @@ class StudyConfig:
     bootstrap: int = 10_000
     level: float = 0.95
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    random_seeds: int = 5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,6 +145,7 @@ class StudyConfig:
         from cca_fast import checks
 
         checks.positive("StudyConfig.bootstrap", self.bootstrap, flag="--bootstrap")
+        checks.positive("StudyConfig.random_seeds", self.random_seeds, flag="--random-seeds")
         if not isinstance(self.output, str) or not self.output.strip():
             raise CCAError(f"StudyConfig.output (--output) must name the study directory, got {self.output!r}")
         if not 0 < self.level < 1:
@@ -163,11 +171,34 @@ class StudyConfig:
             if like is not None and like not in seen:
                 raise CCAError(f"study variant {name!r}: random_like={like!r} must name a selector or an earlier "
                                f"variant ({', '.join(seen) or 'none'})")
+            if like is not None and "seeds" in spec:
+                from cca_fast import checks
+
+                checks.positive(f"study variant {name!r} seeds", spec["seeds"])
             seen.append(name)
+
+    def seeds_of(self, name: str) -> list[str]:
+        """The conditions of variant ``name``: itself, and for a random variant its further draws
+        ``name-s1`` ... (see ``variants``)."""
+        spec = self.variants.get(name, {})
+        if not spec.get("random_like"):
+            return [name]
+        n = int(spec.get("seeds", self.random_seeds))
+        return [name] + [f"{name}-s{i}" for i in range(1, n)]
+
+    def draw_of(self, name: str) -> tuple[str, int | None]:
+        """``(variant, draw seed)`` of a condition name (``(name, None)`` when it is no draw)."""
+        if name in self.variants:
+            return name, (0 if self.variants[name].get("random_like") else None)
+        head, _, tail = name.rpartition("-s")
+        if head in self.variants and tail.isdigit() and name in self.seeds_of(head):
+            return head, int(tail)
+        return name, None
 
     def random_partners(self) -> dict[str, list[str]]:
         """``{condition: its random controls}``: each selector -> ``["random"]`` (when that control
-        runs), each variant named by later variants' ``random_like`` -> those variants (in order)."""
+        runs), each variant named by later variants' ``random_like`` -> those variants (in order;
+        a variant of several draws by its first name, :meth:`seeds_of` gives the rest)."""
         out = {s: ["random"] for s in self.selectors if "random" in self.controls}
         for name, spec in self.variants.items():
             if spec.get("random_like"):
@@ -192,7 +223,8 @@ class StudyConfig:
     # ---- per condition ---------------------------------------------------------------------
     def condition_names(self) -> list[str]:
         """CCA conditions (run directories), in the order they run."""
-        return [*self.selectors, *(c for c in self.controls if c in ("random", "none")), *self.variants]
+        return [*self.selectors, *(c for c in self.controls if c in ("random", "none")),
+                *(c for v in self.variants for c in self.seeds_of(v))]
 
     def run_config(self, name: str, random_count: int | dict[str, int] | None = None) -> RunConfig:
         """The :class:`RunConfig` of condition ``name`` (``"shared"``: the shared steps)."""
@@ -211,20 +243,44 @@ class StudyConfig:
                                        selector="random")
         if name == "none":
             return dataclasses.replace(self.run, output=out, **unset, selector="none")
-        if name in self.variants:
-            spec = {k: v for k, v in self.variants[name].items() if k not in VARIANT_KEYS}
+        variant, draw = self.draw_of(name)
+        if variant in self.variants:
+            spec = {k: v for k, v in self.variants[variant].items() if k not in VARIANT_KEYS}
             cfg = RunConfig.from_dict(spec, base=dataclasses.replace(self.run, output=out, **unset))
-            if self.variants[name].get("random_like"):
+            if self.variants[variant].get("random_like"):
                 if random_count is None:
                     raise CCAError(f"variant {name!r} (a random control) needs the count of the selection it "
                                    "controls for")
-                size = ({"select_kinds": dict(random_count)} if isinstance(random_count, dict)
-                        else {"select_count": int(random_count)})
-                cfg = dataclasses.replace(cfg, **{**unset, **size}, selector="random")
+                if isinstance(random_count, dict) and any(isinstance(v, list) for v in random_count.values()):
+                    size = {"select_layer_kinds": {k: list(v) for k, v in random_count.items()}}
+                elif isinstance(random_count, dict):
+                    size = {"select_kinds": dict(random_count)}
+                else:
+                    size = {"select_count": int(random_count)}
+                cfg = dataclasses.replace(cfg, **{**unset, "select_per_kind": None, "select_anti": False,
+                                                  "select_layer_kinds": None, **size},
+                                          selector="random", select_seed=cfg.seed + (draw or 0) if draw else None)
             return cfg
         return dataclasses.replace(self.run, output=out, **{
             **unset, "select_fraction": self.select_fraction if name == "atp-fraction" else None,
             "select_k": self.select_k if name == "atp-topk" else None}, selector=name)
+
+
+def layer_kind_counts(indices: list[int], component_space: dict[str, Any]) -> dict[str, list[int]]:
+    """``{kind: [count per layer]}`` of flat component ``indices`` in the component space a run
+    report describes (``component_space``: ``n_layers``, ``per_layer``; flat order layer-major,
+    then kind, :class:`~cca_fast.models.components.ComponentSpace`)."""
+    per, n_layers = dict(component_space["per_layer"]), int(component_space["n_layers"])
+    width = sum(per.values())
+    out = {k: [0] * n_layers for k in per}
+    for i in indices:
+        layer, rem = divmod(int(i), width)
+        for kind, n in per.items():
+            if rem < n:
+                out[kind][layer] += 1
+                break
+            rem -= n
+    return out
 
 
 # ---- the study directory -------------------------------------------------------------------------
@@ -295,9 +351,14 @@ def _run_study_locked(config: StudyConfig, sd: StudyDir, progress: bool) -> dict
         count = None
         if name == "random":
             count = reports[config.random_like].components_selected
-        elif config.variants.get(name, {}).get("random_like"):
-            like = reports[config.variants[name]["random_like"]]
-            count = dict(like.per_kind) if config.variants[name].get("match_kinds") else like.components_selected
+        elif config.variants.get(config.draw_of(name)[0], {}).get("random_like"):
+            spec = config.variants[config.draw_of(name)[0]]
+            like = reports[spec["random_like"]]
+            if spec.get("match_layers"):
+                count = layer_kind_counts(read_json(sd.condition(spec["random_like"]).selection)["indices"],
+                                          like.component_space)
+            else:
+                count = dict(like.per_kind) if spec.get("match_kinds") else like.components_selected
         seed_from_shared(shared.path, target.path)
         say(f"study: condition {name}")
         reports[name] = timed(name, lambda: run_cca(config.run_config(name, count), progress=progress))
@@ -309,7 +370,7 @@ def _run_study_locked(config: StudyConfig, sd: StudyDir, progress: bool) -> dict
         timed("side_effects", lambda: run_side_effects(config, progress=progress))
 
     _, val, test = study_problems(config)
-    study = build_study(config, sd, val, test, side_effect_names(config), read_json(phases) if phases.exists() else {})
+    study = build_study(config, sd, val, test, table_names(config), read_json(phases) if phases.exists() else {})
     write_study(sd, study)
     say(f"study: table in {sd.study_md}")
     return study
@@ -399,8 +460,16 @@ def _kept_base_weights(config: StudyConfig, name: str) -> bool:
     return f.exists() and read_json(f).get("best_step") == 0
 
 
-def side_effect_names(config: StudyConfig) -> list[str]:
+def table_names(config: StudyConfig) -> list[str]:
+    """The study table's rows: the base, every condition (every draw), LoRA."""
     return ["base", *config.condition_names(), *(["lora"] if "lora" in config.controls else [])]
+
+
+def side_effect_names(config: StudyConfig) -> list[str]:
+    """Conditions the side-effect suites run on: the base, each condition (of a random variant's
+    draws only the first), LoRA."""
+    first = [c for c in config.condition_names() if config.draw_of(c)[1] in (None, 0)]
+    return ["base", *first, *(["lora"] if "lora" in config.controls else [])]
 
 
 def run_side_effects(config: StudyConfig, *, progress: bool = True) -> None:

@@ -78,7 +78,7 @@ def build_study(config, sd: StudyDir, val: Sequence[Any], test: Sequence[Any], n
         val, test: the study's validation and test problems (``Problem`` s, read from the shared
             run directory by :func:`~cca_fast.experiments.study.study_problems`).
         names: the conditions in table order (``"base"`` first:
-            :func:`~cca_fast.experiments.study.side_effect_names`).
+            :func:`~cca_fast.experiments.study.table_names`).
         phases: seconds per phase (``phases.json``).
     """
     ids = [p.id for p in test]
@@ -100,7 +100,11 @@ def build_study(config, sd: StudyDir, val: Sequence[Any], test: Sequence[Any], n
             row["vs_base"] = boot.difference(correct[n], correct["base"], config.level).to_dict()
         done = [c for c in partners.get(n, []) if c in correct]
         if done:  # the table's column: the last (strictest) control listed; every one in vs_randoms
-            row["vs_randoms"] = {c: boot.difference(correct[n], correct[c], config.level).to_dict() for c in done}
+            # a random variant of several draws: the difference to their pool (problems and draws resampled)
+            pools = {c: [correct[x] for x in config.seeds_of(c) if x in correct] for c in done}
+            row["vs_randoms"] = {c: {**boot.pooled_difference(correct[n], pool, config.level,
+                                                              seed=config.run.seed).to_dict(), "draws": len(pool)}
+                                 for c, pool in pools.items()}
             row["random_control"] = done[-1]
             row["vs_random"] = row["vs_randoms"][done[-1]]
         if n in config.condition_names():

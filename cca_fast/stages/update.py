@@ -386,7 +386,10 @@ def run_update(
         train_examples: pivot examples; the loss uses all of them at every step (with ``loss``:
             your training items, see below).
         config: :class:`UpdateConfig` (default: paper).
-        validate: ``validate(model) -> accuracy``; without it the last step is kept.
+        validate: ``validate(model) -> accuracy``, or ``(accuracy, tie-break)`` (e.g. the
+            validation gold log-likelihood): the step with the highest accuracy is kept, among
+            equal accuracies the one with the highest tie-break (recorded as ``val_tiebreak``);
+            without it the last step is kept.
         progress: ``True`` for a progress bar, or a callable receiving each history record.
         gold: the training problems' gold solutions
             (:class:`~cca_fast.stages.sft.SFTExample`), for ``objective="gold_nll"``.
@@ -426,6 +429,7 @@ def run_update(
     base_rows = _snapshot(model, plan)
     history: list[dict[str, Any]] = []
     best_step, best_val, best_rows = config.max_steps, None, None
+    best_key: tuple[float, ...] | None = None
     bar = _bar(config.max_steps) if progress is True else None
     try:
         with ExitStack() as stack:
@@ -437,10 +441,14 @@ def run_update(
                 record: dict[str, Any] = {"step": step}
                 if step in schedule and validate is not None:
                     with torch.no_grad(), runtime.eval_mode(model):
-                        val = float(validate(model))
-                    record["val"] = val
-                    if best_val is None or val > best_val:
-                        best_step, best_val, best_rows = step, val, _snapshot(model, plan)
+                        got = validate(model)
+                    key = tuple(float(v) for v in got) if isinstance(got, tuple) else (float(got),)
+                    record["val"] = key[0]
+                    if len(key) > 1:
+                        record["val_tiebreak"] = key[1]
+                    if best_key is None or key > best_key:  # lexicographic: the tie-break decides ties
+                        best_step, best_key, best_rows = step, key, _snapshot(model, plan)
+                        best_val = key[0]
                 last = step == config.max_steps
                 if not last:
                     stepper.zero_grad()

@@ -72,6 +72,7 @@ def make_splits(config: RunConfig) -> "DataSplits":
 
     splits = split_problems(load_source(config, config.data), seed=config.seed)
     splits = add_extra_train(splits, config)
+    splits = add_extra_test(splits, config)
     check_splits(splits.train, splits.val, splits.test, config)
     return splits
 
@@ -88,6 +89,40 @@ def load_source(config: RunConfig, source: str | None) -> list[Problem]:
                          skip_bad_templates=c.skip_bad_templates)
 
 
+def _fresh_extra(splits: "DataSplits", config: RunConfig, source: str, limit: int | None, flag: str,
+                 what: str) -> list[Problem]:
+    """The problems of ``source`` (ids ``extra:``) whose question is no question of ``splits``, at
+    most ``limit`` (a draw seeded by ``config.seed`` and ``what``)."""
+    import logging
+
+    from cca_fast.data.splits import as_extra, fresh_extra
+    from cca_fast.evaluation.suites.common import seeded_subset
+
+    where = f"{flag} {source}"
+    try:
+        extra = as_extra(load_source(config, source))
+    except CCAError as e:  # DataError, TemplateError: the message says which file and line
+        raise type(e)(f"{where}: {e}") from None
+    fresh, repeats = fresh_extra(splits, extra, where)
+    if repeats:
+        logging.getLogger("cca_fast.data").warning(
+            "%s: %d problem(s) left out: their question is also a question of the main data %s", where,
+            repeats, config.data or "(built-in templates)")
+    return seeded_subset(fresh, limit, config.seed, what)
+
+
+def add_extra_test(splits: "DataSplits", config: RunConfig) -> "DataSplits":
+    """``splits`` with the problems of ``config.extra_test_data`` (at most ``extra_test_max``)
+    added to the test split only (ids ``extra:``; repeats of main-data questions left out)."""
+    if config.extra_test_data is None:
+        return splits
+    import dataclasses
+
+    kept = _fresh_extra(splits, config, config.extra_test_data, config.extra_test_max, "--extra-test-data",
+                        "extra_test")
+    return dataclasses.replace(splits, test=[*splits.test, *kept])
+
+
 def add_extra_train(splits: "DataSplits", config: RunConfig) -> "DataSplits":
     """``splits`` with the problems of ``config.extra_train_data`` (at most ``extra_train_max``,
     a seeded draw, in file order, after leaving out repeats of main-data questions:
@@ -99,26 +134,12 @@ def add_extra_train(splits: "DataSplits", config: RunConfig) -> "DataSplits":
             cannot be loaded (a missing file, a line without an answer, ...), before any model
             is loaded.
     """
-    source = config.extra_train_data
-    if source is None:
+    if config.extra_train_data is None:
         return splits
     import dataclasses
-    import logging
 
-    from cca_fast.data.splits import as_extra, fresh_extra
-    from cca_fast.evaluation.suites.common import seeded_subset
-
-    where = f"--extra-train-data {source}"
-    try:
-        extra = as_extra(load_source(config, source))
-    except CCAError as e:  # DataError, TemplateError: the message says which file and line
-        raise type(e)(f"{where}: {e}") from None
-    fresh, repeats = fresh_extra(splits, extra, where)
-    if repeats:
-        logging.getLogger("cca_fast.data").warning(
-            "%s: %d problem(s) left out: their question is also a question of the main data %s", where,
-            repeats, config.data or "(built-in templates)")
-    kept = seeded_subset(fresh, config.extra_train_max, config.seed, "extra_train")
+    kept = _fresh_extra(splits, config, config.extra_train_data, config.extra_train_max, "--extra-train-data",
+                        "extra_train")
     return dataclasses.replace(splits, train=[*splits.train, *kept])
 
 

@@ -161,4 +161,38 @@ class CCAEvalStep:
         records = eval_resumable(ctx.model, ctx.tokenizer, ctx.results["data"].test, ctx.config.prompt,
                                  ctx.settings.generation, ctx.rd.cca_test, "CCA eval (test)", ctx.progress,
                                  keep_ids=False)
+        test_loglik(ctx)
         return CCAEval(summarize(records))
+
+
+def test_loglik(ctx: RunContext) -> None:
+    """``loglik_test.json``: the test problems' gold-solution log-likelihoods under the updated
+    model (``ctx.model`` holds the update) and the base (the delta reverted, then applied again);
+    nothing when a problem has no solution text. A continuous, paired metric beside accuracy
+    (:mod:`cca_fast.evaluation.gold_loglik`)."""
+    from cca_fast.delta import SparseDelta, apply_delta, revert_delta
+    from cca_fast.errors import DataError
+    from cca_fast.io import atomic_write_json
+    from cca_fast.evaluation.gold_loglik import gold_loglik_examples
+    from cca_fast.stages.sft import build_sft_examples
+
+    test = ctx.results["data"].test
+    if ctx.rd.loglik_test.exists() or not test:
+        return
+    try:
+        examples = build_sft_examples(test, ctx.tokenizer, ctx.config.prompt)
+    except DataError:
+        return
+    bs, tpl = ctx.settings.generation.batch_size, [p.template for p in test]
+    cca = gold_loglik_examples(ctx.model, examples, batch_size=bs, templates=tpl)
+    delta = SparseDelta.load(ctx.rd.delta)
+    if delta.meta.get("kept_base") or not delta.params:
+        base = cca  # the base weights were kept
+    elif all(pd.base is not None for pd in delta.params.values()):
+        revert_delta(ctx.model, delta)
+        base = gold_loglik_examples(ctx.model, examples, batch_size=bs, templates=tpl)
+        apply_delta(ctx.model, delta)
+    else:  # the no-mask delta holds no base rows: the base is not in memory any more
+        base = None
+    atomic_write_json(ctx.rd.loglik_test, {"base": None if base is None else [r.to_dict() for r in base],
+                                           "cca": [r.to_dict() for r in cca]})

@@ -13,12 +13,58 @@ from cca_fast.models.components import ComponentSpace
 from cca_fast.stages.examples import PivotExample
 
 
+def per_kind_budget(config: RunConfig) -> dict[str, float] | None:
+    """The per-kind budget of ``config``: ``select_per_kind``, else for the objective selectors
+    ``select_fraction`` of every kind, else ``None``."""
+    from cca_fast.experiments.config import OBJECTIVE_SELECTORS
+    from cca_fast.models.adapters import KINDS
+
+    if config.select_per_kind:
+        return dict(config.select_per_kind)
+    if config.selector in OBJECTIVE_SELECTORS and config.select_fraction:
+        return {k: float(config.select_fraction) for k in KINDS}
+    return None
+
+
 def localize(model, space: ComponentSpace, examples: Sequence[PivotExample], config: RunConfig,
-             progress: bool = True):
-    """Stage 2: the :class:`~cca_fast.stages.localize.select.Selection` of ``config.selector``."""
+             progress: bool = True, gold: Sequence | None = None):
+    """Stage 2: the :class:`~cca_fast.stages.localize.select.Selection` of ``config.selector``
+    (``gold``: the training problems' gold-solution examples, for fisher / grad-weight /
+    movement)."""
+    from cca_fast.experiments.config import OBJECTIVE_SELECTORS
+    from cca_fast.stages.localize.select import kind_budget_counts, select_per_kind
+
+    budget = per_kind_budget(config)
+    if config.selector in OBJECTIVE_SELECTORS:
+        from cca_fast.stages.localize import objective_scores
+
+        if not gold:
+            raise CCAError(f"selector {config.selector} scores the training problems' gold solutions, and this "
+                           "data has none (a template without a solution?): use atp-fraction or dcm")
+        if config.selector == "movement":
+            import dataclasses
+
+            upd = procedure_settings(config).update
+            scores = objective_scores.movement_scores(model, gold, space, dataclasses.replace(
+                upd, max_steps=min(3, upd.max_steps)))
+        else:
+            scores = objective_scores.gold_gradient_scores(model, gold, space)[config.selector]
+        return select_per_kind(scores, space, budget, anti=config.select_anti, method=config.selector)
     from cca_fast.stages.localize.atp import AtPConfig, run_atp
     from cca_fast.stages.localize.dcm import run_dcm
     from cca_fast.stages.localize.select import select
+
+    if config.selector == "atp-fraction" and budget:  # AtP ranked within each kind
+        scores = run_atp(model, examples, AtPConfig(batch_size=config.generation.batch_size), progress=progress,
+                         space=space)
+        return select_per_kind(scores, space, budget, anti=config.select_anti, method="atp-fraction")
+    seed = config.select_seed if config.select_seed is not None else config.seed
+    if config.selector == "random" and config.select_layer_kinds:
+        from cca_fast.stages.localize.select import select_random
+
+        return select_random(space, dict(config.select_layer_kinds), seed=seed, match_layers=True)
+    if config.selector == "random" and budget:
+        return select("random", space, like=kind_budget_counts(space, budget), seed=seed)
 
     sel = config.selector
     if sel == "dcm":
@@ -32,9 +78,9 @@ def localize(model, space: ComponentSpace, examples: Sequence[PivotExample], con
         return select(sel, space, scores=scores, k=config.select_k, fraction=config.select_fraction)
     if sel == "random":
         if config.select_kinds:  # as many of each kind (and so as many parameters) as another selection
-            return select("random", space, like=dict(config.select_kinds), seed=config.seed)
+            return select("random", space, like=dict(config.select_kinds), seed=seed)
         count = config.select_count or max(1, round(config.select_fraction * space.total))
-        return select("random", space, like=int(count), seed=config.seed)
+        return select("random", space, like=int(count), seed=seed)
     raise CCAError(f"selector {sel!r} selects nothing")
 
 
@@ -71,6 +117,11 @@ class LocalizeStep:
         return Localized(Selection.from_dict(read_json(ctx.rd.selection)), total)
 
     def run(self, ctx: RunContext) -> Localized:
-        selection = localize(ctx.model, ctx.space, ctx.results["examples"].examples, ctx.config, ctx.progress)
+        from cca_fast.experiments.config import OBJECTIVE_SELECTORS
+        from cca_fast.experiments.steps.update import gold_examples
+
+        gold = gold_examples(ctx) if ctx.config.selector in OBJECTIVE_SELECTORS else None
+        selection = localize(ctx.model, ctx.space, ctx.results["examples"].examples, ctx.config, ctx.progress,
+                             gold=gold)
         atomic_write_json(ctx.rd.selection, selection.to_dict())
         return Localized(selection, ctx.space.total)

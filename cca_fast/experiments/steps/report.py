@@ -59,8 +59,43 @@ class ReportStep:
             training_examples=r["examples"].stats,
             diagnostics=diagnostics_summary(r["diagnostics"].data, ctx.rd),
             attn_implementation=runtime.attention_backend(ctx.model),
+            **update_and_loglik_fields(ctx, selection),
         )
         per_layer = (space.layer_kind_counts(selection.indices) if selection is not None
                      else {k: [space.counts[k]] * space.n_layers for k in space.counts})
         write_report(ctx.rd.path, report, per_layer, space.counts)
         return report
+
+
+def update_and_loglik_fields(ctx: RunContext, selection) -> dict:
+    """The report's ``n_val``, ``best_val_loglik``, ``test_loglik`` and parameter fields."""
+    from cca_fast.evaluation.gold_loglik import GoldLoglik
+    from cca_fast.evaluation.stats import StratifiedBootstrap
+    from cca_fast.experiments.steps.update import validation_problems
+    from cca_fast.io import read_json
+
+    r, space = ctx.results, ctx.space
+    update = r["update"]
+    kept = next((h for h in update.history if h.get("step") == update.best_step and "val" in h), {})
+    out = {"n_val": len(validation_problems(ctx.config, r["data"], [p.id for p in r["traces"].problems])),
+           "best_val_loglik": kept.get("val_tiebreak")}
+    params = runtime.base_parameters(ctx.model)
+    if selection is not None:
+        rows = space.owned_rows(selection.indices)
+        n = sum(s.index.numel() * params[k].numel() // params[k].shape[s.dim] for k, s in rows.items())
+        out["kind_share"] = {k: selection.counts.get(k, 0) / (space.counts[k] * space.n_layers) for k in space.counts}
+    else:
+        n = sum(p.numel() for p in params.values())
+        out["kind_share"] = {k: 1.0 for k in space.counts}
+    out["parameters"], out["parameter_share"] = n, n / sum(p.numel() for p in params.values())
+    if ctx.rd.loglik_test.exists():
+        d = read_json(ctx.rd.loglik_test)
+        cca = [GoldLoglik(**x) for x in d["cca"]]
+        boot = StratifiedBootstrap([x.template for x in cca], seed=ctx.config.seed)
+        ll = {"cca": boot.accuracy([x.logprob for x in cca]).value, "n": len(cca)}
+        if d.get("base"):
+            base = [GoldLoglik(**x) for x in d["base"]]
+            ll["base"] = boot.accuracy([x.logprob for x in base]).value
+            ll["difference"] = boot.difference([x.logprob for x in cca], [x.logprob for x in base]).to_dict()
+        out["test_loglik"] = ll
+    return out

@@ -57,9 +57,22 @@ def validation_problems(config: RunConfig, splits: "Splits", training_ids: Seque
     return list(splits.val) + sorted(extra, key=lambda p: p.id)
 
 
+def validation_gold(problems: Sequence[Problem], tokenizer, config: RunConfig) -> list | None:
+    """The validation problems' gold-solution examples (the step's tie-break), ``None`` when a
+    problem has no solution text."""
+    from cca_fast.errors import DataError
+    from cca_fast.stages.sft import build_sft_examples
+
+    try:
+        return build_sft_examples(problems, tokenizer, config.prompt) if problems else None
+    except DataError:
+        return None
+
+
 class UpdateStep:
     """Stage 3: gradient descent on the selected rows (every weight for the no-mask baseline),
-    the best step by validation accuracy; the delta is saved and the model reverted to the base
+    the best step by validation accuracy (ties broken by the validation gold-solution
+    log-likelihood); the delta is saved and the model reverted to the base
     (the no-mask delta holds no base rows: the model then keeps the update)."""
 
     name = "update"
@@ -83,10 +96,18 @@ class UpdateStep:
         # the no-mask baseline changes every row: its delta is a full model, so no base copy in it
         ucfg = s.update if selection is not None else dataclasses.replace(s.update, scope="all", store_base_rows=False)
 
-        def validate(m) -> float:
+        val_gold = validation_gold(val, tok, c)
+
+        def validate(m):
             recs = eval_resumable(m, tok, val, c.prompt, s.generation, None, "validation", False, keep_ids=False,
                                   prefix_cache=ctx.prefix_cache)
-            return summarize(recs)["accuracy"]
+            if val_gold is None:
+                return summarize(recs)["accuracy"]
+            from cca_fast.evaluation.gold_loglik import gold_loglik_examples, summarize_loglik
+
+            # where accuracy cannot decide (equal on every step), the gold log-likelihood does
+            ll = summarize_loglik(gold_loglik_examples(m, val_gold, batch_size=s.generation.batch_size))
+            return summarize(recs)["accuracy"], ll["mean_logprob"]
 
         gold = gold_examples(ctx) if ucfg.objective == "gold_nll" else None
         if ucfg.objective == "gold_nll" and not gold:

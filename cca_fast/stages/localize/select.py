@@ -6,7 +6,13 @@ Methods (:func:`select`):
 * ``atp-topk``: the ``k`` components with the highest AtP score;
 * ``atp-fraction``: the top ``round(fraction * total)`` components by AtP score;
 * ``random``: the control, the same number of components as another selection drawn with a
-  seed (by default with the same count of each kind, so heads stay heads and neurons neurons).
+  seed (by default with the same count of each kind, so heads stay heads and neurons neurons;
+  ``match_layers`` also the same count of each kind in every layer);
+* :func:`select_per_kind`: any score ranked *within each kind*, with a budget per kind (a
+  fraction of that kind's components, :func:`kind_budget_counts`); ``anti=True`` takes the
+  lowest-ranked components at the same counts (the anti-selection control). The objective
+  scores (``fisher``, ``grad-weight``, ``movement``: :mod:`.objective_scores`) and AtP with a
+  per-kind budget go through it.
 
 AtP rankings use the *signed* score by default: a high positive score means scaling the
 component up raises the logit difference, which is what DCM keeps (mask pushed towards 1).
@@ -19,7 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -28,7 +34,7 @@ from cca_fast.errors import CCAError
 from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import Component, ComponentSpace
 
-METHODS = ("dcm", "atp-topk", "atp-fraction", "random")
+METHODS = ("dcm", "atp-topk", "atp-fraction", "random", "per-kind")
 
 
 @dataclass
@@ -204,15 +210,82 @@ def select_atp_fraction(scores: Attribution | torch.Tensor, space: ComponentSpac
     return Selection.build(space, order[:k], "atp-fraction", {"fraction": float(fraction), "k": k, "by": by})
 
 
-def select_random(space: ComponentSpace, like: Selection | int | dict[str, int], seed: int = 0,
-                  match_kinds: bool = True) -> Selection:
+def kind_budget_counts(space: ComponentSpace, budget: Mapping[str, float]) -> dict[str, int]:
+    """``{kind: count}`` of a per-kind budget ``{kind: fraction of that kind's components in the
+    model}`` (``round(fraction * n_layers * counts[kind])``; a kind left out gets 0), e.g.
+    ``{"q": 0.05, "k": 0.05, "v": 0.05, "mlp": 0.01}``. The same fraction for every kind is that
+    fraction of every kind's parameters, hence of all component-owned parameters (up to rounding)."""
+    from cca_fast import checks
+
+    checks.kind_budget("budget", budget, KINDS)
+    return {k: int(round(float(budget.get(k, 0.0)) * space.n_layers * space.counts[k])) for k in KINDS}
+
+
+def select_per_kind(scores: Attribution | torch.Tensor, space: ComponentSpace, budget: Mapping[str, float], *,
+                    anti: bool = False, method: str = "per-kind", by: str = "signed",
+                    params: dict[str, Any] | None = None) -> Selection:
+    """The top ``kind_budget_counts(space, budget)[kind]`` components of each kind by score
+    (ties broken by lower flat index), or with ``anti`` the bottom ones of each kind (the same
+    counts: the lowest-ranked, i.e. the tail of the same ranking).
+
+    Args:
+        scores: ``[space.total]`` (or an :class:`Attribution`), higher = more important.
+        budget: fraction of each kind's components (see :func:`kind_budget_counts`).
+        method: the name recorded in the selection (``"fisher"``, ``"atp"``...).
+        by: ``"signed"`` or ``"abs"`` ranking of the score.
+    """
+    counts = kind_budget_counts(space, budget)
+    _, order = _scores_and_order(scores, space, by)
+    kind_of = torch.tensor([KINDS.index(c.kind) for c in space], dtype=torch.long)
+    chosen: list[int] = []
+    for ki, kind in enumerate(KINDS):
+        ranked = order[kind_of[order] == ki]  # this kind's components, best first
+        n = counts[kind]
+        chosen += (ranked[ranked.numel() - n:] if anti else ranked[:n]).tolist() if n else []
+    p = {"budget": {k: float(v) for k, v in budget.items()}, "anti": bool(anti), "by": by, **(params or {})}
+    return Selection.build(space, chosen, method + ("-anti" if anti else ""), p)
+
+
+def _layer_kind_counts(space: ComponentSpace, like: Any) -> dict[str, list[int]]:
+    """``{kind: [count per layer]}`` of a :class:`Selection`, or such a dict checked."""
+    if isinstance(like, Selection):
+        like.check_space(space)
+        return space.layer_kind_counts(like.indices)
+    ok = isinstance(like, dict) and not set(like) - set(KINDS) and all(
+        isinstance(v, (list, tuple)) and len(v) == space.n_layers
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= space.counts[k] for n in v)
+        for k, v in like.items())
+    if not ok:
+        raise CCAError(f"match_layers needs the Selection whose per-(layer, kind) counts it copies, or "
+                       f"{{kind: [count per layer]}} with {space.n_layers} counts per kind within each layer's "
+                       f"{space.counts}, got {like!r}")
+    return {k: [int(n) for n in like.get(k, [0] * space.n_layers)] for k in KINDS}
+
+
+def select_random(space: ComponentSpace, like: Selection | int | dict[str, int] | dict[str, list[int]], seed: int = 0,
+                  match_kinds: bool = True, match_layers: bool = False) -> Selection:
     """Random control: as many components as ``like`` (a :class:`Selection`, a count, or a count
     per kind ``{"q": 107, "k": 24, "v": 14, "mlp": 786}``).
 
     With ``match_kinds`` (and a :class:`Selection` or per-kind counts) the count of each kind is
     matched too, and so the number of parameters (every component of a kind owns as many);
-    components are drawn uniformly over layers within a kind. Deterministic in ``seed``.
+    components are drawn uniformly over layers within a kind. With ``match_layers`` (and a
+    :class:`Selection`) the count of each kind *in each layer* is matched as well: the draw is
+    uniform within every ``(layer, kind)`` (``like`` may then be ``{kind: [count per layer]}``,
+    :meth:`ComponentSpace.layer_kind_counts`). Deterministic in ``seed``.
     """
+    if match_layers:
+        per = _layer_kind_counts(space, like)
+        g = torch.Generator().manual_seed(int(seed))
+        drawn: list[int] = []
+        for kind in KINDS:
+            for layer, want in enumerate(per[kind]):
+                if want:
+                    pool = space.offset(layer, kind) + torch.randperm(space.counts[kind], generator=g)[:want]
+                    drawn += pool.tolist()
+        return Selection.build(space, drawn, "random", {"seed": int(seed), "count": len(drawn), "match_kinds": True,
+                                                        "match_layers": True,
+                                                        "like": like.method if isinstance(like, Selection) else per})
     g = torch.Generator().manual_seed(int(seed))
     if isinstance(like, dict):
         unknown = set(like) - set(KINDS)
