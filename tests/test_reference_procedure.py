@@ -77,7 +77,7 @@ def test_procedure_settings_and_validation():
                     procedure="reference")
     s = procedure_settings(cfg)
     assert s.generation == GenerationConfig(max_new_tokens=cfg.generation.max_new_tokens, batch_size=1,
-                                            share_prefix=False, early_stop=False, stops=paper_stops())
+                                            slots=1, share_prefix=False, early_stop=False, stops=paper_stops())
     assert s.branching == "reference" and s.trace.sample_batch == 1 and s.trace.k == cfg.trace.k
     # full mode has no prefix cache; reuse_prefix_cache keeps the batch schedule the same
     assert s.dcm == DCMConfig(mode="full", reuse_prefix_cache=True, epochs=3)
@@ -86,7 +86,8 @@ def test_procedure_settings_and_validation():
     fast = procedure_settings(dataclasses.replace(cfg, procedure="fast"))
     assert fast.dcm == cfg.dcm and fast.update == cfg.update and fast.branching == cfg.branching
     assert fast.generation == GenerationConfig(max_new_tokens=cfg.generation.max_new_tokens,
-                                               batch_size=cfg.generation.batch_size, stops=paper_stops())
+                                               batch_size=cfg.generation.batch_size,
+                                               slots=cfg.generation.slots, stops=paper_stops())
     with pytest.raises(CCAError, match="unknown procedure"):
         RunConfig(procedure="slow").validate()
     assert RunConfig.from_dict(cfg.to_dict()).procedure == "reference"

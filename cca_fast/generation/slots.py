@@ -340,7 +340,7 @@ def run_slots(model: torch.nn.Module, seqs: Sequence[Sequence[int]], *, slots: i
             ids_t = torch.tensor([ids], dtype=torch.long, device=device)
             pos = torch.tensor([offsets], dtype=torch.long, device=device) + P
             idx = torch.tensor(keep, dtype=torch.long, device=device)
-            kw = {"logits_to_keep": idx} if keep_kw else {}
+            kw = runtime.keep_kwargs(model, idx) if keep_kw else {}
             out = runtime.unwrap(model)(input_ids=ids_t, position_ids=pos, use_cache=False, **kw, **{KWARG: kv})
             logits = out.logits[0] if keep_kw else out.logits[0, idx]
             kv.advance()

@@ -287,9 +287,11 @@ def accepts_logits_to_keep(model: nn.Module, *, warn: bool = True) -> bool:
     return ok
 
 
-def keep_kwargs(model: nn.Module, n: int | None) -> dict[str, int]:
-    """``{"logits_to_keep": n}`` when the model takes it and ``n`` is a positive count, else ``{}``
-    (the caller then slices the logits it needs)."""
+def keep_kwargs(model: nn.Module, n: "int | torch.Tensor | None") -> dict[str, Any]:
+    """``{"logits_to_keep": n}`` when the model takes it and ``n`` is a positive count or a 1-D
+    tensor of positions to keep, else ``{}`` (the caller then slices the logits it needs)."""
+    if isinstance(n, torch.Tensor):
+        return {"logits_to_keep": n} if accepts_logits_to_keep(model, warn=False) else {}
     return {"logits_to_keep": int(n)} if n and accepts_logits_to_keep(model) else {}
 
 
