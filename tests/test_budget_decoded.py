@@ -120,6 +120,13 @@ def test_bad_names_and_unreproducible_records_are_refused(decoded, tmp_path):
     curve, dec = decoded
     with pytest.raises(CCAError, match="does not have: fisher@0.5"):
         run_decoded(curve, DecodedConfig(accuracy=["fisher@0.5"]), progress=False)
+    other = GenerationSettings(max_new_tokens=9, batch_size=4, slots=4)  # files decoded otherwise would not compare
+    with pytest.raises(CCAError, match="differs in: generation.max_new_tokens"):
+        run_decoded(curve, DecodedConfig(accuracy=["base"], generation=other, suites=dec.suites,
+                                         extra_test_data=dec.extra_test_data), progress=False)
+    more = DecodedConfig(accuracy=["base", "fisher@0.25"], generation=dec.generation, suites=dec.suites,
+                         extra_test_data=dec.extra_test_data)  # fewer or more conditions, same settings: accepted
+    assert run_decoded(curve, more, progress=False) == []
     copy = tmp_path / "curve"
     shutil.copytree(curve.output, copy)
     for p in (copy / "accuracy").iterdir():

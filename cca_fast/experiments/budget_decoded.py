@@ -16,7 +16,7 @@ decoding when they differ.
 
 Layout (beside the curve's files)::
 
-    OUTPUT/decoded.json                  the DecodedConfig (a resumed call must use the same)
+    OUTPUT/decoded.json                  the DecodedConfig's settings (every call must use the same)
     OUTPUT/accuracy/<c>.json             per test problem: id, template, gold, prediction, correct,
                                          output; the replay check; seconds
     OUTPUT/accuracy/<c>.partial.jsonl    finished chunks of an interrupted evaluation (resumed)
@@ -76,8 +76,13 @@ class DecodedConfig:
         return config_io.to_dict(self)
 
     def names(self) -> list[str]:
-        """Every condition this config decodes, in run order (each once)."""
+        """Every condition this config decodes (each once)."""
         return list(dict.fromkeys([*self.accuracy, *self.side_effects]))
+
+    def settings(self) -> dict[str, Any]:
+        """What the decoded files depend on (``decoded.json``): everything but the lists of
+        conditions, so that a later call may decode more conditions with the same settings."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("accuracy", "side_effects")}
 
 
 def accuracy_path(output: str | Path, name: str) -> Path:
@@ -164,8 +169,9 @@ def _accuracy(session: _Session, decoded: DecodedConfig, name: str, problems: li
 
 def run_decoded(curve: BudgetCurveConfig, decoded: DecodedConfig, *, limit: int | None = None,
                 progress: bool = True) -> list[str]:
-    """Decode up to ``limit`` pending conditions of ``decoded`` (all: ``None``), then rewrite the
-    curve's report; returns the entries still pending (:func:`pending_decoded`).
+    """Run up to ``limit`` pending entries of ``decoded`` (all: ``None``; every accuracy before
+    any side effect), then rewrite the curve's report; returns the entries still pending
+    (:func:`pending_decoded`).
 
     Raises:
         CCAError: before the model loads, for an unknown or not yet run condition, an
@@ -178,24 +184,24 @@ def run_decoded(curve: BudgetCurveConfig, decoded: DecodedConfig, *, limit: int 
     _check_names(curve, decoded)
     if decoded.extra_test_data is not None:  # bad data is refused before the model loads
         test_problems(curve, decoded, [])
-    check_or_write_config(out / "decoded.json", decoded.to_dict(), DecodedConfig().to_dict(), "budget curve decoding")
-    todo = [n for n in decoded.names() if any(e.endswith(f":{n}") for e in pending_decoded(curve, decoded))]
+    check_or_write_config(out / "decoded.json", decoded.settings(), DecodedConfig().settings(), "budget curve decoding")
+    todo = pending_decoded(curve, decoded)
     todo = todo[: limit if limit is not None else len(todo)]
     if todo:
         s = _Session(curve)
-        problems = test_problems(curve, decoded, s.test)
-        for name in todo:
+        problems = test_problems(curve, decoded, s.test) if any(t.startswith("accuracy:") for t in todo) else []
+        for task in todo:
+            what, name = task.split(":", 1)
             if progress:
-                print(f"budget curve, decoded: {name}", flush=True)
+                print(f"budget curve, {what}: {name}", flush=True)
             result, replay = None, None
             if name != "base":
-                rec = read_json(out / "conditions" / f"{name}.json")
-                result, drift = replay_condition(s, rec)
+                result, drift = replay_condition(s, read_json(out / "conditions" / f"{name}.json"))
                 replay = {"best_step": result.best_step, "max_relative_loss_difference": drift}
             try:
-                if name in decoded.accuracy and not accuracy_path(out, name).exists():
+                if what == "accuracy":
                     _accuracy(s, decoded, name, problems, replay, progress)
-                if name in decoded.side_effects and not side_effect_path(out, name).exists():
+                else:
                     from cca_fast.evaluation.suites import run_suites
 
                     path = side_effect_path(out, name)
