@@ -28,7 +28,7 @@ def _curve(d, out) -> BudgetCurveConfig:
     return BudgetCurveConfig(
         output=str(out), model=str(d / "model"), data=str(d / "data.jsonl"), n_per_template=10,
         prompt=PromptConfig(exemplars=str(d / "shots.json"), n_shots=1), n_train=4, budgets=[0.25],
-        selectors=["fisher"], anti=False, random_seeds=2, layer_seeds=0, batch_size=4,
+        selectors=["fisher"], anti=False, random_seeds=3, layer_seeds=0, batch_size=4,
         update=UpdateConfig(optimizer="adamw", lr=3e-2, max_steps=2, batch_size=4, eval_every=1,
                             eval_every_early=1, early_steps=1))
 
@@ -45,10 +45,13 @@ def decoded(workdir, tmp_path_factory):
     curve = _curve(workdir, tmp / "curve")
     assert run_budget_curve(curve, progress=False) == []
     dec = DecodedConfig(accuracy=["base", "fisher@0.25", "random-s0@0.25", "random-s1@0.25"],
-                        side_effects=["base", "fisher@0.25"], extra_test_data=_extra(tmp / "extra.jsonl"),
+                        split_accuracy=["fisher@0.25", "random-s2@0.25"], side_effects=["base", "fisher@0.25"],
+                        extra_test_data=_extra(tmp / "extra.jsonl"),
                         generation=GenerationSettings(max_new_tokens=8, batch_size=4, slots=4),
                         suites=SuiteConfig(data_root=str(make_suite_data(tmp / "side")), mmlu_limit=4,
                                            truthfulqa_limit=3, ppl_limit=3, batch_size=4))
+    # fisher's accuracy on the whole test set covers the split: only random-s2 is decoded on it
+    assert [t for t in pending_decoded(curve, dec) if t.startswith("split")] == ["split_accuracy:random-s2@0.25"]
     assert run_decoded(curve, dec, limit=2, progress=False)  # resumable: two conditions a call
     assert run_decoded(curve, dec, progress=False) == [] and pending_decoded(curve, dec) == []
     return curve, dec
@@ -101,10 +104,26 @@ def test_accuracy_report_is_the_records_means(decoded):
     diffs = [a - b for a, b in zip(files["fisher@0.25"], pool)]
     assert cmp["draws"] == 2 and cmp["difference"]["value"] == pytest.approx(sum(diffs) / n, abs=1e-12)
     assert cmp["minimum_detectable"] == pytest.approx(minimum_detectable(diffs), rel=1e-12)
+    split = study["accuracy_split"]  # the split's problems only, the split-only draw added to the pool
+    s2 = read_json(f"{curve.output}/accuracy_split/random-s2@0.25.json")["records"]
+    on_split = [not r["id"].startswith("extra:") for r in read_json(f"{curve.output}/accuracy/base.json")["records"]]
+    assert split["n"] == len(s2) == sum(on_split) == n - 6 and split["n_extra"] == 0
+    assert [r["id"] for r in s2] == [r["id"] for r, k in zip(read_json(f"{curve.output}/accuracy/base.json")["records"],
+                                                               on_split) if k]
+    srows = {r["name"]: r for r in split["conditions"]}
+    assert set(srows) == {*files, "random-s2@0.25"}
+    sfiles = {k: [v for v, keep in zip(x, on_split) if keep] for k, x in files.items()}
+    sfiles["random-s2@0.25"] = [float(r["correct"]) for r in s2]
+    for name, x in sfiles.items():
+        assert srows[name]["accuracy"]["value"] == pytest.approx(sum(x) / len(x), abs=1e-12)
+    (scmp,) = [c for c in split["vs_random"] if c["condition"] == "fisher@0.25"]
+    spool = [sum(col) / 3 for col in zip(*(sfiles[f"random-s{i}@0.25"] for i in range(3)))]
+    assert scmp["draws"] == 3 and scmp["difference"]["value"] == pytest.approx(
+        sum(a - b for a, b in zip(sfiles["fisher@0.25"], spool)) / len(spool), abs=1e-12)
     side = study["side_effects"]["fisher@0.25"]
     assert set(side) >= {"mmlu", "truthfulqa", "perplexity"}
     md = open(f"{curve.output}/study.md").read()
-    assert "| fisher@0.25 | random | 2 |" in md and "Side effects" in md
+    assert "| fisher@0.25 | random | 2 |" in md and "| fisher@0.25 | random | 3 |" in md and "Side effects" in md
 
 
 def test_minimum_detectable_is_the_normal_formula():

@@ -375,6 +375,8 @@ def build_study(config: BudgetCurveConfig, *, n_resamples: int = 10_000, level: 
             "config": config.to_dict(), "conditions": rows, "vs_random": comparisons, "random_spread": spread,
             "pending": pending(config), "level": level, "n_resamples": n_resamples,
             "accuracy": accuracy_section(out, done, level=level, n_resamples=n_resamples, seed=config.seed),
+            "accuracy_split": accuracy_section(out, done, split_only=True, level=level, n_resamples=n_resamples,
+                                               seed=config.seed),
             "side_effects": side_effect_section(out)}
 
 

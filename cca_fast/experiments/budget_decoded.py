@@ -5,8 +5,10 @@ problems' gold log-likelihood, which needs one teacher-forced forward per proble
 greedy answers, about ten times the cost, and detects a 3-point paired difference only with
 ~1,300 problems; so it runs here, on the conditions that decide the curve's question (e.g. the
 best selector and the random draws at its budget), on the curve's test split plus an extra test
-set (``extra_test_data``: e.g. the GSM8K test split), and the side-effect suites
-(:func:`cca_fast.evaluation.suites.run_suites`) on the best point of each selector.
+set (``extra_test_data``: e.g. the GSM8K test split); on the curve's test split alone for the
+other points of the curve (``split_accuracy``: fewer problems, wider intervals); and the
+side-effect suites (:func:`cca_fast.evaluation.suites.run_suites`) on the best point of each
+selector.
 
 A condition's weights are rebuilt, not stored: its recorded selection is trained again with the
 curve's update settings, the recorded validation scores replayed to pick the same step. Training
@@ -20,6 +22,7 @@ Layout (beside the curve's files)::
     OUTPUT/accuracy/<c>.json             per test problem: id, template, gold, prediction, correct,
                                          output; the replay check; seconds
     OUTPUT/accuracy/<c>.partial.jsonl    finished chunks of an interrupted evaluation (resumed)
+    OUTPUT/accuracy_split/<c>.json       the same, on the curve's test split only
     OUTPUT/side_effects/<c>.json         the suites' results (:func:`run_suites`)
 
 ``<c>`` is a condition name of the curve, or ``base`` (the base weights). The curve's report
@@ -57,6 +60,10 @@ class DecodedConfig:
     Attributes:
         accuracy: condition names (the curve's, or ``base``) whose test accuracy is measured, in
             run order.
+        split_accuracy: condition names whose test accuracy is measured on the curve's test split
+            only (``extra_test_data`` left out: cheap enough for every point of the curve);
+            written to ``accuracy_split/``; one already in ``accuracy`` is not decoded again (its
+            records on the split are those).
         side_effects: condition names whose side-effect suites run (``base`` first, to compare).
         extra_test_data: a problem file or source added to the curve's test split for accuracy
             (as ``cca run --extra-test-data``: repeats of the curve's questions left out, ids
@@ -67,6 +74,7 @@ class DecodedConfig:
 
     accuracy: list[str] = field(default_factory=lambda: ["base"])
     side_effects: list[str] = field(default_factory=list)
+    split_accuracy: list[str] = field(default_factory=list)
     extra_test_data: str | None = None
     extra_test_max: int | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -77,16 +85,20 @@ class DecodedConfig:
 
     def names(self) -> list[str]:
         """Every condition this config decodes (each once)."""
-        return list(dict.fromkeys([*self.accuracy, *self.side_effects]))
+        return list(dict.fromkeys([*self.accuracy, *self.split_accuracy, *self.side_effects]))
 
     def settings(self) -> dict[str, Any]:
         """What the decoded files depend on (``decoded.json``): everything but the lists of
         conditions, so that a later call may decode more conditions with the same settings."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("accuracy", "side_effects")}
+        return {k: v for k, v in self.to_dict().items() if k not in ("accuracy", "split_accuracy", "side_effects")}
 
 
 def accuracy_path(output: str | Path, name: str) -> Path:
     return Path(output) / "accuracy" / f"{name}.json"
+
+
+def split_accuracy_path(output: str | Path, name: str) -> Path:
+    return Path(output) / "accuracy_split" / f"{name}.json"
 
 
 def side_effect_path(output: str | Path, name: str) -> Path:
@@ -94,8 +106,12 @@ def side_effect_path(output: str | Path, name: str) -> Path:
 
 
 def pending_decoded(curve: BudgetCurveConfig, decoded: DecodedConfig) -> list[str]:
-    """``accuracy:<c>`` / ``side_effects:<c>`` entries not yet written."""
-    return ([f"accuracy:{n}" for n in decoded.accuracy if not accuracy_path(curve.output, n).exists()]
+    """``accuracy:<c>`` / ``split_accuracy:<c>`` / ``side_effects:<c>`` entries not yet written,
+    in run order."""
+    out = curve.output
+    return ([f"accuracy:{n}" for n in decoded.accuracy if not accuracy_path(out, n).exists()]
+            + [f"split_accuracy:{n}" for n in decoded.split_accuracy if n not in decoded.accuracy
+               and not accuracy_path(out, n).exists() and not split_accuracy_path(out, n).exists()]
             + [f"side_effects:{n}" for n in decoded.side_effects if not side_effect_path(curve.output, n).exists()])
 
 
@@ -151,11 +167,12 @@ def replay_condition(session: _Session, rec: dict[str, Any]):
 
 
 def _accuracy(session: _Session, decoded: DecodedConfig, name: str, problems: list, replay: dict[str, Any] | None,
-              progress: bool) -> None:
+              progress: bool, out: Path) -> None:
+    """Greedy answers of the session's model on ``problems``, written to ``out`` (resumable
+    through ``<name>.partial.jsonl`` beside it)."""
     from cca_fast.experiments.steps.evaluation import eval_resumable
     from cca_fast.generation.prefix import PrefixCache
 
-    out = accuracy_path(session.config.output, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f"{name}.partial.jsonl")
     t = time.perf_counter()
@@ -190,6 +207,7 @@ def run_decoded(curve: BudgetCurveConfig, decoded: DecodedConfig, *, limit: int 
     if todo:
         s = _Session(curve)
         problems = test_problems(curve, decoded, s.test) if any(t.startswith("accuracy:") for t in todo) else []
+        paths = {"accuracy": (accuracy_path, problems), "split_accuracy": (split_accuracy_path, s.test)}
         for task in todo:
             what, name = task.split(":", 1)
             if progress:
@@ -199,8 +217,9 @@ def run_decoded(curve: BudgetCurveConfig, decoded: DecodedConfig, *, limit: int 
                 result, drift = replay_condition(s, read_json(out / "conditions" / f"{name}.json"))
                 replay = {"best_step": result.best_step, "max_relative_loss_difference": drift}
             try:
-                if what == "accuracy":
-                    _accuracy(s, decoded, name, problems, replay, progress)
+                if what in paths:
+                    where, probs = paths[what]
+                    _accuracy(s, decoded, name, probs, replay, progress, where(out, name))
                 else:
                     from cca_fast.evaluation.suites import run_suites
 

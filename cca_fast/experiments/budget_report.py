@@ -35,18 +35,30 @@ def _decoded_files(folder: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))}
 
 
-def accuracy_section(output: str | Path, conditions: Mapping[str, Mapping[str, Any]], *, level: float = 0.95,
-                     n_resamples: int = 10_000, seed: int = 0) -> dict[str, Any] | None:
+def _accuracy_files(output: Path, split_only: bool) -> dict[str, dict[str, Any]]:
+    """The decoded accuracy files by condition; ``split_only``: their records on the curve's
+    test split (extra problems dropped), with ``accuracy_split/``'s files added."""
+    files = _decoded_files(output / "accuracy")
+    if not split_only:
+        return files
+    files = {n: {**f, "records": [r for r in f["records"] if not r["id"].startswith("extra:")]}
+             for n, f in files.items()}
+    return {**{n: f for n, f in _decoded_files(output / "accuracy_split").items() if n not in files}, **files}
+
+
+def accuracy_section(output: str | Path, conditions: Mapping[str, Mapping[str, Any]], *, split_only: bool = False,
+                     level: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> dict[str, Any] | None:
     """Test accuracy of the decoded conditions (``OUTPUT/accuracy/<c>.json``), paired on the
     base's problems: per condition its accuracy (all problems, micro) with the curve's test split
     (``builtin``) and the extra test set (``extra``) apart, its difference to the base (problems
     gained / lost), and for each selector its difference to the pooled random draws decoded at its
     budget (problems and draws resampled) with the minimum detectable difference at 80% power.
-    ``conditions``: the curve's condition records by name (budget, selector, parameter share).
-    ``None`` until the base is decoded."""
+    ``split_only``: the same on the curve's test split alone, over every condition decoded there
+    (``accuracy/`` and ``accuracy_split/``). ``conditions``: the curve's condition records by name
+    (budget, selector, parameter share). ``None`` until the base is decoded."""
     from cca_fast.evaluation.stats import StratifiedBootstrap
 
-    files = _decoded_files(Path(output) / "accuracy")
+    files = _accuracy_files(Path(output), split_only)
     if "base" not in files:
         return None
     ids = [r["id"] for r in files["base"]["records"]]
@@ -56,8 +68,8 @@ def accuracy_section(output: str | Path, conditions: Mapping[str, Mapping[str, A
         by = {r["id"]: float(bool(r["correct"])) for r in files[name]["records"]}
         missing = [i for i in ids if i not in by]
         if missing:
-            raise CCAError(f"accuracy/{name}.json lacks {len(missing)} of the base's test problems (e.g. {missing[0]}): "
-                           "it was decoded on other problems; delete it to decode it again")
+            raise CCAError(f"the accuracy file of {name} lacks {len(missing)} of the base's test problems "
+                           f"(e.g. {missing[0]}): it was decoded on other problems; delete it to decode it again")
         return [by[i] for i in ids]
 
     bs = StratifiedBootstrap(["all"] * len(ids), n_resamples=n_resamples, seed=seed)  # micro: one group
@@ -97,6 +109,7 @@ def accuracy_section(output: str | Path, conditions: Mapping[str, Mapping[str, A
                                 "difference": iv.to_dict(), "above_zero": iv.low > 0, "below_zero": iv.high < 0,
                                 "minimum_detectable": minimum_detectable([a - b for a, b in zip(x, mean_pool)], level)})
     return {"metric": "test accuracy (greedy answers), all problems pooled (micro), paired", "n": len(ids),
+            "scope": "test split" if split_only else "test split and extra",
             "n_builtin": extra.count(False), "n_extra": extra.count(True), "conditions": rows,
             "vs_random": comparisons}
 
@@ -145,8 +158,9 @@ def render_markdown(study: dict[str, Any]) -> str:
         for b, s in sorted(study["random_spread"].items(), key=lambda kv: float(kv[0])):
             lines.append(f"| {100 * float(b):.2f}% | {s['draws']} | {s['mean']:+.2f} | {s['min']:+.2f} | "
                          f"{s['max']:+.2f} | {s['sd']:.2f} |")
-    if study.get("accuracy"):
-        lines += ["", *_accuracy_markdown(study["accuracy"])]
+    for key in ("accuracy_split", "accuracy"):
+        if study.get(key):
+            lines += ["", *_accuracy_markdown(study[key])]
     if study.get("side_effects"):
         lines += ["", *_side_effect_markdown(study["side_effects"])]
     if study["pending"]:
@@ -155,8 +169,13 @@ def render_markdown(study: dict[str, Any]) -> str:
 
 
 def _accuracy_markdown(acc: dict[str, Any]) -> list[str]:
-    lines = [f"Accuracy ({acc['metric']}): {acc['n']} test problems ({acc['n_builtin']} of the curve's test split, "
-             f"{acc['n_extra']} extra).", "",
+    if acc.get("scope") == "test split":
+        head = (f"Accuracy on the curve's test split, every decoded condition ({acc['metric']}): {acc['n']} test "
+                "problems.")
+    else:
+        head = (f"Accuracy ({acc['metric']}): {acc['n']} test problems ({acc['n_builtin']} of the curve's test "
+                f"split, {acc['n_extra']} extra).")
+    lines = [head, "",
              "| condition | accuracy, % [95% CI] | test split | extra | vs base, points [95% CI] | gained / lost |",
              "|---|---|---|---|---|---|"]
 
@@ -196,17 +215,19 @@ def _side_effect_markdown(side: dict[str, Any]) -> list[str]:
 # ---- the plot -------------------------------------------------------------------------------------
 def plot(study: dict[str, Any], path: Path) -> None:
     """Gain in test gold log-likelihood vs parameter share, per selector, random draws as dots;
-    beside it the decoded accuracies' gain over the base when there are any."""
+    beside it the decoded accuracies' gain over the base on the curve's test split when there are
+    any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    acc = [r for r in (study.get("accuracy") or {}).get("conditions", []) if "vs_base" in r]
+    acc = [r for r in (study.get("accuracy_split") or study.get("accuracy") or {}).get("conditions", [])
+           if "vs_base" in r]
     fig, axes = plt.subplots(1, 2 if acc else 1, figsize=(12 if acc else 7, 4.5), squeeze=False)
     _panel(axes[0][0], study["conditions"], "test gold log-likelihood vs base (nats / problem)", 1.0)
     if acc:
-        _panel(axes[0][1], acc, "test accuracy vs base (points)", 100.0)
+        _panel(axes[0][1], acc, "test accuracy vs base, curve's test split (points)", 100.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
