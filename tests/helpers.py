@@ -3,6 +3,7 @@ here, never from one another; fixtures built on these live in ``conftest.py``)."
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 from pathlib import Path
@@ -292,3 +293,27 @@ def save_model_dir(model, tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_suite_data(root: Path) -> Path:
+    """Minimal suite files in the layout of ../shared/data (two MMLU subjects, 3 TruthfulQA
+    questions, 3 GSM8K solutions)."""
+    for split, n in (("dev", 5), ("test", 3)):
+        d = root / "mmlu" / split
+        d.mkdir(parents=True)
+        for subj in ("alpha_beta", "gamma"):
+            with open(d / f"{subj}_{split}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
+                for i in range(n):
+                    w.writerow([f"{subj} question {i}?", "0", "1", "10", "11", i % 4])
+    (root / "truthfulqa").mkdir()
+    with open(root / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        for i in range(3):
+            w.writerow(["A", "B", f"What is {i}?", "1 0", "1 0; 10", "0 1; 11", "x"])
+    (root / "gsm8k").mkdir()
+    (root / "gsm8k" / "test.jsonl").write_text("".join(
+        json.dumps({"question": f"What is {i} 1?", "answer": f"1 0 <<1=1>> 1\n#### {i}"}) + "\n" for i in range(3)))
+    return root

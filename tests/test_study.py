@@ -9,7 +9,6 @@ nothing.
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -23,33 +22,9 @@ from cca_fast.io import read_json, read_jsonl
 from cca_fast.baselines.lora.train import LoRAConfig
 from cca_fast.evaluation.suites import SuiteConfig
 from cca_fast.experiments.study import StudyConfig, run_study, seed_from_shared
-from helpers import run_config
+from helpers import make_suite_data, run_config
 
 pytest.importorskip("peft")
-
-
-def _side_data(root: Path) -> Path:
-    """Minimal suite files in the layout of ../shared/data (two MMLU subjects, 3 TruthfulQA
-    questions, 3 GSM8K solutions)."""
-    for split, n in (("dev", 5), ("test", 3)):
-        d = root / "mmlu" / split
-        d.mkdir(parents=True)
-        for subj in ("alpha_beta", "gamma"):
-            with open(d / f"{subj}_{split}.csv", "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
-                for i in range(n):
-                    w.writerow([f"{subj} question {i}?", "0", "1", "10", "11", i % 4])
-    (root / "truthfulqa").mkdir()
-    with open(root / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
-        for i in range(3):
-            w.writerow(["A", "B", f"What is {i}?", "1 0", "1 0; 10", "0 1; 11", "x"])
-    (root / "gsm8k").mkdir()
-    (root / "gsm8k" / "test.jsonl").write_text("".join(
-        json.dumps({"question": f"What is {i} 1?", "answer": f"1 0 <<1=1>> 1\n#### {i}"}) + "\n" for i in range(3)))
-    return root
 
 
 def _study(workdir: Path, out: Path, side: Path) -> StudyConfig:
@@ -64,7 +39,7 @@ def _study(workdir: Path, out: Path, side: Path) -> StudyConfig:
 
 @pytest.mark.slow
 def test_study_every_condition_and_resume(workdir, tmp_path):
-    side = _side_data(tmp_path / "side")
+    side = make_suite_data(tmp_path / "side")
     out = tmp_path / "study"
     study = run_study(_study(workdir, out, side), progress=False)
 

@@ -26,6 +26,8 @@ Layout::
     OUTPUT/base.json             the base model's validation and test gold log-likelihoods
     OUTPUT/conditions/<c>.json   one condition: selection counts, parameters, step choice, test records
     OUTPUT/study.json, study.md, study.png   the comparison (:func:`write_report`)
+
+Accuracy and side effects of chosen conditions: :mod:`cca_fast.experiments.budget_decoded`.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ import torch
 from cca_fast.errors import CCAError
 from cca_fast.evaluation.prompting import PromptConfig
 from cca_fast.experiments import config_io
-from cca_fast.io import atomic_write_json, check_or_write_config, read_json
+from cca_fast.experiments.budget_report import accuracy_section, plot, render_markdown, side_effect_section
+from cca_fast.io import atomic_write_json, atomic_write_text, check_or_write_config, read_json
 from cca_fast.stages.update import UpdateConfig
 
 SELECTOR_NAMES = ("atp", "fisher", "grad-weight", "movement")
@@ -370,7 +373,9 @@ def build_study(config: BudgetCurveConfig, *, n_resamples: int = 10_000, level: 
             "n_test": len(ids), "n_val": len(base["val"]), "n_train": config.n_train,
             "base_mean_logprob": bs.accuracy(base_lp, level).to_dict(),
             "config": config.to_dict(), "conditions": rows, "vs_random": comparisons, "random_spread": spread,
-            "pending": pending(config), "level": level, "n_resamples": n_resamples}
+            "pending": pending(config), "level": level, "n_resamples": n_resamples,
+            "accuracy": accuracy_section(out, done, level=level, n_resamples=n_resamples, seed=config.seed),
+            "side_effects": side_effect_section(out)}
 
 
 def write_report(config: BudgetCurveConfig, *, study: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -380,69 +385,6 @@ def write_report(config: BudgetCurveConfig, *, study: dict[str, Any] | None = No
     sd = StudyDir(config.output)  # the study table's names
     study = study or build_study(config)
     atomic_write_json(sd.study_json, study)
-    sd.study_md.write_text(render_markdown(study), encoding="utf-8")
+    atomic_write_text(sd.study_md, render_markdown(study))
     plot(study, sd.study_png)
     return study
-
-
-def _iv(d: dict[str, Any], fmt: str = "+.2f") -> str:
-    return f"{d['value']:{fmt}} [{d['low']:{fmt}}, {d['high']:{fmt}}]"
-
-
-def render_markdown(study: dict[str, Any]) -> str:
-    """The tables of ``study.json`` (no verdict prose: the caller's docs interpret them)."""
-    lines = [f"Metric: {study['metric']}; {study['n_test']} test problems, {study['n_val']} validation problems "
-             f"(step choice), {study['n_train']} training problems. Intervals: {round(100 * study['level'])}% "
-             f"stratified bootstrap ({study['n_resamples']} resamples).", "",
-             f"Base model: {_iv(study['base_mean_logprob'], '.2f')} nats per problem.", "",
-             "| condition | budget (each kind) | components q / k / v / mlp | parameters (share) | best step | "
-             "vs base, nats [95% CI] |", "|---|---|---|---|---|---|"]
-    for r in sorted(study["conditions"], key=lambda r: (r["budget"], r["name"])):
-        c = r["counts"]
-        lines.append(f"| {r['name']} | {100 * r['budget']:.2f}% | {c['q']} / {c['k']} / {c['v']} / {c['mlp']} | "
-                     f"{r['parameters']:,} ({100 * r['parameter_share']:.2f}%) | {r['best_step']} | "
-                     f"{_iv(r['vs_base'])} |")
-    lines += ["", "Selector minus the pooled random draws (problems and draws resampled):", "",
-              "| condition | against | draws | difference, nats [95% CI] | interval |", "|---|---|---|---|---|"]
-    for c in study["vs_random"]:
-        verdict = "above 0" if c["above_zero"] else ("below 0" if c["below_zero"] else "includes 0")
-        lines.append(f"| {c['condition']} | {c['against']} | {c['draws']} | {_iv(c['difference'])} | {verdict} |")
-    if study["random_spread"]:
-        lines += ["", "| budget | random draws | mean vs base | min | max | sd |", "|---|---|---|---|---|---|"]
-        for b, s in study["random_spread"].items():
-            lines.append(f"| {100 * float(b):.2f}% | {s['draws']} | {s['mean']:+.2f} | {s['min']:+.2f} | "
-                         f"{s['max']:+.2f} | {s['sd']:.2f} |")
-    if study["pending"]:
-        lines += ["", f"Not run (pending): {', '.join(study['pending'])}."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(study: dict[str, Any], path: Path) -> None:
-    """Gain in test gold log-likelihood vs parameter share, per selector; random draws as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in study["conditions"]:
-        groups.setdefault(r["selector"], []).append(r)
-    for sel, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["parameter_share"])
-        x = [100 * r["parameter_share"] for r in rs]
-        y = [r["vs_base"]["value"] for r in rs]
-        if sel.startswith("random"):
-            ax.scatter(x, y, s=14, alpha=0.6, label=f"{sel} (each draw)", marker="o" if sel == "random" else "x")
-            continue
-        err = [[r["vs_base"]["value"] - r["vs_base"]["low"] for r in rs],
-               [r["vs_base"]["high"] - r["vs_base"]["value"] for r in rs]]
-        ax.errorbar(x, y, yerr=err, capsize=3, marker="s", linestyle="--" if sel.endswith("-anti") else "-", label=sel)
-    ax.set_xscale("log")
-    ax.set_xlabel("updatable parameters, % of the model")
-    ax.set_ylabel("test gold log-likelihood vs base (nats / problem)")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
