@@ -99,3 +99,31 @@ def test_bad_compute_dtype_is_refused(bad):
     with pytest.raises(CCAError, match=r"GenerationSettings\.compute_dtype \(--generation-dtype\) must be one of "
                                        r"float32, bfloat16"):
         GenerationSettings(compute_dtype=bad)
+
+
+def test_bf16_marks_frozen_weights_for_the_call_and_restores_their_flags():
+    """Autocast reuses a weight's bf16 cast only while the weight requires grad: frozen weights (the
+    update stage's validation runs on a frozen model) are marked as requiring grad for the call,
+    under ``no_grad`` (no graph), and their flags restored exactly after; the tokens are those of
+    the same model unfrozen (the same bf16 products, cast once or at every forward). The float32
+    default leaves the flags alone."""
+    model = tiny("llama", dtype=torch.float32).eval()
+    prompts = _prompts(model.config.vocab_size, seed=11)
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=3, stop_on_eos=False, compute_dtype="bfloat16")
+    ref = [g.output_ids for g in generate(model, None, prompts, cfg)]
+    params = list(model.parameters())
+    flags = [i % 3 != 0 for i in range(len(params))]  # mixed: some frozen, some not
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+    seen: list[tuple[bool, bool]] = []
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    hook = layer.register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_grad_enabled(), all(p.requires_grad for p in params))))
+    assert [g.output_ids for g in generate(model, None, prompts, cfg)] == ref
+    assert seen and set(seen) == {(False, True)}  # every forward: no graph, every weight marked
+    assert [p.requires_grad for p in params] == flags
+    seen.clear()
+    generate(model, None, prompts, dataclasses.replace(cfg, compute_dtype="float32"))
+    hook.remove()
+    assert seen and set(seen) == {(False, False)}
+    assert [p.requires_grad for p in params] == flags

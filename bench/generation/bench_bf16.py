@@ -12,6 +12,8 @@ process, for each slot count:
 * **float32**: the slot decoder as a run uses it (``compute_dtype="float32"``);
 * **bf16 autocast**: the same model under ``compute_dtype="bfloat16"`` (matrix products in bf16,
   norms, softmax and the residual stream in float32);
+* **bf16 autocast, frozen weights** (the first slot count only): the same with every weight's
+  ``requires_grad`` off, as in the update stage's validation;
 * **bf16 weights**: a copy of the model cast with ``model.to(torch.bfloat16)``, ``compute_dtype="float32"``
   (everything in bf16, what ``--dtype bfloat16`` loads);
 
@@ -29,6 +31,7 @@ differing token (over the rows that differ). Results: ``results/bf16.json``, ``r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -46,6 +49,7 @@ from prompts import base_eval_prompts  # noqa: E402
 from side import _gen_config, hf_generate, timed_generate  # noqa: E402
 
 PEER = "transformers generate (static cache), float32"
+FROZEN = "bf16 autocast, frozen weights"
 
 
 def bandwidth(mib: int = 256, reps: int = 5) -> float:
@@ -78,6 +82,7 @@ def main() -> None:
 
     from cca_fast.generation.prefix import shared_len
     from cca_fast.generation.state import GenerationStats
+    from cca_fast.models import runtime
     from cca_fast.models.loading import load_model
 
     model, tok = load_model(None)
@@ -112,16 +117,19 @@ def main() -> None:
         print(f"  {name}, {slots} slots: {secs:.1f} s", flush=True)
         return r
 
-    for s in [int(x) for x in a.slots.split(",")]:
-        for name, m, compute_dtype, dtype in variants:
+    slot_counts = [int(x) for x in a.slots.split(",")]
+    for s in slot_counts:
+        frozen = [(FROZEN, model, "bfloat16", torch.bfloat16)] if s == slot_counts[0] else []
+        for name, m, compute_dtype, dtype in variants[:2] + frozen + variants[2:]:
             stats = GenerationStats()
             gen = _gen_config({**base, "slots": s, "compute_dtype": compute_dtype})
-            secs, outs = timed_generate(m, tok, ids, gen, stats=stats)
+            with runtime.frozen(m) if name == FROZEN else contextlib.nullcontext():
+                secs, outs = timed_generate(m, tok, ids, gen, stats=stats)
             outputs[(name, s)] = outs
             r = row(name, s, secs, outs, dtype, stats.decode_steps + 1)  # + the shared prefix's forward
             ref = outputs[("float32", s)]
             f32 = next(x for x in results if x["variant"] == "float32" and x["slots"] == s)
-            r["speedup_vs_float32"] = round(f32["seconds"] / secs, 2)
+            r["speedup_vs_float32"] = round(f32["seconds"] / r["seconds"], 2)
             r["identical_rows"], r["mean_first_difference"] = agreement(ref, outs)
     if a.hf_batch:
         t0 = time.perf_counter()
@@ -146,14 +154,18 @@ def main() -> None:
           f"{len(ids)} base-evaluation prompts (exemplars {shared} tokens), greedy, {a.new_tokens} new tokens a row; "
           f"GEMM measured: fp32 {rates['float32'] / 1e9:.1f}, bf16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s; "
           f"copy {bw / 1e9:.1f} GB/s.", "",
-          markdown_table(["variant", "slots (generate: rows)", "s", "new tokens", "tokens/s", "x float32 speed", "x generate speed",
-                          "x floor", "identical rows", "mean first difference"],
+          markdown_table(["variant", "slots (generate: rows)", "s", "new tokens", "tokens/s", "x float32 speed",
+                          "x generate speed", "x floor", "identical rows", "mean first difference"],
                          [[r["variant"], r["slots"], r["seconds"], r["new_tokens"], r["tokens_per_second"],
                            r.get("speedup_vs_float32"), r.get("speedup_vs_generate"), r["floor_ratio"],
                            f"{r['identical_rows']:.0%}", r["mean_first_difference"]] for r in results]), "",
+          "x float32 speed: float32's seconds / the variant's at the same slot count (above 1: faster); x generate "
+          "speed: generate's seconds / the variant's; x floor: seconds / max(compute floor, bandwidth floor) in the "
+          "variant's dtype; identical rows: rows whose greedy tokens equal float32's at the same slot count "
+          "(generate: at the first slot count); mean first difference: the first differing token's position, over "
+          "the rows that differ.", "",
           verdict(results), "",
-          "Float32 at different slot counts: " + ", ".join(f"{k}: {v:.0%} identical rows"
-                                                           for k, v in fp32_vs_slots.items()), "",
+          *([f"Float32 across slot counts: {k}: {v:.0%} identical rows" for k, v in fp32_vs_slots.items()] + [""]),
           f"Command: `python bench/generation/bench_bf16.py --prompts {a.prompts} --new-tokens {a.new_tokens} "
           f"--slots {a.slots}`, one process, on a shared 2-core machine under the heavy-job lock "
           "(absolute CPU times are indicative; the ratios are from one run)."]
@@ -164,11 +176,11 @@ def main() -> None:
 def verdict(results: list[dict[str, Any]]) -> str:
     """One plain sentence per bf16 variant: faster or not than float32, at which slot counts."""
     lines = []
-    for name in ("bf16 autocast", "bf16 weights"):
+    for name in ("bf16 autocast", FROZEN, "bf16 weights"):
         ups = [(r["slots"], r["speedup_vs_float32"]) for r in results if r["variant"] == name]
         faster = [s for s, u in ups if u > 1.05]
         detail = ", ".join(f"{u}x at {s} slots" for s, u in ups)
-        lines.append(f"**{name}**: " + (f"faster than float32 at {faster} slots" if faster else
+        lines.append(f"**{name}**: " + (f"faster than float32 at {', '.join(map(str, faster))} slots" if faster else
                                         "NOT faster than float32 (within 5% or slower)") + f" ({detail}).")
     return " ".join(lines)
 

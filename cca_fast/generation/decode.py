@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -168,16 +168,29 @@ def check_compute_dtype(field: str, value: Any, flag: str | None = None) -> None
                        "products in bf16 (faster on CPUs with bf16 units, not token-identical)")
 
 
-def compute_context(model: torch.nn.Module, compute_dtype: str) -> Any:
+@contextlib.contextmanager
+def compute_context(model: torch.nn.Module, compute_dtype: str) -> Iterator[None]:
     """The context generation's forwards run in: ``torch.autocast`` to bf16 on the model's device
     type for ``"bfloat16"``, a no-op for ``"float32"``.
 
-    Autocast, not a bf16 copy of the weights: it casts each weight once per ``with`` block (its
-    cast cache, kept for the whole call) and keeps the norms, softmax and residual additions in
-    float32; measured against a model cast to bf16 in ``bench/generation/bench_bf16.py``."""
+    Autocast, not a bf16 copy of the weights (compared with a model cast to bf16 in
+    ``bench/generation/bench_bf16.py``). Autocast casts a float32 weight once per block and reuses
+    the cast (its cast cache), but only for weights that require grad: frozen float32 weights
+    (validation inside the update stage, an adapter's base layers) are marked as requiring grad
+    for the block, so that they too are cast once per call rather than at every forward, and
+    restored after. No graph is built: generation runs under ``torch.no_grad``."""
     if compute_dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(runtime.input_device(model).type, dtype=torch.bfloat16)
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32 and p.is_leaf]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.autocast(runtime.input_device(model).type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 @dataclass
