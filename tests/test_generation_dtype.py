@@ -1,8 +1,8 @@
 """``compute_dtype="bfloat16"`` (``--generation-dtype``): the opt-in bf16 generation. It reaches the
 decoder (the linear layers compute in bf16), its tokens are valid and stop where they should, the
 float32 default stays the batch-1 reference's tokens (also after a bf16 call on the same prefix
-cache), and bad values are refused with the allowed ones named. Accuracy, not identity, judges
-bf16: ``bench/generation/bench_bf16.py``."""
+cache), and bad values are refused with the allowed ones named. bf16 is not token-identical: its
+speed and token agreement with float32 are measured by ``bench/generation/bench_bf16.py``."""
 from __future__ import annotations
 
 import dataclasses

@@ -90,9 +90,9 @@ def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int 
                    help="new tokens per answer at most (the paper uses 1500: pass --max-new-tokens 1500 "
                         "for fidelity; the default suits CPU runs and GSM-style answers)")
     g.add_argument("--generation-dtype", default="float32", metavar="DTYPE",
-                   help="float32 (default: the model's own dtype, token-identical) or bfloat16 (opt-in: "
-                        "generation's matrix products in bf16, faster on CPUs with bf16 units, not "
-                        "token-identical; training and attribution are not affected)")
+                   help="float32 (default: the model's own dtype) or bfloat16 (opt-in: generation's matrix "
+                        "products in bf16 under autocast, not token-identical to float32; training and "
+                        "attribution are not affected)")
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:

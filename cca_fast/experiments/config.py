@@ -61,7 +61,7 @@ class GenerationSettings:
         compute_dtype: ``"float32"`` (default, token-identical to the batch-1 reference) or
             ``"bfloat16"`` (opt-in, ``--generation-dtype bfloat16``): every generation of the run
             computes its matrix products in bf16 (autocast; training and attribution stay as
-            they are). Faster on CPUs with bf16 units, judged by accuracy: see
+            they are); not token-identical. Measured speed and token agreement: see
             :attr:`~cca_fast.generation.decode.GenerationConfig.compute_dtype`.
     """
 

@@ -102,10 +102,11 @@ class GenerationConfig:
         compute_dtype: ``"float32"`` (default): the forward runs in the model's own dtype, and the
             slot decoder's greedy tokens equal the batch-1 reference's. ``"bfloat16"`` (opt-in):
             the forward runs under ``torch.autocast(dtype=torch.bfloat16)`` on the model's device
-            (matrix products in bf16, the weights cast once per call, norms, softmax and the
-            residual stream kept in float32); faster on CPUs with bf16 matrix units, not
-            identical: judged by accuracy (``bench/generation/results/bf16.md``). Only
-            generation: training and attribution never see it.
+            (matrix products in bf16, each weight cast once per call; norms, the attention
+            softmax and the residual stream stay float32); not token-identical to float32. Its
+            speed and token agreement with float32, measured on a 2-core CPU:
+            ``bench/generation/results/bf16.md``. Only generation: training and attribution
+            never see it.
     """
 
     max_new_tokens: int = 400
@@ -165,7 +166,7 @@ def check_compute_dtype(field: str, value: Any, flag: str | None = None) -> None
         where = f"{field} ({flag})" if flag else field
         raise CCAError(f"{where} must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}; "
                        "float32 (the default) keeps the model's own dtype, bfloat16 runs generation's matrix "
-                       "products in bf16 (faster on CPUs with bf16 units, not token-identical)")
+                       "products in bf16 (opt-in, not token-identical)")
 
 
 @contextlib.contextmanager
