@@ -141,7 +141,7 @@ def test_study_cli_defaults_are_the_study_config_defaults(tmp_path):
 
 
 def test_help_shows_the_dataclass_defaults(capsys):
-    # cca run shows the default recipe's values (circuit-sft: 10 AdamW steps), the rest RunConfig()'s
+    # cca run shows the default recipe's values (fisher-sft: 10 AdamW steps), the rest RunConfig()'s
     for argv, expected in ((["run", "--help"], {"--update-steps": 10, "--optimizer": "adamw", "--n-per-template": 8,
                                                 "--batch-size": 8}),
                            (["study", "--help"], {"--update-steps": 10, "--n-per-template": 15, "--dcm-epochs": 100,

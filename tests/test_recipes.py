@@ -34,16 +34,16 @@ def test_paper_recipe_is_the_default_configuration():
         recipe_config("nope")
 
 
-def test_default_recipe_is_circuit_sft():
+def test_default_recipe_is_fisher_sft():
     from cca_fast.cli.main import build_parser
     from cca_fast.cli.run import config_from_args
     from cca_fast.experiments.recipes import DEFAULT_RECIPE
 
-    assert DEFAULT_RECIPE == "circuit-sft"
+    assert DEFAULT_RECIPE == "fisher-sft"
     cfg = config_from_args(build_parser().parse_args(["run"]))
-    assert cfg == recipe_config("circuit-sft") != RunConfig()
-    assert (cfg.selector, cfg.select_fraction, cfg.update.objective, cfg.update.optimizer) == (
-        "atp-fraction", 0.02, "gold_nll", "adamw")
+    assert cfg == recipe_config("fisher-sft") != RunConfig()
+    assert (cfg.selector, cfg.select_per_kind, cfg.update.objective, cfg.update.optimizer, cfg.update.lr) == (
+        "fisher", {"q": 0.03, "k": 0.03, "v": 0.03, "mlp": 0.03}, "gold_nll", "adamw", 1e-3)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from cca_fast.cli import run as run_cli_module
 from cca_fast.cli.run import config_from_args
 from cca_fast.errors import CCAError
 from cca_fast.experiments.config import RunConfig
+from cca_fast.experiments.recipes import recipe_config
 from cca_fast.experiments.steps.localize import localize
 from cca_fast.models.adapters import KINDS
 from cca_fast.models.components import ComponentSpace
@@ -39,8 +40,15 @@ def test_cli_flags_set_the_budget_and_anti():
     args = parser.parse_args(["run", "--selector", "fisher", "--select-per-kind", "q=0.05,mlp=0.01", "--anti"])
     cfg = config_from_args(args)
     assert cfg.selector == "fisher" and cfg.select_per_kind == {"q": 0.05, "mlp": 0.01} and cfg.select_anti
-    plain = config_from_args(parser.parse_args(["run"]))
+    plain = config_from_args(parser.parse_args(["run", "--recipe", "paper"]))
     assert plain.select_per_kind is None and plain.select_anti is False
+    # the default recipe's budget belongs to its selector: another --selector drops it
+    assert config_from_args(parser.parse_args(["run"])).select_per_kind == {"q": 0.03, "k": 0.03, "v": 0.03, "mlp": 0.03}
+    other = config_from_args(parser.parse_args(["run", "--selector", "atp-topk", "--select-k", "5"]))
+    assert (other.selector, other.select_k, other.select_per_kind) == ("atp-topk", 5, None)
+    assert other.update == recipe_config().update  # the rest of the recipe stays
+    rand = config_from_args(parser.parse_args(["run", "--selector", "random", "--select-per-kind", "mlp=0.1"]))
+    assert rand.select_per_kind == {"mlp": 0.1}  # a budget given with it stays
     with pytest.raises(SystemExit):  # not KIND=FRACTION: argparse refuses it while parsing
         parser.parse_args(["run", "--select-per-kind", "q0.05"])
 

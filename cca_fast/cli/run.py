@@ -27,9 +27,10 @@ Every stage writes its output to OUTPUT; run the same command again to resume af
 interruption (finished stages are not recomputed; traces, pivots and evaluations resume per item).
 The sparse delta is in OUTPUT/delta (apply it with `cca apply`).
 
-With no arguments: recipe circuit-sft (sparse SFT of the AtP top 2% on the gold solutions) with the
-embedded SmolLM2-135M-Instruct on the built-in templates, about 15 minutes on 2 CPU cores
-(11.8% -> 25.5% test accuracy, README); --recipe paper runs the paper's procedure.
+With no arguments: recipe fisher-sft (sparse SFT on the gold solutions of the rows with the largest
+Fisher score of that loss, 3% of each kind's heads and neurons) with the embedded
+SmolLM2-135M-Instruct on the built-in templates, about 15 minutes on 2 CPU cores (README);
+--recipe circuit-sft selects by AtP on the pivots instead, --recipe paper runs the paper's procedure.
 Paper-size configuration (GPU): --n-per-template 50 --max-train-problems 0
 --max-val-problems 0 --max-new-tokens 1500 --update-steps 50 --shots gsm8k_cot_8shot.json (see README).
 """
@@ -45,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                    help="a named bundle of settings (cca_fast.experiments.recipes); other flags override it "
-                        "(the defaults shown are the default recipe's). circuit-sft: sparse SFT of the AtP top 2%% "
-                        "on the gold solutions; paper: the paper's procedure (RunConfig())")
+                        "(the defaults shown are the default recipe's). fisher-sft: sparse SFT on the gold solutions of the "
+                        "rows of largest Fisher score (3%% of each kind); circuit-sft: the same on the AtP top 2%%; "
+                        "paper: the paper's procedure (RunConfig())")
     s2 = p.add_argument_group("selection")
     s2.add_argument("--selector", choices=SELECTORS,
                     help="component selection; random = the control; none = the no-mask baseline "

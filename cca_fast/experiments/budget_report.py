@@ -136,12 +136,13 @@ def render_markdown(study: dict[str, Any]) -> str:
                      f"{_iv(r['vs_base'])} |")
     lines += ["", "Selector minus the pooled random draws (problems and draws resampled):", "",
               "| condition | against | draws | difference, nats [95% CI] | interval |", "|---|---|---|---|---|"]
-    for c in study["vs_random"]:
+    for c in sorted(study["vs_random"], key=lambda c: next(
+            (r["budget"] for r in study["conditions"] if r["name"] == c["condition"]), 0.0)):
         verdict = "above 0" if c["above_zero"] else ("below 0" if c["below_zero"] else "includes 0")
         lines.append(f"| {c['condition']} | {c['against']} | {c['draws']} | {_iv(c['difference'])} | {verdict} |")
     if study["random_spread"]:
         lines += ["", "| budget | random draws | mean vs base | min | max | sd |", "|---|---|---|---|---|---|"]
-        for b, s in study["random_spread"].items():
+        for b, s in sorted(study["random_spread"].items(), key=lambda kv: float(kv[0])):
             lines.append(f"| {100 * float(b):.2f}% | {s['draws']} | {s['mean']:+.2f} | {s['min']:+.2f} | "
                          f"{s['max']:+.2f} | {s['sd']:.2f} |")
     if study.get("accuracy"):
@@ -220,12 +221,18 @@ def _panel(ax, rows: list[dict[str, Any]], ylabel: str, scale: float) -> None:
         x = [100 * r["parameter_share"] for r in rs]
         y = [scale * r["vs_base"]["value"] for r in rs]
         if sel.startswith("random"):
-            ax.scatter(x, y, s=14, alpha=0.6, label=f"{sel} (each draw)", marker="o" if sel == "random" else "x")
+            ax.scatter(x, y, s=18, alpha=0.8, zorder=3, color="black" if sel == "random" else "grey",
+                       label=f"{sel} (each draw)", marker="o" if sel == "random" else "x")
             continue
         err = [[scale * (r["vs_base"]["value"] - r["vs_base"]["low"]) for r in rs],
                [scale * (r["vs_base"]["high"] - r["vs_base"]["value"]) for r in rs]]
         ax.errorbar(x, y, yerr=err, capsize=3, marker="s", linestyle="--" if sel.endswith("-anti") else "-", label=sel)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted({100 * r["parameter_share"] for r in rows}))
     ax.set_xlabel("updatable parameters, % of the model")
     ax.set_ylabel(ylabel)
     ax.axhline(0, color="grey", linewidth=0.8)

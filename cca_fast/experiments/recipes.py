@@ -9,13 +9,13 @@ side on the same shared stages.
 ``paper``         the paper's procedure (docs/method.md), at the CPU sizes of ``RunConfig()``:
                   pivots from sampled flipped traces, DCM masks, plain SGD on the logit
                   difference of every pivot; exactly ``RunConfig()``
-``circuit-sft``   **the default of** ``cca run``: the paper's pivots and AtP top-2% components,
-                  the rows trained on the training problems' gold solutions (sparse SFT on the
-                  circuit), AdamW lr 1e-4, 10 steps, validation at steps 0 / 5 / 10
-``fisher-sft``    the budget curve's selector: the rows with the largest Fisher score of the
-                  training problems' gold-solution loss, 0.8% of each kind's heads and
-                  neurons (0.27% of the parameters), trained on those gold solutions, AdamW
-                  lr 1e-3 (results/budget_curve)
+``circuit-sft``   the paper's pivots and AtP top-2% components, the rows trained on the
+                  training problems' gold solutions (sparse SFT on the circuit), AdamW lr 1e-4,
+                  10 steps, validation at steps 0 / 5 / 10
+``fisher-sft``    **the default of** ``cca run``: the rows with the largest Fisher score of the
+                  training problems' gold-solution loss, 3% of each kind's heads and neurons
+                  (~1% of the parameters of the default model), trained on those gold
+                  solutions, AdamW lr 1e-3, 10 steps, validation at steps 0 / 5 / 10
 ``fork-hinge``    paper + greedy-path forking pivots, only those whose desired token is not
                   already the argmax, a capped margin (hinge 3.0) and a retain term (KL to the
                   base on the other trace tokens), AtP top-2%
@@ -40,7 +40,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                    "eval_every_early": 5},
     },
     "fisher-sft": {
-        "selector": "fisher", "select_per_kind": {"q": 0.008, "k": 0.008, "v": 0.008, "mlp": 0.008},
+        "selector": "fisher", "select_per_kind": {"q": 0.03, "k": 0.03, "v": 0.03, "mlp": 0.03},
         "update": {"objective": "gold_nll", "optimizer": "adamw", "lr": 1e-3, "max_steps": 10,
                    "eval_every_early": 5},
     },
@@ -50,9 +50,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "update": {"objective": "hinge", "margin": 3.0, "retain_weight": 1.0},
     },
 }
-#: the recipe ``cca run`` uses without ``--recipe``: the variants study's winner on validation, which
-#: beat the base and the paper's random control on the test split (README, "Which recipe works?")
-DEFAULT_RECIPE = "circuit-sft"
+#: the recipe ``cca run`` uses without ``--recipe``: the budget curve's selector (results/budget_curve):
+#: Fisher is the one selector whose held-out gold log-likelihood gain beats the distribution of random
+#: draws of the same per-kind counts at small budgets (README, "Does the choice of components
+#: matter?"); its budget is the one with the best validation log-likelihood on that curve (3% of each kind)
+DEFAULT_RECIPE = "fisher-sft"
 
 
 def recipe(name: str) -> dict[str, Any]:
@@ -62,12 +64,24 @@ def recipe(name: str) -> dict[str, Any]:
     return copy.deepcopy(RECIPES[name])
 
 
+#: the selection budget fields: a recipe's belong to its selector
+BUDGET_FIELDS = ("select_k", "select_fraction", "select_count", "select_per_kind", "select_kinds",
+                 "select_layer_kinds", "select_anti")
+
+
 def recipe_config(name: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None):
-    """The :class:`RunConfig` of recipe ``name`` with ``overrides`` (a nested dict) on top."""
+    """The :class:`RunConfig` of recipe ``name`` with ``overrides`` (a nested dict) on top.
+
+    An override of ``selector`` to another selector than the recipe's drops the recipe's budget
+    (:data:`BUDGET_FIELDS`) too, so that ``--selector random --select-count 7`` means 7 random
+    components whatever the recipe's own selector took; budget fields in ``overrides`` stay."""
     from cca_fast.experiments.config import RunConfig
 
-    base = RunConfig.from_dict(recipe(name))
-    return RunConfig.from_dict(overrides or {}, base=base)
+    settings = recipe(name)
+    overrides = overrides or {}
+    if "selector" in overrides and overrides["selector"] != settings.get("selector", RunConfig.selector):
+        settings = {k: v for k, v in settings.items() if k not in BUDGET_FIELDS and k != "selector"}
+    return RunConfig.from_dict(overrides, base=RunConfig.from_dict(settings))
 
 
 #: ``NAME:KIND`` suffixes of :func:`study_variants`: a control of recipe ``NAME``'s settings
