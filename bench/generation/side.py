@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,25 +67,31 @@ def run_eval(job: dict) -> dict:
     return {"seconds": secs, "outputs": [r["output_ids"] for r in recs], "correct": [bool(r["correct"]) for r in recs]}
 
 
-def run_generate(job: dict) -> dict:
+def timed_generate(model, tok, prompts: list[list[int]], cfg, seeds: list[int] | None = None,
+                   stats: Any = None) -> tuple[float, list[list[int]]]:
+    """``(seconds, token ids per row)`` of one ``generate`` call with a fresh ``PrefixCache``,
+    after a 2-token warm-up on the first prompt (``stats``: a ``GenerationStats`` to fill)."""
     from cca_fast.generation import generate
     from cca_fast.generation.prefix import PrefixCache
 
-    model, tok = _model()
-    cfg = _gen_config(job.get("config", {}))
-    prompts = job["prompts"]
     generate(model, tok, prompts[:1], dataclasses.replace(cfg, max_new_tokens=2))  # warm-up
+    extra = {} if stats is None else {"stats": stats}
     t0 = time.perf_counter()
-    gens = generate(model, tok, prompts, cfg, row_seeds=job.get("seeds"), prefix_cache=PrefixCache())
-    secs = time.perf_counter() - t0
-    return {"seconds": secs, "outputs": [g.output_ids for g in gens]}
+    gens = generate(model, tok, prompts, cfg, row_seeds=seeds, prefix_cache=PrefixCache(), **extra)
+    return time.perf_counter() - t0, [g.output_ids for g in gens]
 
 
-def run_hf(job: dict) -> dict:
+def run_generate(job: dict) -> dict:
+    model, tok = _model()
+    secs, outputs = timed_generate(model, tok, job["prompts"], _gen_config(job.get("config", {})), job.get("seeds"))
+    return {"seconds": secs, "outputs": outputs}
+
+
+def hf_generate(model, tok, prompts: list[list[int]], lengths: list[int], batch_size: int = 8) -> list[list[int]]:
+    """``model.generate(cache_implementation="static")``, greedy, left-padded batches of
+    ``batch_size`` (longest prompts first), row ``i`` stopped after ``lengths[i]`` new tokens."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    model, tok = _model()
-    prompts, lengths, bs = job["prompts"], job["lengths"], job.get("batch_size", 8)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     outputs: list[list[int]] = [[] for _ in prompts]
 
@@ -96,9 +103,8 @@ def run_hf(job: dict) -> dict:
             return (input_ids.shape[1] - self.start) >= self.want
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    t0 = time.perf_counter()
-    for b in range(0, len(order), bs):
-        rows = order[b:b + bs]
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
         S = max(len(prompts[i]) for i in rows)
         ids = torch.full((len(rows), S), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -112,6 +118,13 @@ def run_hf(job: dict) -> dict:
                                  stopping_criteria=StoppingCriteriaList([RowLengths(S, want)]))
         for j, i in enumerate(rows):
             outputs[i] = out[j, S:S + want[j]].tolist()
+    return outputs
+
+
+def run_hf(job: dict) -> dict:
+    model, tok = _model()
+    t0 = time.perf_counter()
+    outputs = hf_generate(model, tok, job["prompts"], job["lengths"], job.get("batch_size", 8))
     secs = time.perf_counter() - t0
     return {"seconds": secs, "outputs": outputs}
 

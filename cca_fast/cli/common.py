@@ -79,7 +79,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 400) -> None:
-    """``--batch-size --slots --max-new-tokens``."""
+    """``--batch-size --slots --max-new-tokens --generation-dtype``."""
     g = parser.add_argument_group("decoding")
     g.add_argument("--batch-size", type=cli_int, default=8, metavar="B",
                    help="sequences decoded together by the padded-batch decoder (and the attribution batch)")
@@ -89,6 +89,10 @@ def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int 
     g.add_argument("--max-new-tokens", type=cli_int, default=max_new_tokens, metavar="N",
                    help="new tokens per answer at most (the paper uses 1500: pass --max-new-tokens 1500 "
                         "for fidelity; the default suits CPU runs and GSM-style answers)")
+    g.add_argument("--generation-dtype", default="float32", metavar="DTYPE",
+                   help="float32 (default: the model's own dtype) or bfloat16 (opt-in: generation's matrix "
+                        "products in bf16 under autocast, not token-identical to float32; training and "
+                        "attribution are not affected)")
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cca_fast.evaluation.evaluate import evaluate
-    from cca_fast.generation.decode import GenerationConfig
+    from cca_fast.generation.decode import GenerationConfig, check_compute_dtype
     from cca_fast.evaluation.prompting import PromptConfig, paper_stops
 
     from cca_fast.io import check_writable_dir
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     checks.positive("--batch-size", args.batch_size)
     checks.positive("--slots", args.slots)
     checks.positive("--max-new-tokens", args.max_new_tokens)
+    check_compute_dtype("--generation-dtype", args.generation_dtype)
     from cca_fast.models.loading import check_model_name
 
     check_writable_dir(args.output, "--output")  # before the work whose results go there
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = PromptConfig(mode=args.prompt_mode, exemplars=args.shots, n_shots=args.n_shots)
     prompt.shots()  # read and check the exemplar file before the (slow) model load
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, slots=args.slots,
-                                  seed=args.seed, stops=paper_stops())  # written into eval.json's meta as decoded
+                                  seed=args.seed, stops=paper_stops(), compute_dtype=args.generation_dtype)  # written into eval.json's meta as decoded
     problems = load_problems_from_args(args)
     model, tokenizer = load_model_from_args(args)
     result = evaluate(model, tokenizer, problems, prompt=prompt, generation=generation, progress=not args.quiet)

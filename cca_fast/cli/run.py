@@ -166,6 +166,7 @@ RUN_FLAGS: list[FieldFlag] = [
     FieldFlag("batch_size", "generation.batch_size"),
     FieldFlag("slots", "generation.slots"),
     FieldFlag("max_new_tokens", "generation.max_new_tokens"),
+    FieldFlag("generation_dtype", "generation.compute_dtype"),
     FieldFlag("k", "trace.k"),
     FieldFlag("dcm_lambda", "dcm.lambda_l1"),
     FieldFlag("dcm_epochs", "dcm.epochs"),

@@ -49,8 +49,9 @@ step: the draws do not depend on the device, the batch size or which other rows 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -62,6 +63,8 @@ from cca_fast.generation.stops import StopRule
 from cca_fast.models import runtime
 
 TOKEN_REASONS = ("eos", "length")  # besides the reasons of the text stop rules
+#: values of :attr:`GenerationConfig.compute_dtype`
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -96,6 +99,14 @@ class GenerationConfig:
             model allows; ``False`` (or an unsupported model): padded batches of ``batch_size``
             prompts over a growing cache. Both give the same tokens up to floating-point
             reduction order.
+        compute_dtype: ``"float32"`` (default): the forward runs in the model's own dtype, and the
+            slot decoder's greedy tokens equal the batch-1 reference's. ``"bfloat16"`` (opt-in):
+            the forward runs under ``torch.autocast(dtype=torch.bfloat16)`` on the model's device
+            (matrix products in bf16, each weight cast once per call; norms, the attention
+            softmax and the residual stream stay float32); not token-identical to float32. Its
+            speed and token agreement with float32, measured on a 2-core CPU:
+            ``bench/generation/results/bf16.md``. Only generation: training and attribution
+            never see it.
     """
 
     max_new_tokens: int = 400
@@ -113,8 +124,10 @@ class GenerationConfig:
     min_shared_prefix: int = 16
     early_stop: bool = True
     continuous: bool = True
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_compute_dtype("GenerationConfig.compute_dtype", self.compute_dtype)
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
         if self.max_new_tokens < 1:
             raise CCAError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -144,6 +157,41 @@ class GenerationConfig:
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["stops"] = [{"type": type(s).__name__, **asdict(s)} for s in self.stops]
         return d
+
+
+def check_compute_dtype(field: str, value: Any, flag: str | None = None) -> None:
+    """``value`` is one of :data:`COMPUTE_DTYPES`, else a :class:`~cca_fast.errors.CCAError`
+    naming ``field`` (and the command-line ``flag``) and the allowed values."""
+    if value not in COMPUTE_DTYPES:
+        where = f"{field} ({flag})" if flag else field
+        raise CCAError(f"{where} must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}; "
+                       "float32 (the default) keeps the model's own dtype, bfloat16 runs generation's matrix "
+                       "products in bf16 (opt-in, not token-identical)")
+
+
+@contextlib.contextmanager
+def compute_context(model: torch.nn.Module, compute_dtype: str) -> Iterator[None]:
+    """The context generation's forwards run in: ``torch.autocast`` to bf16 on the model's device
+    type for ``"bfloat16"``, a no-op for ``"float32"``.
+
+    Autocast, not a bf16 copy of the weights (compared with a model cast to bf16 in
+    ``bench/generation/bench_bf16.py``). Autocast casts a float32 weight once per block and reuses
+    the cast (its cast cache), but only for weights that require grad: frozen float32 weights
+    (validation inside the update stage, an adapter's base layers) are marked as requiring grad
+    for the block, so that they too are cast once per call rather than at every forward, and
+    restored after. No graph is built: generation runs under ``torch.no_grad``."""
+    if compute_dtype == "float32":
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32 and p.is_leaf]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.autocast(runtime.input_device(model).type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 @dataclass
@@ -463,7 +511,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
     Returns:
         One :class:`Generation` per prompt, in input order.
     """
-    with slots.LOCK:  # threads sharing a model must not see its attention switched (slots.attention_as)
+    with slots.LOCK, compute_context(model, (config or GenerationConfig()).compute_dtype):
+        # the lock: threads sharing a model must not see its attention switched (slots.attention_as)
         return _generate(model, tokenizer, prompts, config, row_seeds=row_seeds, callback=callback, stats=stats,
                          prefix_cache=prefix_cache)
 

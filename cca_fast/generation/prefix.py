@@ -171,8 +171,15 @@ class SharedCache:
 
 def weights_key(model: nn.Module) -> tuple:
     """A value that changes whenever a parameter of ``model`` is modified in place (autograd
-    version counter), replaced or moved (storage address)."""
-    return (id(model),) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+    version counter), replaced or moved (storage address), or run under another autocast state."""
+    return (id(model), _autocast_state(model)) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def _autocast_state(model: nn.Module) -> tuple:
+    """Whether (and to which dtype) autocast is on for the model's device: key/values computed
+    under autocast (``GenerationConfig.compute_dtype="bfloat16"``) differ from the plain ones."""
+    kind = runtime.input_device(model).type
+    return (torch.get_autocast_dtype(kind),) if torch.is_autocast_enabled(kind) else ()
 
 
 @dataclass

@@ -132,11 +132,11 @@ class SlotKV:
         self._all = False  # every slot decodes (no scatter of queries needed)
         self._own_mask: torch.Tensor | None = None
 
-    def _buffers(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self.k:
+    def _buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.k:  # each in its own dtype: under bf16 autocast, keys (after RoPE) are float32
             shape = (self.slots, key.shape[1], self.max_len, key.shape[3])
             self.k[layer] = key.new_zeros(shape)
-            self.v[layer] = key.new_zeros(shape)
+            self.v[layer] = value.new_zeros(shape)
         return self.k[layer], self.v[layer]
 
     def plan(self, dec: Sequence[int], segs: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -187,7 +187,7 @@ class SlotKV:
         """Store this step's ``key``/``value`` ``[1, H_kv, N, D]`` in the slots and attend
         ``query`` ``[1, H, N, D]``: each token over the shared prefix and its slot's positions up
         to its own; returns ``[1, N, H, D]`` (what transformers' attention functions return)."""
-        K, V = self._buffers(layer, key)
+        K, V = self._buffers(layer, key, value)
         q, k, v = query[0], key[0], value[0]  # [H, N, D], [H_kv, N, D]
         H, N, D = q.shape
         out = q.new_empty(N, H, D)
