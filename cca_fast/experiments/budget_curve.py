@@ -72,6 +72,9 @@ class BudgetCurveConfig:
         random_seeds: kinds-matched random draws per budget; ``layer_seeds``: layer-and-kind
             matched draws of the first selector at ``layer_budgets`` (``None``: the smallest).
         update: stage 3 (objective ``gold_nll``; validation at every step).
+        lrs: learning rates tried for every condition (``None``: ``update.lr`` only); each
+            condition keeps the learning rate, and within it the step, of the highest validation
+            gold log-likelihood (the test split never chooses), and records every rate's history.
         movement: the dense fine-tune of the movement score.
         batch_size: test/validation scoring batch.
     """
@@ -93,6 +96,7 @@ class BudgetCurveConfig:
     layer_seeds: int = 5
     layer_budgets: list[float] | None = None
     update: UpdateConfig = field(default_factory=_default_update)
+    lrs: list[float] | None = None
     movement: UpdateConfig = field(default_factory=lambda: dataclasses.replace(_default_update(), lr=1e-4))
     batch_size: int = 16
 
@@ -110,6 +114,11 @@ class BudgetCurveConfig:
             checks.positive(f"BudgetCurveConfig.{name}", getattr(self, name))
         for name in ("random_seeds", "layer_seeds"):
             checks.integer(f"BudgetCurveConfig.{name}", getattr(self, name), lo=0)
+        if self.lrs is not None:
+            if not self.lrs:
+                raise CCAError("BudgetCurveConfig.lrs is empty: give learning rates to try, or None for update.lr")
+            for lr in self.lrs:
+                checks.number("BudgetCurveConfig.lrs", lr, lo=0, lo_open=True)
         self.update = dataclasses.replace(self.update, objective="gold_nll")
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,7 +265,7 @@ class _Session:
         return read_json(f)
 
     def run_condition(self, cond: dict[str, Any]) -> dict[str, Any]:
-        from cca_fast.delta import revert_delta
+        from cca_fast.delta import apply_delta, revert_delta
         from cca_fast.evaluation.gold_loglik import summarize_loglik
         from cca_fast.stages.update import run_update
 
@@ -272,9 +281,20 @@ class _Session:
                 return summarize_loglik([_rec(r) for r in base_val])["mean_logprob"]
             return summarize_loglik(self.loglik(self.val_ex, self.val))["mean_logprob"]
 
-        result = run_update(self.model, self.space, sel, [], self.config.update, validate=validate, gold=self.gold)
+        sweep = []
+        for lr in self.config.lrs or [self.config.update.lr]:
+            calls.clear()
+            result = run_update(self.model, self.space, sel, [], dataclasses.replace(self.config.update, lr=lr),
+                                validate=validate, gold=self.gold)
+            revert_delta(self.model, result.delta)
+            best_val = next((h["val"] for h in result.history if h.get("step") == result.best_step and "val" in h),
+                            float("-inf"))
+            sweep.append({"lr": lr, "best_step": result.best_step, "best_val": best_val, "history": result.history,
+                          "delta": result.delta})
+        chosen = max(sweep, key=lambda r: r["best_val"])  # the first of equal scores: the rates' order
+        handle = apply_delta(self.model, chosen["delta"])
         test = self.loglik(self.test_ex, self.test)
-        revert_delta(self.model, result.delta)
+        revert_delta(self.model, handle)
         rows = self.space.owned_rows(sel.indices)
         params = dict(self.model.named_parameters())
         n_params = sum(r.index.numel() * params[n].numel() // params[n].shape[r.dim] for n, r in rows.items())
@@ -282,8 +302,11 @@ class _Session:
         rec = {**cond, "selection": sel.to_dict(), "counts": sel.counts,
                "kind_share": {k: sel.counts[k] / n_kind[k] for k in n_kind},
                "parameters": n_params, "parameter_share": n_params / sum(p.numel() for p in params.values()),
-               "best_step": result.best_step, "base_val": summarize_loglik([_rec(r) for r in base_val])["mean_logprob"],
-               "history": result.history, "test": [r.to_dict() for r in test], "seconds": time.perf_counter() - t}
+               "lr": chosen["lr"], "best_step": chosen["best_step"],
+               "base_val": summarize_loglik([_rec(r) for r in base_val])["mean_logprob"],
+               "history": chosen["history"], "test": [r.to_dict() for r in test], "seconds": time.perf_counter() - t}
+        if self.config.lrs:
+            rec["lr_sweep"] = [{k: v for k, v in r.items() if k != "delta"} for r in sweep]
         atomic_write_json(self.out / "conditions" / f"{cond['name']}.json", rec)
         return rec
 
@@ -348,7 +371,8 @@ def build_study(config: BudgetCurveConfig, *, n_resamples: int = 10_000, level: 
         rows.append({"name": name, "selector": rec["selector"] + ("-anti" if rec.get("anti") else ""),
                      "budget": rec["budget"], "counts": rec["counts"], "kind_share": rec["kind_share"],
                      "parameters": rec["parameters"], "parameter_share": rec["parameter_share"],
-                     "best_step": rec["best_step"], "vs_base": d.to_dict(), "seconds": rec["seconds"]})
+                     "lr": rec.get("lr", config.update.lr), "best_step": rec["best_step"], "vs_base": d.to_dict(),
+                     "seconds": rec["seconds"]})
     comparisons: list[dict[str, Any]] = []
     for b in config.budgets + [x for x in (config.layer_budgets or []) if x not in config.budgets]:
         pools = {kind: [lp(r) for r in done.values() if r["selector"] == kind and r["budget"] == b]

@@ -30,6 +30,7 @@ Layout (beside the curve's files)::
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,8 @@ def replay_condition(session: _Session, rec: dict[str, Any]):
     from cca_fast.stages.update import run_update
 
     vals = iter([h["val"] for h in rec["history"] if "val" in h])
-    result = run_update(session.model, session.space, Selection.from_dict(rec["selection"]), [], session.config.update,
+    update = dataclasses.replace(session.config.update, lr=rec.get("lr", session.config.update.lr))  # the chosen rate
+    result = run_update(session.model, session.space, Selection.from_dict(rec["selection"]), [], update,
                         validate=lambda _m: next(vals), gold=session.gold)
     want = [h.get("train_loss") for h in rec["history"]]
     got = [h.get("train_loss") for h in result.history]

@@ -136,17 +136,19 @@ def _pct(d: dict[str, Any]) -> dict[str, float]:
 
 def render_markdown(study: dict[str, Any]) -> str:
     """The tables of ``study.json`` (no verdict prose: the caller's docs interpret them)."""
+    lrs = study["config"].get("lrs")  # learning rates chosen per condition on validation
     lines = [f"Metric: {study['metric']}; {study['n_test']} test problems, {study['n_val']} validation problems "
-             f"(step choice), {study['n_train']} training problems. Intervals: {round(100 * study['level'])}% "
+             f"(step{' and learning rate' if lrs else ''} choice), {study['n_train']} training problems. Intervals: {round(100 * study['level'])}% "
              f"stratified bootstrap ({study['n_resamples']} resamples).", "",
              f"Base model: {_iv(study['base_mean_logprob'], '.2f')} nats per problem.", "",
              "| condition | budget (each kind) | components q / k / v / mlp | parameters (share) | best step | "
-             "vs base, nats [95% CI] |", "|---|---|---|---|---|---|"]
+             + ("learning rate (of " + ", ".join(f"{x:g}" for x in lrs) + ") | " if lrs else "")
+             + "vs base, nats [95% CI] |", "|---|---|---|---|---|" + ("---|" if lrs else "") + "---|"]
     for r in sorted(study["conditions"], key=lambda r: (r["budget"], r["name"])):
         c = r["counts"]
         lines.append(f"| {r['name']} | {100 * r['budget']:.2f}% | {c['q']} / {c['k']} / {c['v']} / {c['mlp']} | "
                      f"{r['parameters']:,} ({100 * r['parameter_share']:.2f}%) | {r['best_step']} | "
-                     f"{_iv(r['vs_base'])} |")
+                     + (f"{r['lr']:g} | " if lrs else "") + f"{_iv(r['vs_base'])} |")
     lines += ["", "Selector minus the pooled random draws (problems and draws resampled):", "",
               "| condition | against | draws | difference, nats [95% CI] | interval |", "|---|---|---|---|---|"]
     for c in sorted(study["vs_random"], key=lambda c: next(
