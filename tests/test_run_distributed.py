@@ -300,3 +300,22 @@ def test_torchrun_teardown_beside_a_cpu_burning_process(workdir, tmp_path):
     finally:
         burner.kill()
         burner.wait()
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 128])
+def test_balanced_chunks_cover_in_order_without_a_small_remainder(size):
+    """Every item once, in order; round(n / size) chunks (at least one) whose lengths differ by at
+    most one and lie in [size / 2, 1.5 * size] once there are at least size / 2 items (the default
+    run's 136 training problems at 64 slots: one chunk, not 128 + 8)."""
+    for n in range(0, 5 * size + 3):
+        chunks = evaluation_step.balanced_chunks(list(range(n)), size)
+        assert [x for c in chunks for x in c] == list(range(n))
+        if n == 0:
+            assert chunks == []
+            continue
+        assert len(chunks) == max(1, round(n / size))
+        lens = [len(c) for c in chunks]
+        assert max(lens) - min(lens) <= 1
+        if n >= size / 2:
+            assert size / 2 <= min(lens) and max(lens) <= 1.5 * size
+    assert [len(c) for c in evaluation_step.balanced_chunks(list(range(136)), 128)] == [136]

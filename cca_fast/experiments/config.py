@@ -63,6 +63,10 @@ class GenerationSettings:
             computes its matrix products in bf16 (autocast; training and attribution stay as
             they are); not token-identical. Measured speed and token agreement: see
             :attr:`~cca_fast.generation.decode.GenerationConfig.compute_dtype`.
+        continuous: ``True`` (default): the slot decoder (continuous batching, the exemplars
+            stored once) wherever the model allows it; ``False``: padded batches of
+            ``batch_size`` rows for every generation (same greedy tokens, slower; kept for
+            comparisons and for models the slot decoder does not take).
     """
 
     max_new_tokens: int = 160
@@ -74,6 +78,7 @@ class GenerationSettings:
     #: its own key/values (the exemplars are stored once): 64 slots of 160 + ~50 positions take 0.62 GB
     slots: int = 64
     compute_dtype: str = "float32"
+    continuous: bool = True
 
     def __post_init__(self) -> None:
         from cca_fast import checks
@@ -87,7 +92,8 @@ class GenerationSettings:
         """The :class:`~cca_fast.generation.decode.GenerationConfig` of these settings, with the
         paper's stop rules (:func:`~cca_fast.evaluation.prompting.paper_stops`)."""
         return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, slots=self.slots,
-                                stops=paper_stops(), compute_dtype=self.compute_dtype)
+                                stops=paper_stops(), compute_dtype=self.compute_dtype,
+                                continuous=self.continuous)
 
 
 def _default_dcm() -> DCMConfig:

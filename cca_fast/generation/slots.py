@@ -131,6 +131,7 @@ class SlotKV:
         self._dec_lens = self.lens
         self._all = False  # every slot decodes (no scatter of queries needed)
         self._own_mask: torch.Tensor | None = None
+        self._ext: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer [prefix ; a prompt's own] keys, values
 
     def _buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.k:  # each in its own dtype: under bf16 autocast, keys (after RoPE) are float32
@@ -194,22 +195,37 @@ class SlotKV:
         nd = len(self.dec)
         if nd:
             out[:nd] = self._decode(layer, K, V, q[:, :nd], k[:, :nd], v[:, :nd], scaling)
-        pk = self.prefix_k[layer] if self.P else None
-        pv = self.prefix_v[layer] if self.P else None
+        Hkv = k.shape[0]
+        g = H // Hkv
         for s, o, T in self.segs:
             K[s, :, :T] = k[:, o:o + T]
             V[s, :, :T] = v[:, o:o + T]
-            keys, vals = k[None, :, o:o + T], v[None, :, o:o + T]
-            if pk is not None:
-                keys = torch.cat([pk.unsqueeze(0), keys], dim=2)
-                vals = torch.cat([pv.unsqueeze(0), vals], dim=2)
-            mask = torch.ones(T, self.P + T, dtype=torch.bool, device=key.device).tril_(self.P)
-            g = H // k.shape[0]
-            if g > 1:
-                keys, vals = keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1)
-            o_seg = F.scaled_dot_product_attention(q[None, :, o:o + T], keys, vals, attn_mask=mask, scale=scaling)
-            out[o:o + T] = o_seg[0].transpose(0, 1)
+            keys, vals = self._with_prefix(layer, k[:, o:o + T], v[:, o:o + T])  # [H_kv, P + T, D]
+            # the g query heads of each key/value head as g*T rows of one head: no copy of the keys per head
+            qf = q[:, o:o + T].reshape(Hkv, g * T, D)
+            mask = torch.ones(T, self.P + T, dtype=torch.bool, device=key.device).tril_(self.P).repeat(g, 1)
+            o_seg = F.scaled_dot_product_attention(qf[None], keys[None], vals[None], attn_mask=mask, scale=scaling)
+            out[o:o + T] = o_seg[0].reshape(H, T, D).transpose(0, 1)
         return out.unsqueeze(0)
+
+    def _with_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[shared prefix ; k]`` and ``[shared prefix ; v]`` (``k``/``v [H_kv, T, D]`` -> ``[H_kv,
+        P + T, D]``), written after a copy of the prefix kept per layer for the step's prompts
+        (the prefix is not copied again per prompt). Views: valid until the next call."""
+        if not self.P:
+            return k, v
+        need = self.P + k.shape[1]
+        pk, pv = self.prefix_k[layer], self.prefix_v[layer]
+        dk, dv = torch.promote_types(pk.dtype, k.dtype), torch.promote_types(pv.dtype, v.dtype)  # as torch.cat
+        ext = self._ext.get(layer)
+        if ext is None or ext[0].shape[1] < need or ext[0].dtype != dk or ext[1].dtype != dv:
+            n = max(need, self.P + 256)  # most prompts' own tokens fit: one allocation per layer
+            ext = (torch.cat([pk.to(dk), pk.new_empty(pk.shape[0], n - self.P, pk.shape[2], dtype=dk)], 1),
+                   torch.cat([pv.to(dv), pv.new_empty(pv.shape[0], n - self.P, pv.shape[2], dtype=dv)], 1))
+            self._ext[layer] = ext
+        ext[0][:, self.P:need] = k
+        ext[1][:, self.P:need] = v
+        return ext[0][:, :need], ext[1][:, :need]
 
     def _decode(self, layer: int, K: torch.Tensor, V: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, scaling: float) -> torch.Tensor:

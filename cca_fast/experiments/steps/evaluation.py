@@ -27,7 +27,8 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     :func:`~cca_fast.generation.decode.generate` (emptied before every chunk:
     :func:`~cca_fast.generation.prefix.start_unit`).
 
-    ``dist``: the chunks (``2 * gen.rows`` problems each: twice the sequences decoded at once) are shared out across its ranks
+    ``dist``: the chunks (about ``2 * gen.rows`` problems each, twice the sequences decoded at
+    once: :func:`balanced_chunks`) are shared out across its ranks
     (:func:`cca_fast.distributed.sharded`); every rank returns every record and only rank 0
     writes ``path``, in the order one process writes it."""
     from tqdm.auto import tqdm
@@ -43,8 +44,7 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     if prefix_cache is not None and gen.share_prefix:  # the exemplars: once per weights, the same for every chunk
         every = encode_prompts([build_prompt(p.question, prompt, tokenizer) for p in problems], tokenizer, prompt)
         prefix_cache.pin(every[0][:shared_len(every, gen.min_shared_prefix)])
-    size = max(1, gen.rows) * 2
-    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    chunks = balanced_chunks(todo, max(1, gen.rows) * 2)
 
     def evaluate(part: list[Problem]) -> list[dict[str, Any]]:
         start_unit(prefix_cache)
@@ -68,6 +68,21 @@ def eval_resumable(model, tokenizer, problems: Sequence[Problem], prompt: Prompt
     finally:
         bar.close()
     return [done[p.id] for p in problems]
+
+
+def balanced_chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    """``items`` cut into ``round(len / size)`` (at least one) consecutive chunks of near-equal
+    length, in order: between ``size / 2`` and ``1.5 * size`` items each (fewer only when there
+    are fewer items). A remainder does not make a small chunk of its own: each chunk ends with a
+    tail of rows draining the slots, and a chunk of a few problems decodes at a few rows a step
+    (measured on the default run's base evaluation, 2-core CPU, 64 slots: 136 training problems
+    as 128 + 8 vs as one chunk, 73.3 s vs 69.8 s for the 238 problems, the same tokens). Results do
+    not depend on the chunks (every sequence computes what it computes alone)."""
+    if not items:
+        return []
+    n = max(1, round(len(items) / max(1, size)))
+    cut = [len(items) * i // n for i in range(n + 1)]
+    return [list(items[a:b]) for a, b in zip(cut, cut[1:])]
 
 
 def check_prompts_fit(model, tokenizer, problems: Sequence[Problem], prompt: PromptConfig, gen: GenerationConfig,
