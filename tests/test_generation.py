@@ -319,6 +319,29 @@ def test_sampling_reproducible_and_batch_independent(llama):
     assert greedy != a  # temperature 1.5 on a random model departs from greedy
 
 
+@pytest.mark.parametrize("continuous", [True, False])
+def test_row_temperatures_equal_one_call_per_temperature(llama, continuous):
+    """Rows sampled at different temperatures in one call (the slot decoder, and padded batches)
+    get exactly the tokens each gets in a call at its own temperature with its own seed; the
+    temperatures are checked before any work."""
+    prompts = random_prompts([5, 3, 8, 6, 2, 7], seed=11)
+    temps = [0.7, 1.3, 0.7, 1.6, 1.3, 0.7]
+    seeds = [901 + i for i in range(6)]
+    cfg = GenerationConfig(max_new_tokens=9, do_sample=True, top_p=0.9, stop_on_eos=False, batch_size=4,
+                           continuous=continuous)
+    mixed = [g.output_ids for g in generate(llama, None, prompts, cfg, row_seeds=seeds, row_temperatures=temps)]
+    for t in sorted(set(temps)):
+        rows = [i for i, x in enumerate(temps) if x == t]
+        alone = generate(llama, None, [prompts[i] for i in rows], dataclasses.replace(cfg, temperature=t),
+                         row_seeds=[seeds[i] for i in rows])
+        assert [g.output_ids for g in alone] == [mixed[i] for i in rows], t
+    assert len({tuple(x) for x in mixed}) > 1
+    with pytest.raises(CCAError, match="row_temperatures has 2 entries for 6 prompts"):
+        generate(llama, None, prompts, cfg, row_temperatures=[1.0, 1.0])
+    with pytest.raises(CCAError, match="must all be > 0"):
+        generate(llama, None, prompts, cfg, row_temperatures=[1.0] * 5 + [0.0])
+
+
 # ---------------------------------------------------------------- real model
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ from cca_fast.stages.traces import GreedyTrace, TraceConfig, collect_traces, pro
 def fake_generate(monkeypatch):
     calls = []
 
-    def generate(model, tokenizer, prompts, config, *, row_seeds=None, **kw):
+    def generate(model, tokenizer, prompts, config, *, row_seeds=None, row_temperatures=None, **kw):
         assert config.do_sample and row_seeds is not None and len(row_seeds) == len(prompts)
-        calls.append((len(prompts), config.temperature))
+        assert row_temperatures is not None and len(row_temperatures) == len(prompts)
+        calls.append((len(prompts), tuple(row_temperatures), tuple(prompts)))
         outs = []
         for p, s in zip(prompts, row_seeds):
             answer = random.Random(s).choice([7, 7, 7, 8])  # 3 in 4 samples say 7
@@ -43,7 +44,10 @@ def test_grouped_sampling_equals_one_problem_at_a_time(fake_generate, tmp_path):
     cfg = TraceConfig(k=10, sample_batch=3, seed=5)
     gen = GenerationConfig(max_new_tokens=4, batch_size=12)
     batched = collect_traces(None, None, probs, greedy, gen, cfg, tmp_path / "t.jsonl", progress=False)
-    assert max(n for n, _ in fake_generate) > cfg.sample_batch  # several problems shared a batch
+    assert max(n for n, _, _ in fake_generate) > cfg.sample_batch  # several problems shared a batch
+    assert any(len(set(t)) == 2 for _, t, _ in fake_generate)  # both temperatures in one call
+    by_prompt = {tuple(greedy[p.id].prompt_ids): (1.2 if greedy[p.id].correct else 0.8) for p in probs}
+    assert all(t == by_prompt[tuple(x)] for _, ts, xs in fake_generate for t, x in zip(ts, xs))  # each row its own
     for p, pair in zip(probs, batched):
         alone = sample_flip(None, None, p, greedy[p.id], gen, cfg)
         assert pair.to_dict() == alone.to_dict()
@@ -63,6 +67,6 @@ def test_resume_skips_finished_problems(fake_generate, tmp_path):
     fake_generate.clear()
     both = collect_traces(None, None, probs, greedy, gen, cfg, path, progress=False)
     assert [p.to_dict() for p in both[:3]] == [p.to_dict() for p in first]
-    asked = sum(n for n, _ in fake_generate)
+    asked = sum(n for n, _, _ in fake_generate)
     assert asked <= 3 * cfg.k  # only the 3 new problems were sampled
     assert len(list(read_jsonl(path))) == 6

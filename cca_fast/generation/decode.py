@@ -242,20 +242,23 @@ def row_seed(seed: int, index: int) -> int:
 # Token choice
 # --------------------------------------------------------------------------------------------
 
-def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
+def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float | torch.Tensor = 1.0,
                        top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """Inverse-CDF sampling, one uniform number per row.
 
     Args:
         logits: ``[B, V]`` next-token logits (any float dtype; computed in float32).
         uniforms: ``[B]`` numbers in ``[0, 1)``.
-        temperature, top_p, top_k: as in :class:`GenerationConfig`.
+        temperature, top_p, top_k: as in :class:`GenerationConfig`; ``temperature`` may be a
+            float tensor ``[B]``, one per row (the same result for each row as its float).
     Returns:
         ``LongTensor [B]``: the token whose cumulative probability interval (tokens sorted by
         decreasing probability, after temperature, top-k and top-p, renormalised) contains
         ``uniforms``. Top-p keeps the smallest set of most likely tokens whose mass reaches
         ``top_p`` (always at least one).
     """
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(logits.device, torch.float32).reshape(-1, 1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_p, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     if top_k > 0 and top_k < sorted_p.shape[-1]:
@@ -382,23 +385,26 @@ def _eos(model, tokenizer, config: GenerationConfig, eos_token_ids: Sequence[int
     return set(eos_token_ids) if eos_token_ids is not None else runtime.eos_ids(model, tokenizer, config.eos_token_ids)
 
 
-def _chooser(config: GenerationConfig, seeds: Sequence[int]) -> Callable[[torch.Tensor, list[int]], list[int]]:
+def _chooser(config: GenerationConfig, seeds: Sequence[int],
+             temperatures: Sequence[float] | None = None) -> Callable[[torch.Tensor, list[int]], list[int]]:
     """``(logits [n, V], rows) -> tokens``: greedy, or one uniform draw per row from the row's own
-    generator (seeded with ``seeds[row]``)."""
+    generator (seeded with ``seeds[row]``), at ``temperatures[row]`` (``None``: ``config.temperature``)."""
     if not config.do_sample:
         return lambda logits, rows: greedy_from_logits(logits).tolist()
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def choose(logits: torch.Tensor, rows: list[int]) -> list[int]:
         u = torch.stack([torch.rand((), generator=generators[r], dtype=torch.float64) for r in rows])
-        return sample_from_logits(logits, u, temperature=config.temperature, top_p=config.top_p,
+        temp = config.temperature if temperatures is None else torch.tensor([float(temperatures[r]) for r in rows])
+        return sample_from_logits(logits, u, temperature=temp, top_p=config.top_p,
                                   top_k=config.top_k).tolist()
     return choose
 
 
 def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig, *, tokenizer: Any = None,
            eos_token_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
-           stats: GenerationStats | None = None) -> list[DecodeResult]:
+           stats: GenerationStats | None = None,
+           row_temperatures: Sequence[float] | None = None) -> list[DecodeResult]:
     """Generate from ``state`` until every row stops; ``state`` is consumed (its cache grows and
     loses finished rows). The padded-batch decoder (the slot decoder of
     :mod:`~cca_fast.generation.slots` is what :func:`generate` takes where it can).
@@ -413,6 +419,7 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
             tokenizer, plus ``config.eos_token_ids``); ignored if ``config.stop_on_eos`` is off.
         row_seeds: one generator seed per row for sampling (``None`` = :func:`row_seed`
             ``(config.seed, row)``).
+        row_temperatures: one sampling temperature per row (``None``: ``config.temperature``).
     Returns:
         One :class:`DecodeResult` per row of ``state``, in order.
     """
@@ -421,7 +428,8 @@ def decode(model: torch.nn.Module, state: DecodeState, config: GenerationConfig,
     seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(B)]
     if config.do_sample and len(seeds) != B:
         raise CCAError(f"row_seeds has {len(seeds)} entries for a batch of {B}")
-    choose = _chooser(config, seeds)
+    _check_temperatures(row_temperatures, B)
+    choose = _chooser(config, seeds, row_temperatures)
     results = rs.results
     active = list(range(B))  # original row of each running row
     logits = state.next_logits
@@ -491,6 +499,7 @@ def encode(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]]) -> 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
              config: GenerationConfig | None = None, *, row_seeds: Sequence[int] | None = None,
+             row_temperatures: Sequence[float] | None = None,
              callback: Callable[[list[int], list[Generation]], None] | None = None,
              stats: GenerationStats | None = None, prefix_cache: PrefixCache | None = None) -> list[Generation]:
     """Generate a continuation of each prompt.
@@ -501,6 +510,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
         prompts: strings or token id lists.
         config: decoding settings (default :class:`GenerationConfig`).
         row_seeds: one sampling seed per prompt (default :func:`row_seed` ``(config.seed, i)``).
+        row_temperatures: one sampling temperature per prompt (default ``config.temperature``):
+            prompts sampled at different temperatures share one call (and its slots); each row's
+            tokens are those it gets alone at its temperature.
         callback: called after each batch with the prompt indices and their generations.
         stats: counters to accumulate into.
         prefix_cache: a :class:`~cca_fast.generation.prefix.PrefixCache` kept across calls: the
@@ -515,16 +527,29 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] | Se
     """
     with slots.LOCK, compute_context(model, (config or GenerationConfig()).compute_dtype):
         # the lock: threads sharing a model must not see its attention switched (slots.attention_as)
-        return _generate(model, tokenizer, prompts, config, row_seeds=row_seeds, callback=callback, stats=stats,
+        return _generate(model, tokenizer, prompts, config, row_seeds=row_seeds, row_temperatures=row_temperatures,
+                         callback=callback, stats=stats,
                          prefix_cache=prefix_cache)
 
 
-def _generate(model, tokenizer, prompts, config, *, row_seeds, callback, stats, prefix_cache) -> list[Generation]:
+def _check_temperatures(temps: Sequence[float] | None, n: int) -> None:
+    if temps is None:
+        return
+    if len(temps) != n:
+        raise CCAError(f"row_temperatures has {len(temps)} entries for {n} prompts; give one per prompt")
+    bad = [t for t in temps if not float(t) > 0]
+    if bad:
+        raise CCAError(f"row_temperatures must all be > 0, got {bad[:3]}")
+
+
+def _generate(model, tokenizer, prompts, config, *, row_seeds, row_temperatures, callback, stats,
+              prefix_cache) -> list[Generation]:
     config = config or GenerationConfig()
     seqs = encode(tokenizer, prompts)
     if row_seeds is not None and len(row_seeds) != len(seqs):
         raise CCAError(f"row_seeds has {len(row_seeds)} entries for {len(seqs)} prompts")
     seeds = list(row_seeds) if row_seeds is not None else [row_seed(config.seed, i) for i in range(len(seqs))]
+    _check_temperatures(row_temperatures, len(seqs))
     pad = runtime.pad_id(model, tokenizer)
     eos = runtime.eos_ids(model, tokenizer, config.eos_token_ids)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -561,7 +586,7 @@ def _generate(model, tokenizer, prompts, config, *, row_seeds, callback, stats, 
             return stopped
 
         slots.run_slots(model, [s[P:] for s in seqs], slots=config.slots or config.batch_size, max_new_tokens=config.max_new_tokens,
-                        prefix=prefix_state, choose=_chooser(config, seeds), push=push,
+                        prefix=prefix_state, choose=_chooser(config, seeds, row_temperatures), push=push,
                         early_stop=config.early_stop, stats=stats)
         return [g for g in results if g is not None]
 
@@ -572,7 +597,8 @@ def _generate(model, tokenizer, prompts, config, *, row_seeds, callback, stats, 
         else:
             state = prefill(model, [seqs[i] for i in rows], pad_id=pad, stats=stats)
         outs = decode(model, state, config, tokenizer=tokenizer, eos_token_ids=eos,
-                      row_seeds=[seeds[i] for i in rows], stats=stats)
+                      row_seeds=[seeds[i] for i in rows], stats=stats,
+                      row_temperatures=None if row_temperatures is None else [row_temperatures[i] for i in rows])
         batch = []
         for i, o in zip(rows, outs):
             results[i] = Generation(prompt_ids=seqs[i], output_ids=o.output_ids, text=o.text,

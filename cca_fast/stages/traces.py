@@ -91,17 +91,24 @@ def problem_seed(seed: int, problem_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:8], "little") >> 1
 
 
+def _temperature(config: TraceConfig, greedy: GreedyTrace) -> float:
+    return config.temperature_if_correct if greedy.correct else config.temperature_if_wrong
+
+
 def _sample_rounds(model, tokenizer, problems: Sequence[Problem], greedy: dict[str, GreedyTrace],
-                   gen: GenerationConfig, config: TraceConfig, temp: float,
+                   gen: GenerationConfig, config: TraceConfig,
                    prefix_cache: PrefixCache | None = None) -> list[TracePair]:
-    """Flipped samples for ``problems`` (all sampled at ``temp``), batched across problems.
+    """Flipped samples for ``problems``, batched across problems (each sampled at its own
+    temperature: :attr:`TraceConfig.temperature_if_correct` / ``_if_wrong`` by its greedy trace;
+    one generation call holds both).
 
     Round ``r`` draws samples ``r*b .. r*b+b-1`` (``b = sample_batch``) of every problem that has
     no flip yet; sample ``j`` of a problem always uses seed ``problem_seed(seed, id) + j``, so the
     result of each problem does not depend on which problems share its batches."""
+    temps = {p.id: _temperature(config, greedy[p.id]) for p in problems}
     pairs = {p.id: TracePair(p.id, p.gold, list(greedy[p.id].prompt_ids), list(greedy[p.id].output_ids),
-                             greedy[p.id].text, greedy[p.id].correct, temperature=temp) for p in problems}
-    cfg = replace(gen, do_sample=True, temperature=temp, top_p=config.top_p)
+                             greedy[p.id].text, greedy[p.id].correct, temperature=temps[p.id]) for p in problems}
+    cfg = replace(gen, do_sample=True, top_p=config.top_p)
     drawn = 0
     while drawn < config.k:
         active = [p for p in problems if not pairs[p.id].flipped]
@@ -111,7 +118,7 @@ def _sample_rounds(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
         prompts = [pairs[p.id].prompt_ids for p in active for _ in range(n)]
         seeds = [problem_seed(config.seed, p.id) + drawn + j for p in active for j in range(n)]
         outs = generate(model, tokenizer, prompts, cfg, row_seeds=seeds,
-                        prefix_cache=prefix_cache)
+                        row_temperatures=[temps[p.id] for p in active for _ in range(n)], prefix_cache=prefix_cache)
         for i, p in enumerate(active):
             pair = pairs[p.id]
             for j, out in enumerate(outs[i * n : (i + 1) * n]):
@@ -129,8 +136,7 @@ def _sample_rounds(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
 def sample_flip(model, tokenizer, problem: Problem, greedy: GreedyTrace, gen: GenerationConfig,
                 config: TraceConfig) -> TracePair:
     """Draw samples for one problem until one's correctness is opposite to the greedy trace's."""
-    temp = config.temperature_if_correct if greedy.correct else config.temperature_if_wrong
-    return _sample_rounds(model, tokenizer, [problem], {problem.id: greedy}, gen, config, temp)[0]
+    return _sample_rounds(model, tokenizer, [problem], {problem.id: greedy}, gen, config)[0]
 
 
 def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[str, GreedyTrace],
@@ -141,8 +147,9 @@ def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
     ``prefix_cache``: see :func:`~cca_fast.generation.decode.generate` (the exemplars; emptied
     before every group: :func:`~cca_fast.generation.prefix.start_unit`).
 
-    Problems are processed in groups of ``max(1, gen.rows // config.sample_batch)`` of the
-    same temperature, so a generation batch holds samples of several problems. ``dist``: the
+    Problems are processed in groups of ``max(1, gen.rows // config.sample_batch)`` (in order,
+    each sampled at its own temperature), so a generation call holds samples of several
+    problems and fills the decoder's rows. ``dist``: the
     groups are shared out across its ranks (:func:`cca_fast.distributed.sharded`); every rank
     returns every pair and only rank 0 writes ``path``, in the order one process writes it."""
     dist = dist or Dist()
@@ -157,15 +164,11 @@ def collect_traces(model, tokenizer, problems: Sequence[Problem], greedy: dict[s
     from tqdm.auto import tqdm
 
     size = max(1, gen.rows // max(1, config.sample_batch))
-    groups: list[tuple[float, list[Problem]]] = []
-    for correct in (True, False):
-        temp = config.temperature_if_correct if correct else config.temperature_if_wrong
-        same = [p for p in todo if greedy[p.id].correct == correct]
-        groups += [(temp, same[i : i + size]) for i in range(0, len(same), size)]
+    groups = [todo[i : i + size] for i in range(0, len(todo), size)]
 
-    def sample(group: tuple[float, list[Problem]]) -> list[TracePair]:
+    def sample(group: list[Problem]) -> list[TracePair]:
         start_unit(prefix_cache)
-        return _sample_rounds(model, tokenizer, group[1], greedy, gen, config, group[0], prefix_cache)
+        return _sample_rounds(model, tokenizer, group, greedy, gen, config, prefix_cache)
 
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="stage 1: sampling flipped traces",
                disable=not (progress and dist.main))
