@@ -39,7 +39,7 @@ def test_nested_from_dict_round_trip():
                     dcm=DCMConfig(epochs=7, mode="full"), update=UpdateConfig(lr=1e-3, betas=(0.8, 0.9)),
                     selector="atp-fraction", select_fraction=0.1)
     d = json.loads(json.dumps(cfg.to_dict()))  # what config.json holds
-    assert d["dcm"]["epochs"] == 7 and d["generation"] == {"max_new_tokens": 50, "batch_size": 3, "slots": 64,
+    assert d["dcm"]["epochs"] == 7 and d["generation"] == {"max_new_tokens": 50, "batch_size": 3, "slots": 128,
                                                                 "compute_dtype": "float32", "continuous": True}
     back = RunConfig.from_dict(d)
     assert back == cfg and isinstance(back.dcm, DCMConfig) and back.update.betas == (0.8, 0.9)

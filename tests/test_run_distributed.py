@@ -124,6 +124,7 @@ def test_eval_resumable_sharded_equals_one_process_and_skips_written_items(workd
     problems = [Problem(r["id"], r["question"], r["answer"], float(r["gold"]), r["template"]) for r in rows]
     prompt = PromptConfig(exemplars=str(workdir / "shots.json"), n_shots=1)
     gen = GenerationConfig(max_new_tokens=8, batch_size=2)
+    monkeypatch.setattr(evaluation_step, "CHUNK_ROWS", 2)  # chunks of 2 * 2 = 4 problems
 
     one = tmp_path / "one.jsonl"
     expected = evaluation_step.eval_resumable(model, tok, problems, prompt, gen, one, "one", progress=False,
@@ -147,6 +148,43 @@ def test_eval_resumable_sharded_equals_one_process_and_skips_written_items(workd
     assert sorted(len(c) for c in calls) == [4, 4]  # the 8 unwritten problems, each in one chunk
     computed = [q for c in calls for q in c]
     assert not any(p.question in q for p in problems[:3] for q in computed)  # the written 3: not recomputed
+
+
+def test_eval_parts_decode_splits_together_as_each_alone(workdir, tmp_path, monkeypatch):
+    """Two splits decoded in one sequence of chunks give each split's records as its own
+    evaluation does (token ids included where kept), each appended to its own file; a split
+    already written is read back, not recomputed, and the other's problems fill one call."""
+    model, tok = load_model(str(workdir / "model"), dtype="float32", device="cpu")
+    rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()][:9]
+    problems = [Problem(r["id"], r["question"], r["answer"], float(r["gold"]), r["template"]) for r in rows]
+    prompt = PromptConfig(exemplars=str(workdir / "shots.json"), n_shots=1)
+    gen = GenerationConfig(max_new_tokens=8, batch_size=3)
+    a, b = problems[:5], problems[5:]
+    alone_a = evaluation_step.eval_resumable(model, tok, a, prompt, gen, None, "a", progress=False,
+                                             prefix_cache=PrefixCache())
+    alone_b = evaluation_step.eval_resumable(model, tok, b, prompt, gen, None, "b", progress=False, keep_ids=False,
+                                             prefix_cache=PrefixCache())
+    calls: list[int] = []
+    real = evaluation_step.generate
+
+    def spy(m, t, ids, *args, **kw):
+        calls.append(len(ids))
+        return real(m, t, ids, *args, **kw)
+
+    monkeypatch.setattr(evaluation_step, "generate", spy)
+    pa, pb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    got_a, got_b = evaluation_step.base_eval_records(model, tok, a, b, prompt, gen, pa, pb, progress=False,
+                                                     prefix_cache=PrefixCache())
+    assert calls == [9]  # both splits in one chunk (4 * 3 rows = 12 >= 9): one generation call, one tail
+    assert got_a == alone_a and got_b == alone_b
+    assert "output_ids" in got_a[0] and "output_ids" not in got_b[0]
+    assert [json.loads(x)["id"] for x in pa.read_text().splitlines()] == [p.id for p in a]
+    assert [json.loads(x)["id"] for x in pb.read_text().splitlines()] == [p.id for p in b]
+    calls.clear()
+    pb.unlink()
+    again_a, again_b = evaluation_step.base_eval_records(model, tok, a, b, prompt, gen, pa, pb, progress=False,
+                                                         prefix_cache=PrefixCache())
+    assert calls == [4] and again_a == got_a and again_b == got_b  # split a read back, split b recomputed
 
 
 # ---- the command under torchrun ---------------------------------------------------------------------------

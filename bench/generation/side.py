@@ -6,8 +6,8 @@
 
 ``JOB.json``: ``{"mode": "eval" | "generate" | "hf", ...}``:
 
-* ``eval``: the default run's base evaluation through ``eval_resumable`` (the ``base_eval`` stage:
-  train then test, a fresh ``PrefixCache`` as the run has), ``"limit"`` problems at most;
+* ``eval``: the default run's base evaluation as the ``base_eval`` stage runs it (``base_eval_records``:
+  train and test decoded together; ``eval_resumable`` on each in turn in versions without it; a fresh ``PrefixCache`` as the run has), ``"limit"`` problems at most;
 * ``generate``: ``generate`` on ``"prompts"`` with the default run's decoding settings updated by
   ``"config"`` (fields the checked-out version lacks are dropped), ``"seeds"`` for sampling;
 * ``hf``: ``model.generate(cache_implementation="static")``, greedy, left-padded batches of
@@ -59,10 +59,20 @@ def run_eval(job: dict) -> dict:
     n_train = min(job.get("n_train", 136), len(problems))
     gen, c = _gen_config(job.get("config", {})), RunConfig()
     cache = PrefixCache()
+    try:  # the stage decodes both splits together (one call, one tail)
+        from cca_fast.experiments.steps.evaluation import base_eval_records
+    except ImportError:  # a version that evaluates them one after the other
+        base_eval_records = None
     t0 = time.perf_counter()
-    recs = eval_resumable(model, tok, problems[:n_train], c.prompt, gen, None, "train", False, prefix_cache=cache)
-    if n_train < len(problems):
-        recs += eval_resumable(model, tok, problems[n_train:], c.prompt, gen, None, "test", False, prefix_cache=cache)
+    if base_eval_records is not None:
+        train, test = base_eval_records(model, tok, problems[:n_train], problems[n_train:], c.prompt, gen, None, None,
+                                        False, prefix_cache=cache)
+        recs = train + test
+    else:
+        recs = eval_resumable(model, tok, problems[:n_train], c.prompt, gen, None, "train", False, prefix_cache=cache)
+        if n_train < len(problems):
+            recs += eval_resumable(model, tok, problems[n_train:], c.prompt, gen, None, "test", False,
+                                   prefix_cache=cache)
     secs = time.perf_counter() - t0
     return {"seconds": secs, "outputs": [r["output_ids"] for r in recs], "correct": [bool(r["correct"]) for r in recs]}
 

@@ -83,7 +83,7 @@ def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int 
     g = parser.add_argument_group("decoding")
     g.add_argument("--batch-size", type=cli_int, default=8, metavar="B",
                    help="sequences decoded together by the padded-batch decoder (and the attribution batch)")
-    g.add_argument("--slots", type=cli_int, default=64, metavar="S",
+    g.add_argument("--slots", type=cli_int, default=128, metavar="S",
                    help="sequences the slot decoder decodes together (continuous batching, the shared "
                         "exemplars stored once)")
     g.add_argument("--max-new-tokens", type=cli_int, default=max_new_tokens, metavar="N",

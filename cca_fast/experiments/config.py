@@ -72,11 +72,13 @@ class GenerationSettings:
     max_new_tokens: int = 160
     batch_size: int = 8
     #: measured on the default run's base-evaluation prompts (2-core CPU, fp32 SmolLM2-135M): a
-    #: decode step costs ~75 ms at 1 slot, ~17 ms a row at 8 slots, ~6.5 at 32, ~5 at 64 (the weights
-    #: are read once a step for every slot); the whole base evaluation (238 problems, chunks of
-    #: 2 x slots) took 118.8 s at 32 slots and 82.7 s at 64 with the same tokens. A slot holds only
-    #: its own key/values (the exemplars are stored once): 64 slots of 160 + ~50 positions take 0.62 GB
-    slots: int = 64
+    #: decode step costs ~75 ms at 1 slot, ~17 ms a row at 8 slots, ~6.5 at 32, ~5 at 64, ~4 at 128
+    #: (the weights are read once a step for every slot); the whole base evaluation (238 problems)
+    #: took 118.8 s at 32 slots and 82.7 s at 64 with the same tokens, and, with both splits in one
+    #: chunk, 65.9-67.8 s at 128 slots vs 69.9-70.4 s at 64 (1.07x vs two chunks at 64 slots, paired
+    #: runs). A slot holds only its own key/values (the exemplars are stored once): 128 slots of
+    #: 160 + ~50 positions take 1.24 GB (fewer are used beyond ``slots.SLOT_CACHE_BYTES``)
+    slots: int = 128
     compute_dtype: str = "float32"
     continuous: bool = True
 

@@ -13,9 +13,13 @@ Measured on the 2-core CI CPU (AMD Zen 4, MKL 2024.2, fp32), best of 8:
   38.1 ms at M = 1 / 2 / 4 / 8 / 64, the transposed form 3.7 (M = 1 as 2) / 3.7 / 4.8 / 7.1 / 29.1 ms;
 * a whole slot-decoder step of the default model (937 exemplar positions, 100 own positions a
   slot), every linear layer switched: 78.7 / 108.3 / 103.1 / 173.6 / 264.1 ms with ``F.linear`` at
-  1 / 2 / 8 / 32 / 64 slots, 56.8 / 55.8 / 83.6 / 158.8 / 247.8 ms with the transposed form up
-  to M = 64 (:data:`SMALL_M`). Larger products (a step that takes in prompts) keep ``F.linear``,
-  which runs them near the GEMM rate.
+  1 / 2 / 8 / 32 / 64 slots, 56.8 / 55.8 / 83.6 / 158.8 / 247.8 ms with the transposed form;
+* the default model's 210 layer weights (425 MB, distinct tensors, so read from memory as in a
+  step), time over the fp32 GEMM floor at 191.7 GFLOP/s: ``F.linear`` 2.87 / 1.99 / 1.43 / 1.21 /
+  1.09 / 1.02x at M = 16 / 32 / 64 / 128 / 256 / 512, the transposed form 2.55 / 1.68 / 1.29 / 1.10
+  / 1.04 / 1.07x. Hence :data:`SMALL_M` = 256: a step of up to 256 rows (many slots, or decoding
+  rows with a few entering prompts) takes the transposed form; larger products keep ``F.linear``,
+  which runs them at the GEMM rate.
 
 :class:`small_batch_linears` switches a model's plain ``nn.Linear`` layers (exactly that type:
 quantised or adapter layers keep their own forward; an adapter's base layer is switched) to this
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 #: at most this many rows take the transposed product (measured above; 0 turns the path off)
-SMALL_M = 64
+SMALL_M = 256
 
 
 def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -131,6 +131,7 @@ class SlotKV:
         self._dec_lens = self.lens
         self._all = False  # every slot decodes (no scatter of queries needed)
         self._own_mask: torch.Tensor | None = None
+        self._masks: dict[tuple, torch.Tensor] = {}  # this step's prompt masks (:meth:`_prompt_mask`)
         self._ext: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer [prefix ; a prompt's own] keys, values
 
     def _buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +153,7 @@ class SlotKV:
         pos = self._dec_lens.tolist()
         keep = list(range(len(dec)))
         self.segs, o = [], len(dec)
+        self._masks = {}
         for s, T in segs:
             self.segs.append((s, o, T))
             pos += range(T)
@@ -203,10 +205,23 @@ class SlotKV:
             keys, vals = self._with_prefix(layer, k[:, o:o + T], v[:, o:o + T])  # [H_kv, P + T, D]
             # the g query heads of each key/value head as g*T rows of one head: no copy of the keys per head
             qf = q[:, o:o + T].reshape(Hkv, g * T, D)
-            mask = torch.ones(T, self.P + T, dtype=torch.bool, device=key.device).tril_(self.P).repeat(g, 1)
-            o_seg = F.scaled_dot_product_attention(qf[None], keys[None], vals[None], attn_mask=mask, scale=scaling)
+            o_seg = F.scaled_dot_product_attention(qf[None], keys[None], vals[None], attn_mask=self._prompt_mask(T, g, q),
+                                                   scale=scaling)
             out[o:o + T] = o_seg[0].reshape(H, T, D).transpose(0, 1)
         return out.unsqueeze(0)
+
+    def _prompt_mask(self, T: int, g: int, q: torch.Tensor) -> torch.Tensor:
+        """The additive mask ``[g*T, P + T]`` of a ``T``-token prompt's ``g`` folded query heads
+        (0 where a token sees a position: the prefix and its own tokens up to itself, ``-inf``
+        elsewhere), built once per step for every layer (SDPA turns a boolean mask into this one at
+        every call)."""
+        key = (T, g, q.dtype)
+        m = self._masks.get(key)
+        if m is None:
+            see = torch.ones(T, self.P + T, dtype=torch.bool, device=q.device).tril_(self.P).repeat(g, 1)
+            m = torch.zeros(see.shape, dtype=q.dtype, device=q.device).masked_fill_(~see, float("-inf"))
+            self._masks[key] = m
+        return m
 
     def _with_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[shared prefix ; k]`` and ``[shared prefix ; v]`` (``k``/``v [H_kv, T, D]`` -> ``[H_kv,
