@@ -6,8 +6,8 @@
 
 ``JOB.json``: ``{"mode": "eval" | "generate" | "hf", ...}``:
 
-* ``eval``: the default run's base evaluation as the ``base_eval`` stage runs it (``base_eval_records``:
-  train and test decoded together; ``eval_resumable`` on each in turn in versions without it; a fresh ``PrefixCache`` as the run has), ``"limit"`` problems at most;
+* ``eval``: the default run's base evaluation as the ``base_eval`` stage runs it (``eval_parts`` as
+  ``base_eval_records`` calls it: train and test decoded together; ``eval_resumable`` on each in turn in versions without it; a fresh ``PrefixCache`` as the run has), ``"limit"`` problems at most;
 * ``generate``: ``generate`` on ``"prompts"`` with the default run's decoding settings updated by
   ``"config"`` (fields the checked-out version lacks are dropped), ``"seeds"`` for sampling;
 * ``hf``: ``model.generate(cache_implementation="static")``, greedy, left-padded batches of
@@ -59,14 +59,15 @@ def run_eval(job: dict) -> dict:
     n_train = min(job.get("n_train", 136), len(problems))
     gen, c = _gen_config(job.get("config", {})), RunConfig()
     cache = PrefixCache()
-    try:  # the stage decodes both splits together (one call, one tail)
-        from cca_fast.experiments.steps.evaluation import base_eval_records
+    try:  # the stage decodes both splits together (base_eval_records: one sequence of chunks, one tail)
+        from cca_fast.experiments.steps.evaluation import EvalPart, eval_parts
     except ImportError:  # a version that evaluates them one after the other
-        base_eval_records = None
+        eval_parts = None
     t0 = time.perf_counter()
-    if base_eval_records is not None:
-        train, test = base_eval_records(model, tok, problems[:n_train], problems[n_train:], c.prompt, gen, None, None,
-                                        False, prefix_cache=cache)
+    if eval_parts is not None:  # as base_eval_records, with the test split's token ids kept for the comparison
+        train, test = eval_parts(model, tok, [EvalPart(problems[:n_train], None, "train"),
+                                              EvalPart(problems[n_train:], None, "test")], c.prompt, gen,
+                                 progress=False, prefix_cache=cache)
         recs = train + test
     else:
         recs = eval_resumable(model, tok, problems[:n_train], c.prompt, gen, None, "train", False, prefix_cache=cache)
