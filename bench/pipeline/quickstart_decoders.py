@@ -106,7 +106,7 @@ def main() -> None:
              "`cca run --output DIR` (the default recipe on the embedded default model), run twice in one sitting, "
              "each in its own process, one after the other: every generation through the padded-batch decoder "
              "(`GenerationSettings(continuous=False)`, batches of 8 rows), then through the slot decoder (the "
-             "default: continuous batching over 64 slots, the exemplars stored once). Same configuration otherwise.",
+             "default: continuous batching over 128 slots, the exemplars stored once). Same configuration otherwise.",
              "", markdown_table(["stage", "padded decoder (s)", "slot decoder (s)", "ratio"], rows), "",
              f"Wall time (model load to report): {wall['padded']:.0f} s -> {wall['slots']:.0f} s "
              f"({wall['padded'] / wall['slots']:.2f}x).", "",
