@@ -19,6 +19,7 @@ from cca_fast.errors import CCAError
 from cca_fast.io import read_jsonl
 from cca_fast.models.components import ComponentSpace
 from cca_fast.models.loading import load_model
+from cca_fast.experiments.config import GenerationSettings
 from cca_fast.experiments.pipeline import run_cca
 from helpers import assert_only_owned_rows_may_differ
 from helpers import run_config as config
@@ -27,7 +28,8 @@ from helpers import run_config as config
 @pytest.mark.slow
 def test_run_every_stage_interrupted_and_resumed(workdir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = config(workdir, out)
+    # 64 slots: stage 1's groups (slots // sample_batch problems) leave the tiny data set several groups
+    cfg = config(workdir, out, generation=GenerationSettings(max_new_tokens=12, batch_size=8, slots=64))
 
     # 1) interrupt stage 1 after its first group of problems (as a kill would)
     real = traces._sample_rounds
